@@ -1,0 +1,120 @@
+r"""Training speed against the machine's matmul rate, measured in one process.
+
+    python -m experiments.benchmark [--steps=500] [--runs=5]
+
+Prints the FLOP rate of a plain jitted float32 matmul, of a bare jitted JAX training loop over the
+seed's network (plain jnp, no Flax or optax), and of `prune_jax.train.train` at the seed's protocol,
+dense and with weight masks; each as the median of `--runs` runs after a warm-up, compilation
+timed apart. A training step costs 3 forward passes' worth of multiply-adds (forward, and two
+matmuls per layer backward). Data are random arrays of MNIST's shape: speed does not depend on them.
+"""
+
+import json
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from prune_jax import masks as masks_lib
+from prune_jax import timing, train
+from prune_jax.models import MLP, init_mlp
+
+STEPS = flags.DEFINE_integer("steps", 500, "Training steps per timed run.", lower_bound=1)
+RUNS = flags.DEFINE_integer("runs", 5, "Timed runs (after one warm-up run); the median is "
+                            "reported.", lower_bound=1)
+BATCH = flags.DEFINE_integer("batch_size", 100, "Minibatch size.", lower_bound=1)
+OUT = flags.DEFINE_string("json_out", None, "Also write the figures to this JSON file.")
+
+
+def train_macs_per_step(widths: list[int], batch_size: int) -> int:
+  """Multiply-adds of one training step: forward plus backward (3x the forward's matmuls).
+
+  The first layer's backward needs no input gradient, so this slightly overstates its cost;
+  it is the usual convention and is applied to every rate alike.
+  """
+  return 3 * batch_size * sum(a * b for a, b in zip(widths, widths[1:]))
+
+
+def _bare_loop(weights, x_all, y_all, idx, lr):
+  """The same SGD in plain jnp: the ceiling for any framework on this network."""
+
+  def loss_fn(ws, x, y):
+    for w in ws[:-1]:
+      x = jax.nn.relu(x @ w)
+    logits = x @ ws[-1]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+  def step(ws, i):
+    grads = jax.grad(loss_fn)(ws, x_all[i], y_all[i])
+    return [w - lr * g for w, g in zip(ws, grads)], None
+
+  return jax.lax.scan(step, weights, idx)[0]
+
+
+def _median_seconds(fn, runs):
+  fn()  # warm-up (and compile)
+  times = []
+  for _ in range(runs):
+    times.append(fn())
+  return statistics.median(times), min(times), max(times)
+
+
+def main(argv):
+  del argv
+  steps, runs, batch = STEPS.value, RUNS.value, BATCH.value
+  model = MLP()
+  widths = [784, *model.hidden, model.num_classes]
+  gflop_step = 2 * train_macs_per_step(widths, batch) / 1e9
+  key = jax.random.key(0)
+  images = jax.random.uniform(key, (60000, 784), jnp.float32)
+  labels = jax.random.randint(key, (60000,), 0, 10, jnp.int32)
+  params = init_mlp(key, model)
+  figures = {"steps_per_run": steps, "runs": runs, "batch_size": batch,
+             "gflop_per_step": gflop_step, "jax": jax.__version__,
+             "devices": str(jax.devices())}
+
+  figures["matmul_gflops_100x1000x1000"] = timing.matmul_gflops(batch, 1000, 1000)
+  figures["matmul_gflops_1000x1000x1000"] = timing.matmul_gflops(1000, 1000, 1000)
+
+  idx = train.draw_batches(key, num_examples=60000, steps=steps, batch_size=batch)
+  weights = [params[f"Dense_{i}"]["kernel"] for i in range(len(widths) - 1)]
+  bare = jax.jit(_bare_loop)
+  compiled = bare.lower(weights, images, labels, idx, 0.1).compile()
+
+  def run_bare():
+    t = timing.time_jitted(compiled, weights, images, labels, idx, 0.1, runs=1, warmup=0)
+    return t.median
+
+  def run_train(masks):
+    def run():
+      return train.train(model, params, images, labels, key=key, steps=steps, batch_size=batch,
+                         masks=masks, log_every=0).seconds
+    return run
+
+  half = masks_lib.weight_masks(params, 0.5)
+  for name, fn in [("bare_jax_loop", run_bare), ("train", run_train(None)),
+                   ("train_weight_masked", run_train(half))]:
+    median, low, high = _median_seconds(fn, runs)
+    figures[name] = {"gflops": gflop_step * steps / median, "steps_per_s": steps / median,
+                     "median_s": median, "min_s": low, "max_s": high}
+
+  ref = figures["matmul_gflops_100x1000x1000"]
+  print(f"plain matmul [{batch},1000]@[1000,1000]: {ref:7.1f} GFLOP/s")
+  print(f"plain matmul [1000,1000]@[1000,1000]: {figures['matmul_gflops_1000x1000x1000']:7.1f} "
+        "GFLOP/s")
+  for name in ("bare_jax_loop", "train", "train_weight_masked"):
+    f = figures[name]
+    f["ratio_to_matmul"] = f["gflops"] / ref
+    print(f"{name:22s} {f['gflops']:7.1f} GFLOP/s  {f['steps_per_s']:6.1f} steps/s  "
+          f"= {f['ratio_to_matmul']:.2f} x matmul  (median of {runs} x {steps} steps, "
+          f"min {f['min_s']:.3f} s, max {f['max_s']:.3f} s)")
+  if OUT.value:
+    with open(OUT.value, "w") as f:
+      json.dump(figures, f, indent=2)
+  logging.info("benchmark figures: %s", figures)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,90 @@
+"""Flags shared by every study. Defaults are the seed's protocol; see `--helpfull`.
+
+Importing this module defines the flags; `config()` reads them, after absl parsed the command
+line, into a plain dict that the studies take and save into their `results.json`.
+"""
+
+import math
+from typing import Any
+
+from absl import flags
+
+from prune_jax.train import OPTIMIZERS, SEED_BATCH_SIZE, SEED_LEARNING_RATE, SEED_STEPS
+
+SEED_SPARSITIES = ("0", "25", "50", "60", "70", "80", "90", "95", "97", "99")
+
+WORKDIR = flags.DEFINE_string(
+    "workdir", "results", "Folder for results; each study writes into <workdir>/<study>/ and the "
+    "trained base nets are cached in <workdir>/cache/.")
+MNIST_DIR = flags.DEFINE_string(
+    "mnist_dir", None, "Folder holding the four MNIST .gz files. Default: the env var "
+    "PRUNE_JAX_MNIST_DIR, else download once with tensorflow-datasets into TFDS_DATA_DIR.")
+SEEDS = flags.DEFINE_list(
+    "seeds", ["0"], "Comma-separated non-negative integer seeds; one base net is trained per seed "
+    "and curves report mean and std over them.")
+SPARSITIES = flags.DEFINE_list(
+    "sparsities", list(SEED_SPARSITIES), "Comma-separated sparsity levels in percent, each in "
+    "[0, 100], increasing. Default: the seed study's ten levels.")
+TRAIN_STEPS = flags.DEFINE_integer(
+    "train_steps", SEED_STEPS, "Training steps of the dense base net.", lower_bound=1)
+BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", SEED_BATCH_SIZE, "Minibatch size, drawn at random each epoch.", lower_bound=1)
+LEARNING_RATE = flags.DEFINE_float(
+    "learning_rate", SEED_LEARNING_RATE, "Learning rate of the optimizer.", lower_bound=0.0)
+OPTIMIZER = flags.DEFINE_enum(
+    "optimizer", "sgd", list(OPTIMIZERS), "Optimizer: plain SGD (the seed's), SGD with momentum "
+    "0.9, or Adam.")
+
+
+def _parse_seeds(values: list[str]) -> list[int]:
+  try:
+    seeds = [int(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--seeds must be comma-separated integers, got {','.join(values)!r}")
+  if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    raise ValueError(f"--seeds must be distinct integers >= 0, got {','.join(values)!r}")
+  return seeds
+
+
+def _parse_sparsities(values: list[str]) -> list[float]:
+  try:
+    levels = [float(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--sparsities must be comma-separated numbers (percent), got "
+                     f"{','.join(values)!r}")
+  if not levels or any(not math.isfinite(s) or not 0 <= s <= 100 for s in levels):
+    raise ValueError(f"--sparsities must be percentages in [0, 100], e.g. 0,50,90; got "
+                     f"{','.join(values)!r}")
+  if any(b <= a for a, b in zip(levels, levels[1:])):
+    raise ValueError(f"--sparsities must be strictly increasing, got {','.join(values)!r}")
+  return [int(s) if s.is_integer() else s for s in levels]
+
+
+def _validator(parse):
+  def check(values):
+    try:
+      parse(values)
+    except ValueError as e:
+      raise flags.ValidationError(str(e))
+    return True
+  return check
+
+
+flags.register_validator("seeds", _validator(_parse_seeds))
+flags.register_validator("sparsities", _validator(_parse_sparsities))
+flags.register_validator("learning_rate", lambda lr: lr > 0 and math.isfinite(lr),
+                         "--learning_rate must be a positive finite number")
+
+
+def config() -> dict[str, Any]:
+  """The shared flags as a JSON-ready dict (sparsities in percent, seeds as ints)."""
+  return {
+      "workdir": WORKDIR.value,
+      "mnist_dir": MNIST_DIR.value,
+      "seeds": _parse_seeds(SEEDS.value),
+      "sparsities": _parse_sparsities(SPARSITIES.value),
+      "train_steps": TRAIN_STEPS.value,
+      "batch_size": BATCH_SIZE.value,
+      "learning_rate": LEARNING_RATE.value,
+      "optimizer": OPTIMIZER.value,
+  }

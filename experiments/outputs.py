@@ -1,0 +1,66 @@
+"""The results schema shared by the studies: `results.json` and `results.csv` per study.
+
+`results.json` holds `study`, `config` (every flag), `versions`, `machine`, `sparsities` (percent),
+`seeds`, `timings` and `curves`; each curve is `curve(...)`'s dict. The CSV has one row per curve
+and level. Both are written atomically.
+"""
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from prune_jax import results
+
+
+def curve(per_seed: Sequence[Sequence[float]],
+          measured_sparsity: Sequence[Sequence[float]] | None = None) -> dict[str, Any]:
+  """One curve: accuracy in percent per seed and level, with its mean and standard deviation.
+
+  Args:
+    per_seed: `[seeds][levels]` accuracies in percent.
+    measured_sparsity: `[seeds][levels]` fraction of prunable weights that are zero, in percent,
+      as measured on each net (`None` for curves without nets of their own).
+
+  Returns:
+    `{"mean", "std", "per_seed"}` (+ `"measured_sparsity"`, `"measured_sparsity_per_seed"`): the
+    std is the sample standard deviation over seeds (ddof=1), 0 with a single seed.
+  """
+  values = np.asarray(per_seed, np.float64)
+  if values.ndim != 2:
+    raise ValueError(f"per_seed must be [seeds][levels], got shape {values.shape}")
+  std = values.std(axis=0, ddof=1) if values.shape[0] > 1 else np.zeros(values.shape[1])
+  out = {"mean": values.mean(axis=0).tolist(), "std": std.tolist(), "per_seed": values.tolist()}
+  if measured_sparsity is not None:
+    sparsity = np.asarray(measured_sparsity, np.float64)
+    if sparsity.shape != values.shape:
+      raise ValueError(f"measured_sparsity has shape {sparsity.shape}, accuracies {values.shape}")
+    out["measured_sparsity"] = sparsity.mean(axis=0).tolist()
+    out["measured_sparsity_per_seed"] = sparsity.tolist()
+  return out
+
+
+def csv_rows(payload: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+  """The CSV table of a results payload: one row per (curve, level)."""
+  seeds = payload["seeds"]
+  header = ["curve", "sparsity_percent", "accuracy_mean", "accuracy_std", "measured_sparsity",
+            *[f"accuracy_seed_{s}" for s in seeds]]
+  rows = []
+  for name, c in payload["curves"].items():
+    for i, level in enumerate(payload["sparsities"]):
+      measured = c["measured_sparsity"][i] if "measured_sparsity" in c else ""
+      rows.append([name, level, round(c["mean"][i], 4), round(c["std"][i], 4),
+                   "" if measured == "" else round(measured, 4),
+                   *[round(run[i], 4) for run in c["per_seed"]]])
+  return header, rows
+
+
+def write_study(workdir: str, payload: dict[str, Any]) -> str:
+  """Writes `<workdir>/<study>/results.json` and `results.csv`; returns the study folder."""
+  folder = results.ensure_dir(os.path.join(workdir, payload["study"]))
+  payload = {**payload, "versions": results.versions(), "machine": results.machine()}
+  results.write_json(os.path.join(folder, "results.json"), payload)
+  header, rows = csv_rows(payload)
+  results.write_csv(os.path.join(folder, "results.csv"), header, rows)
+  return folder

@@ -1,0 +1,354 @@
+"""Loads MNIST as numpy arrays from the four official IDX files, each checked against its SHA-256.
+
+Where the files come from, first match wins:
+
+1. the folder passed as `load_mnist(mnist_dir=...)` (the experiments pass their `--mnist_dir` flag);
+2. the folder named by the environment variable `PRUNE_JAX_MNIST_DIR`;
+3. tensorflow-datasets' download manager (`tfds.download.DownloadManager`, no TensorFlow needed), as
+   tfds' own MNIST builder uses it: files a user placed in its manual dir
+   `<data_dir>/downloads/manual`, else its download cache `<data_dir>/downloads/mnist`, else a download
+   from the URLs tfds registers for MNIST, checked against the registered checksums. `<data_dir>` is
+   `$TFDS_DATA_DIR`, default `~/tensorflow_datasets`.
+
+A folder must hold the four files under their official names (`FILENAMES`). Whatever the source, every
+file is checked against the official SHA-256 before it is parsed, so a corrupt, truncated or different
+file raises `MnistFileError` instead of giving a wrong array. Without the files and without network,
+`load_mnist` fails within seconds (a short probe of the download host precedes the download), with a
+message saying where to put the files.
+"""
+
+import functools
+import gzip
+import hashlib
+import os
+import pathlib
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+from absl import logging
+
+PathLike = str | os.PathLike
+
+ENV_VAR = "PRUNE_JAX_MNIST_DIR"
+NUM_CLASSES = 10
+IMAGE_SIDE = 28
+
+# The URLs tfds' MNIST builder downloads (`tensorflow_datasets/image_classification/mnist.py`), so the
+# checksums tfds registers for them (`tensorflow_datasets/url_checksums/mnist.txt`) apply, and the download
+# cache is shared with `tfds.load("mnist")`.
+_MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+# How long the download host may take to answer before we give up (seconds, per connect and per read).
+_PROBE_TIMEOUT_S = 5.0
+
+
+class _FileSpec(NamedTuple):
+  filename: str
+  sha256: str
+  size: int
+  shape: tuple[int, ...]
+
+
+# The official files, with the SHA-256 and size tfds registers for them.
+_FILES = {
+    "train_images": _FileSpec(
+        "train-images-idx3-ubyte.gz",
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        9912422,
+        (60000, IMAGE_SIDE, IMAGE_SIDE),
+    ),
+    "train_labels": _FileSpec(
+        "train-labels-idx1-ubyte.gz",
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        28881,
+        (60000,),
+    ),
+    "test_images": _FileSpec(
+        "t10k-images-idx3-ubyte.gz",
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        1648877,
+        (10000, IMAGE_SIDE, IMAGE_SIDE),
+    ),
+    "test_labels": _FileSpec(
+        "t10k-labels-idx1-ubyte.gz",
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        4542,
+        (10000,),
+    ),
+}
+FILENAMES = tuple(spec.filename for spec in _FILES.values())
+
+# IDX magic numbers: two zero bytes, the element type (0x08: unsigned byte), the number of dimensions.
+_IDX_UBYTE = 0x08
+LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension.
+IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions.
+
+
+class MNIST(NamedTuple):
+  """MNIST as numpy arrays (read-only; copy before modifying in place).
+
+  Attributes:
+    train_images: float32 `[60000, 784]`, pixel / 255 in [0, 1]; each row is a 28x28 image, row-major.
+    train_labels: int32 `[60000]`, digits 0-9.
+    test_images: float32 `[10000, 784]`, as `train_images`.
+    test_labels: int32 `[10000]`, digits 0-9.
+  """
+
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+
+
+class MnistFileError(ValueError):
+  """An MNIST file is corrupt, truncated or not the official file."""
+
+
+class MnistDownloadError(OSError):
+  """The MNIST files are not on this machine and could not be downloaded."""
+
+
+def load_mnist(mnist_dir: PathLike | None = None) -> MNIST:
+  """Loads MNIST, from the first of these that is given (see the module docstring).
+
+  `mnist_dir`, else `$PRUNE_JAX_MNIST_DIR`, else tfds' download manager (manual dir, download cache,
+  download). A folder that is given must hold the four official files; there is no fallback from a given
+  folder to a download.
+
+  The arrays are cached per process, keyed by the four files' resolved paths, sizes and modification
+  times: a second call with the same files returns the same (read-only) arrays without re-reading them.
+
+  Args:
+    mnist_dir: folder holding the four official files (`FILENAMES`), e.g. the `--mnist_dir` flag. `None`
+      or `""` means not given.
+
+  Returns:
+    `MNIST(train_images, train_labels, test_images, test_labels)`: images float32 `[N, 784]` in [0, 1],
+    labels int32 `[N]` in 0-9; N = 60000 for train, 10000 for test.
+
+  Raises:
+    FileNotFoundError: a given folder does not exist or lacks some of the files (all named).
+    MnistFileError: a file fails its SHA-256 check or is not a valid MNIST IDX file.
+    MnistDownloadError: no folder given, the files are in neither tfds' manual dir nor its cache, and the
+      download host does not answer (offline) or the download fails.
+  """
+  if mnist_dir is not None and os.fspath(mnist_dir) != "":
+    paths = _paths_in_folder(mnist_dir, source="the `mnist_dir` argument (`--mnist_dir` flag)")
+  elif os.environ.get(ENV_VAR):
+    paths = _paths_in_folder(os.environ[ENV_VAR], source=f"the environment variable {ENV_VAR}")
+  else:
+    paths = _paths_from_tfds()
+  key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (paths[name] for name in _FILES))
+  return _load_files(key)
+
+
+def read_idx(path: PathLike, *, shape: Sequence[int] | None = None, sha256: str | None = None) -> np.ndarray:
+  """Reads a gzipped IDX file of unsigned bytes (the MNIST format) into a uint8 array.
+
+  IDX layout: a big-endian 4-byte magic (0, 0, 0x08 for unsigned bytes, the number of dimensions: 2049
+  for labels, 2051 for images), one big-endian uint32 per dimension, then the data, row-major.
+
+  Args:
+    path: the `.gz` file.
+    shape: the expected shape, e.g. `(60000, 28, 28)`; it also fixes the expected magic number
+      (`2048 + len(shape)`). `None` accepts any shape.
+    sha256: the expected hex SHA-256 of the file as stored (the gzipped bytes), checked before parsing.
+
+  Returns:
+    uint8 array of the shape in the header.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    MnistFileError: wrong checksum, not gzip or truncated gzip, wrong magic number, header shape not
+      `shape`, or more or fewer data bytes than the header says. The message names the file.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"IDX file {path} does not exist.")
+  stored = path.read_bytes()
+  if sha256 is not None:
+    actual = hashlib.sha256(stored).hexdigest()
+    if actual != sha256.lower():
+      raise MnistFileError(
+          f"{path} has the wrong SHA-256 (corrupt, truncated or not the official file):\n"
+          f"  expected {sha256.lower()}\n  actual   {actual} ({len(stored)} bytes)\n"
+          f"Delete it and put the official {path.name} there, or re-download it."
+      )
+  try:
+    raw = gzip.decompress(stored)
+  except (OSError, EOFError, zlib.error) as e:
+    raise MnistFileError(f"{path} is not a complete gzip file ({e}); delete it and re-download it.") from e
+  if len(raw) < 4:
+    raise MnistFileError(f"{path}: {len(raw)} bytes after gunzip, too short for an IDX header.")
+  zero0, zero1, dtype, ndim = raw[:4]
+  magic = int.from_bytes(raw[:4], "big")
+  expected_magic = None if shape is None else (_IDX_UBYTE << 8) + len(shape)
+  if zero0 or zero1 or dtype != _IDX_UBYTE or ndim == 0 or (expected_magic is not None and magic != expected_magic):
+    want = expected_magic if expected_magic is not None else f"{LABELS_MAGIC} or {IMAGES_MAGIC}-like (0x0000 08 nd)"
+    raise MnistFileError(f"{path}: IDX magic number {magic} (0x{magic:08x}), expected {want}.")
+  header_len = 4 + 4 * ndim
+  if len(raw) < header_len:
+    raise MnistFileError(f"{path}: truncated IDX header ({len(raw)} bytes, {header_len} needed).")
+  dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+  if shape is not None and dims != tuple(shape):
+    raise MnistFileError(f"{path}: IDX header says shape {dims}, expected {tuple(shape)}.")
+  expected_len = header_len + int(np.prod(dims))
+  if len(raw) != expected_len:
+    how = "truncated" if len(raw) < expected_len else "has trailing bytes"
+    raise MnistFileError(
+        f"{path}: {how}: {len(raw) - header_len} data bytes, but the IDX header {dims} needs "
+        f"{expected_len - header_len}. Delete it and re-download it."
+    )
+  return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+
+
+def _paths_in_folder(folder: PathLike, *, source: str) -> dict[str, pathlib.Path]:
+  """Returns `{name: path}` of the four files in `folder`, or raises naming what is missing."""
+  folder = pathlib.Path(folder).expanduser()
+  where = f"{folder} (resolved: {folder.resolve()}, from {source})"
+  if not folder.is_dir():
+    raise FileNotFoundError(
+        f"MNIST folder {where} does not exist or is not a folder. It must hold the four official files "
+        f"{', '.join(FILENAMES)} (from {_MNIST_URL})."
+    )
+  paths = {name: (folder / spec.filename).resolve() for name, spec in _FILES.items()}
+  missing = [_FILES[name].filename for name, path in paths.items() if not path.is_file()]
+  if missing:
+    raise FileNotFoundError(
+        f"MNIST file(s) {', '.join(missing)} missing from {where}. The folder must hold the four official "
+        f"files {', '.join(FILENAMES)}; get them from {_MNIST_URL}."
+    )
+  return paths
+
+
+def _tfds_data_dir() -> pathlib.Path:
+  """tfds' data dir, as `tensorflow_datasets.core.constants.get_default_data_dir` computes it."""
+  return pathlib.Path(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
+
+
+def _paths_from_tfds() -> dict[str, pathlib.Path]:
+  """Gets the files through tfds' download manager: manual dir, else its cache, else a download."""
+  download_dir = _tfds_data_dir() / "downloads"
+  manual_dir = download_dir / "manual"
+  urls = {name: _MNIST_URL + spec.filename for name, spec in _FILES.items()}
+
+  # tfds (about 0.3 s to import) is needed only here; importing it does not import TensorFlow.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.download import checksums as tfds_checksums  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.download import download_manager as tfds_dm  # pylint: disable=g-import-not-at-top
+
+  # tfds retries a failing download with backoff for minutes, so first make sure it will not need the
+  # network, or that the network answers.
+  not_local = [name for name in _FILES if not _in_tfds_manual_dir_or_cache(download_dir, manual_dir, urls[name], name)]
+  if not_local:
+    start = time.perf_counter()
+    problem = _probe(urls[not_local[0]], timeout=_PROBE_TIMEOUT_S)
+    if problem is not None:
+      raise MnistDownloadError(
+          _offline_message(manual_dir, [_FILES[n].filename for n in not_local], problem, time.perf_counter() - start)
+      )
+
+  url_infos = {
+      urls[name]: tfds_checksums.UrlInfo(size=spec.size, checksum=spec.sha256, filename=spec.filename)
+      for name, spec in _FILES.items()
+  }
+  manager = tfds.download.DownloadManager(
+      download_dir=download_dir,
+      manual_dir=manual_dir,
+      url_infos=url_infos,
+      dataset_name="mnist",
+      force_checksums_validation=True,
+  )
+  try:
+    paths = manager.download(urls)
+  except tfds_dm.NonMatchingChecksumError as e:
+    raise MnistFileError(
+        f"tfds found an MNIST file with the wrong checksum (corrupt, truncated or not the official file):\n{e}\n"
+        f"Delete that file: tfds downloads it again, or put the official file in {manual_dir}."
+    ) from e
+  except Exception as e:  # DownloadError, requests' errors, OSError...: all mean "could not download".
+    raise MnistDownloadError(
+        _offline_message(manual_dir, [_FILES[n].filename for n in not_local], f"{type(e).__name__}: {e}", None)
+    ) from e
+  logging.info("MNIST files from tfds' download manager: %s", {k: str(v) for k, v in paths.items()})
+  return {name: pathlib.Path(os.fspath(path)).resolve() for name, path in paths.items()}
+
+
+def _in_tfds_manual_dir_or_cache(download_dir: pathlib.Path, manual_dir: pathlib.Path, url: str, name: str) -> bool:
+  """Whether tfds' manager would find the file without the network: in its manual dir or its cache."""
+  spec = _FILES[name]
+  if (manual_dir / spec.filename).is_file():
+    return True
+  try:
+    # The cache layout of `DownloadManager._get_dl_path`: `<download_dir>[/<dataset>]/<url><checksum>.gz`
+    # next to a `.INFO` file. If a tfds upgrade changes it, this says "not cached": we probe the network.
+    from tensorflow_datasets.core.download import resource  # pylint: disable=g-import-not-at-top
+
+    fname = resource.get_dl_fname(url, spec.sha256)
+  except Exception:  # pylint: disable=broad-except
+    return False
+  for folder in (download_dir / "mnist", download_dir):
+    cached = folder / fname
+    if cached.is_file() and cached.with_suffix(cached.suffix + ".INFO").is_file():
+      return True
+  return False
+
+
+def _probe(url: str, *, timeout: float) -> str | None:
+  """Returns None if `url` answers HTTP 200 within about `timeout` seconds, else what went wrong.
+
+  Uses `requests`, as tfds does (so `HTTPS_PROXY` & co. apply), without retries, reading only the
+  headers. `requests`' timeouts do not cover the DNS lookup, so the request runs in a daemon thread that
+  is abandoned after `2 * timeout`.
+  """
+  outcome: list[str | None] = []
+
+  def get() -> None:
+    try:
+      import requests  # pylint: disable=g-import-not-at-top
+
+      with requests.get(url, stream=True, timeout=timeout) as response:
+        outcome.append(None if response.status_code == 200 else f"HTTP {response.status_code} from {url}")
+    except Exception as e:  # pylint: disable=broad-except
+      outcome.append(f"{type(e).__name__}: {e}")
+
+  thread = threading.Thread(target=get, name="mnist-download-probe", daemon=True)
+  thread.start()
+  thread.join(2 * timeout)
+  if not outcome:
+    return f"no answer from {url} within {2 * timeout:g} s"
+  return outcome[0]
+
+
+def _offline_message(manual_dir: pathlib.Path, missing: Sequence[str], problem: str, seconds: float | None) -> str:
+  took = "" if seconds is None else f" (gave up after {seconds:.1f} s)"
+  return (
+      f"MNIST is not on this machine and could not be downloaded from {_MNIST_URL}{took}: {problem}\n"
+      f"Not in tfds' manual dir or download cache: {', '.join(missing)}.\n"
+      f"Get the four official files {', '.join(FILENAMES)} (from {_MNIST_URL}) and either\n"
+      f"  * put them in a folder and pass it as `load_mnist(mnist_dir=...)` / the experiments' `--mnist_dir` flag,\n"
+      f"  * or put them in a folder and set the environment variable {ENV_VAR} to it,\n"
+      f"  * or put them in tfds' manual dir {manual_dir} (that is $TFDS_DATA_DIR/downloads/manual)."
+  )
+
+
+@functools.lru_cache(maxsize=2)
+def _load_files(key: tuple[tuple[str, int, int], ...]) -> MNIST:
+  """Reads, checks and converts the four files `key` names (path, size, mtime), in `_FILES` order."""
+  start = time.perf_counter()
+  arrays = {}
+  for (path, _, _), (name, spec) in zip(key, _FILES.items(), strict=True):
+    raw = read_idx(path, shape=spec.shape, sha256=spec.sha256)
+    if name.endswith("labels"):
+      if raw.max() >= NUM_CLASSES:
+        raise MnistFileError(f"{path}: label {int(raw.max())} out of range 0-{NUM_CLASSES - 1}.")
+      array = raw.astype(np.int32)
+    else:
+      array = np.divide(raw.reshape(raw.shape[0], -1), np.float32(255), dtype=np.float32)
+    array.setflags(write=False)
+    arrays[name] = array
+  logging.info("Loaded MNIST from %s in %.2f s.", os.path.dirname(key[0][0]), time.perf_counter() - start)
+  return MNIST(**arrays)
