@@ -45,39 +45,32 @@ _MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 _PROBE_TIMEOUT_S = 5.0
 
 
+# The official files' SHA-256, as tfds registers them (also in the experiments' results, naming the data).
+OFFICIAL_SHA256 = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+
+
 class _FileSpec(NamedTuple):
   filename: str
   sha256: str
-  size: int
+  size: int  # Bytes, as tfds registers it.
   shape: tuple[int, ...]
 
 
-# The official files, with the SHA-256 and size tfds registers for them.
+def _spec(filename: str, size: int, shape: tuple[int, ...]) -> _FileSpec:
+  return _FileSpec(filename, OFFICIAL_SHA256[filename], size, shape)
+
+
+# `MNIST` field -> its file.
 _FILES = {
-    "train_images": _FileSpec(
-        "train-images-idx3-ubyte.gz",
-        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-        9912422,
-        (60000, IMAGE_SIDE, IMAGE_SIDE),
-    ),
-    "train_labels": _FileSpec(
-        "train-labels-idx1-ubyte.gz",
-        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-        28881,
-        (60000,),
-    ),
-    "test_images": _FileSpec(
-        "t10k-images-idx3-ubyte.gz",
-        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-        1648877,
-        (10000, IMAGE_SIDE, IMAGE_SIDE),
-    ),
-    "test_labels": _FileSpec(
-        "t10k-labels-idx1-ubyte.gz",
-        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-        4542,
-        (10000,),
-    ),
+    "train_images": _spec("train-images-idx3-ubyte.gz", 9912422, (60000, IMAGE_SIDE, IMAGE_SIDE)),
+    "train_labels": _spec("train-labels-idx1-ubyte.gz", 28881, (60000,)),
+    "test_images": _spec("t10k-images-idx3-ubyte.gz", 1648877, (10000, IMAGE_SIDE, IMAGE_SIDE)),
+    "test_labels": _spec("t10k-labels-idx1-ubyte.gz", 4542, (10000,)),
 }
 FILENAMES = tuple(spec.filename for spec in _FILES.values())
 
@@ -118,8 +111,9 @@ def load_mnist(mnist_dir: PathLike | None = None) -> MNIST:
   download). A folder that is given must hold the four official files; there is no fallback from a given
   folder to a download.
 
-  The arrays are cached per process, keyed by the four files' resolved paths, sizes and modification
-  times: a second call with the same files returns the same (read-only) arrays without re-reading them.
+  The arrays of the most recent call are cached in the process, keyed by the four files' resolved paths,
+  sizes and modification times: another call with the same files returns the same read-only arrays at
+  once (reading and checking the files takes about 0.7 s). A replaced file is read again.
 
   Args:
     mnist_dir: folder holding the four official files (`FILENAMES`), e.g. the `--mnist_dir` flag. `None`
@@ -187,8 +181,8 @@ def read_idx(path: PathLike, *, shape: Sequence[int] | None = None, sha256: str 
   magic = int.from_bytes(raw[:4], "big")
   expected_magic = None if shape is None else (_IDX_UBYTE << 8) + len(shape)
   if zero0 or zero1 or dtype != _IDX_UBYTE or ndim == 0 or (expected_magic is not None and magic != expected_magic):
-    want = expected_magic if expected_magic is not None else f"{LABELS_MAGIC} or {IMAGES_MAGIC}-like (0x0000 08 nd)"
-    raise MnistFileError(f"{path}: IDX magic number {magic} (0x{magic:08x}), expected {want}.")
+    want = f"{expected_magic} (0x{expected_magic:08x})" if expected_magic else "0x000008nn (unsigned bytes, nn dims)"
+    raise MnistFileError(f"{path}: IDX magic number {magic} (0x{magic:08x}), expected {want}; not an MNIST file?")
   header_len = 4 + 4 * ndim
   if len(raw) < header_len:
     raise MnistFileError(f"{path}: truncated IDX header ({len(raw)} bytes, {header_len} needed).")
@@ -335,7 +329,7 @@ def _offline_message(manual_dir: pathlib.Path, missing: Sequence[str], problem: 
   )
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _load_files(key: tuple[tuple[str, int, int], ...]) -> MNIST:
   """Reads, checks and converts the four files `key` names (path, size, mtime), in `_FILES` order."""
   start = time.perf_counter()

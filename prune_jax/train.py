@@ -8,6 +8,7 @@ With masks, pruned weights stay exactly zero: the gradients are masked before th
 them (so its state stays zero there too) and the updates are masked after it.
 """
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -91,9 +92,17 @@ def _train_steps(params, opt_state, masks, images, labels, batch_indices, *, mod
 
 _STATIC = ("model", "optimizer", "learning_rate")
 _train_steps_jit = jax.jit(_train_steps, static_argnames=_STATIC, donate_argnums=(0, 1))
-_train_steps_vmap_jit = jax.jit(
-    jax.vmap(_train_steps, in_axes=(0, 0, 0, None, None, None)),
-    static_argnames=_STATIC, donate_argnums=(0, 1))
+
+
+def _train_steps_many(params, opt_state, masks, images, labels, batch_indices, **static):
+  """`_train_steps` vmapped over a leading axis of params, optimizer state and masks."""
+  one = functools.partial(_train_steps, **static)
+  return jax.vmap(one, in_axes=(0, 0, 0, None, None, None))(
+      params, opt_state, masks, images, labels, batch_indices)
+
+
+_train_steps_vmap_jit = jax.jit(_train_steps_many, static_argnames=_STATIC,
+                                donate_argnums=(0, 1))
 
 
 class TrainStats(NamedTuple):

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real MNIST files (`mnist_dir`, `mnist`) and the `needs_mnist` marker.
+
+The files are found through `$PRUNE_JAX_MNIST_DIR`, else `../shared/data/mnist` beside the repo. If neither
+exists, tests using them skip, or fail when `$PRUNE_JAX_REQUIRE_MNIST` is set (as CI does: `.ci/run`).
+Tests using `mnist_dir` or `mnist` get the `needs_mnist` marker automatically.
+"""
+
+import os
+import pathlib
+
+import pytest
+
+ENV_VAR = "PRUNE_JAX_MNIST_DIR"  # = prune_jax.data.ENV_VAR; not imported, so collection never needs jax.
+REQUIRE_ENV_VAR = "PRUNE_JAX_REQUIRE_MNIST"
+SHARED_MNIST_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+_MNIST_FIXTURES = {"mnist_dir", "mnist"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+  config.addinivalue_line(
+      "markers", "needs_mnist: reads the real MNIST files (fixtures `mnist_dir`, `mnist`); must not skip in CI."
+  )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+  del config
+  for item in items:
+    if _MNIST_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.needs_mnist)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> pathlib.Path:
+  """The folder holding the four real MNIST files: `$PRUNE_JAX_MNIST_DIR`, else ../shared/data/mnist."""
+  if os.environ.get(ENV_VAR):
+    return pathlib.Path(os.environ[ENV_VAR])
+  if SHARED_MNIST_DIR.is_dir():
+    return SHARED_MNIST_DIR
+  reason = f"MNIST files not found: ${ENV_VAR} is unset and {SHARED_MNIST_DIR} does not exist."
+  if os.environ.get(REQUIRE_ENV_VAR):
+    pytest.fail(f"{reason} (${REQUIRE_ENV_VAR} is set, so this is an error, not a skip.)")
+  pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir: pathlib.Path):
+  """The real MNIST as `prune_jax.data.MNIST`, loaded once per session (read-only arrays)."""
+  from prune_jax import data  # pylint: disable=g-import-not-at-top
+
+  return data.load_mnist(mnist_dir)
