@@ -94,15 +94,17 @@ _STATIC = ("model", "optimizer", "learning_rate")
 _train_steps_jit = jax.jit(_train_steps, static_argnames=_STATIC, donate_argnums=(0, 1))
 
 
-def _train_steps_many(params, opt_state, masks, images, labels, batch_indices, **static):
-  """`_train_steps` vmapped over a leading axis of params, optimizer state and masks."""
-  one = functools.partial(_train_steps, **static)
-  return jax.vmap(one, in_axes=(0, 0, 0, None, None, None))(
-      params, opt_state, masks, images, labels, batch_indices)
+def _over_nets(fn: Callable[..., Any], in_axes: tuple[int | None, ...]) -> Callable[..., Any]:
+  """`fn` vmapped over `in_axes` of its positional arguments; keyword arguments stay static."""
+
+  def many(*args, **static):
+    return jax.vmap(functools.partial(fn, **static), in_axes=in_axes)(*args)
+
+  return many
 
 
-_train_steps_vmap_jit = jax.jit(_train_steps_many, static_argnames=_STATIC,
-                                donate_argnums=(0, 1))
+_train_steps_vmap_jit = jax.jit(_over_nets(_train_steps, (0, 0, 0, None, None, None)),
+                                static_argnames=_STATIC, donate_argnums=(0, 1))
 
 
 class TrainStats(NamedTuple):
@@ -233,8 +235,7 @@ def _evaluation(params, images, labels, *, model):
 
 
 _evaluate = jax.jit(_evaluation, static_argnames=("model",))
-_evaluate_many = jax.jit(jax.vmap(_evaluation, in_axes=(0, None, None)),
-                         static_argnames=("model",))
+_evaluate_many = jax.jit(_over_nets(_evaluation, (0, None, None)), static_argnames=("model",))
 
 
 def evaluate(model: nn.Module, params: Params, images: jax.Array,

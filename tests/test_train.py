@@ -1,0 +1,151 @@
+"""Tests of prune_jax.train: masked training keeps zeros, determinism, batches, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prune_jax import train
+from prune_jax.masks import apply_masks, unit_masks, weight_masks
+from prune_jax.models import MLP, init_mlp
+
+SMALL = MLP(hidden=(32, 16))
+
+
+@pytest.fixture(scope="module")
+def toy_data():
+  """A linearly separable toy problem with MNIST's feature count."""
+  key = jax.random.key(0)
+  x = jax.random.uniform(key, (512, 784), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (784, 10))
+  return x, jnp.argmax(x @ w, axis=1).astype(jnp.int32)
+
+
+def _zeros_kept(params, masks):
+  for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks)):
+    if not np.all(np.asarray(p)[~np.asarray(m)] == 0):
+      return False
+  return True
+
+
+def test_draw_batches_visits_each_example_once_per_epoch():
+  idx = np.asarray(train.draw_batches(jax.random.key(0), num_examples=50, steps=12,
+                                      batch_size=10))
+  assert idx.shape == (12, 10) and idx.dtype == np.int32
+  for epoch in range(2):
+    assert sorted(idx[5 * epoch:5 * epoch + 5].ravel()) == list(range(50))
+  assert not np.array_equal(idx[:5], idx[5:10])
+
+
+def test_draw_batches_rejects_batch_larger_than_data():
+  with pytest.raises(ValueError, match="batch_size 11 exceeds the 10"):
+    train.draw_batches(jax.random.key(0), num_examples=10, steps=1, batch_size=11)
+
+
+@pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
+@pytest.mark.parametrize("kind", ["weight", "unit"])
+def test_masked_training_keeps_pruned_weights_exactly_zero(toy_data, optimizer, kind):
+  x, y = toy_data
+  params = init_mlp(jax.random.key(2), SMALL)
+  make = weight_masks if kind == "weight" else unit_masks
+  masks = make(params, 0.6)
+  lr = 0.01 if optimizer == "adam" else 0.1
+  out, stats = train.train(SMALL, params, x, y, key=jax.random.key(3), steps=40, batch_size=32,
+                           optimizer=optimizer, learning_rate=lr, masks=masks, log_every=0)
+  assert _zeros_kept(out, masks)
+  kept_moved = [np.any(np.asarray(a)[np.asarray(m)] != np.asarray(b)[np.asarray(m)])
+                for a, b, m in zip(jax.tree.leaves(out), jax.tree.leaves(params),
+                                   jax.tree.leaves(masks))]
+  assert all(kept_moved), "kept weights must train"
+  assert stats.losses.shape == (40,) and np.all(np.isfinite(stats.losses))
+
+
+def test_unmasked_retraining_regrows_pruned_weights(toy_data):
+  x, y = toy_data
+  params = init_mlp(jax.random.key(2), SMALL)
+  masks = weight_masks(params, 0.5)
+  out, _ = train.train(SMALL, apply_masks(params, masks), x, y, key=jax.random.key(3), steps=20,
+                       batch_size=32, log_every=0)
+  assert not _zeros_kept(out, masks)
+
+
+def test_training_is_deterministic_and_compiles_once(toy_data):
+  x, y = toy_data
+  params = init_mlp(jax.random.key(4), SMALL)
+  runs = [train.train(SMALL, params, x, y, key=jax.random.key(5), steps=30, batch_size=16,
+                      log_every=10) for _ in range(2)]
+  for a, b in zip(jax.tree.leaves(runs[0][0]), jax.tree.leaves(runs[1][0])):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(runs[0][1].losses, runs[1][1].losses)
+  assert runs[1][1].compile_seconds == 0.0, "the second run must reuse the compiled chunk"
+  other, _ = train.train(SMALL, params, x, y, key=jax.random.key(6), steps=30, batch_size=16,
+                         log_every=10)
+  assert not np.array_equal(jax.tree.leaves(other)[0], jax.tree.leaves(runs[0][0])[0])
+
+
+def test_train_does_not_consume_the_callers_params(toy_data):
+  x, y = toy_data
+  params = init_mlp(jax.random.key(4), SMALL)
+  before = jax.tree.map(np.array, params)
+  train.train(SMALL, params, x, y, key=jax.random.key(5), steps=5, batch_size=16, log_every=0)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_train_many_matches_a_loop_of_train(toy_data):
+  x, y = toy_data
+  params = init_mlp(jax.random.key(7), SMALL)
+  levels = [0.0, 0.5, 0.9]
+  masks = [weight_masks(params, s) for s in levels]
+  stacked_params = jax.tree.map(lambda *a: jnp.stack(a), *[params] * 3)
+  stacked_masks = jax.tree.map(lambda *a: jnp.stack(a), *masks)
+  many, stats = train.train_many(SMALL, stacked_params, stacked_masks, x, y,
+                                 key=jax.random.key(8), steps=25, batch_size=32, log_every=0)
+  assert stats.losses.shape == (3, 25)
+  for i, m in enumerate(masks):
+    one, _ = train.train(SMALL, params, x, y, key=jax.random.key(8), steps=25, batch_size=32,
+                         masks=m, log_every=0)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
+      np.testing.assert_allclose(a, b[i], rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(toy_data):
+  x, y = toy_data
+  params = init_mlp(jax.random.key(0), SMALL)
+  with pytest.raises(FloatingPointError, match="non-finite loss.*lower --learning_rate"):
+    train.train(SMALL, params, x.at[7].set(jnp.nan), y, key=jax.random.key(0), steps=50,
+                batch_size=32, log_every=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=-1), "steps must be >= 0"),
+    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(learning_rate=0.0), "learning_rate must be a positive number"),
+    (dict(optimizer="rmsprop"), "optimizer must be one of"),
+])
+def test_bad_arguments_are_named(toy_data, kwargs, message):
+  x, y = toy_data
+  params = init_mlp(jax.random.key(0), SMALL)
+  with pytest.raises(ValueError, match=message):
+    train.train(SMALL, params, x, y, key=jax.random.key(0), **{"steps": 5, **kwargs})
+
+
+def test_evaluate_and_evaluate_many_agree(toy_data):
+  x, y = toy_data
+  params = init_mlp(jax.random.key(0), SMALL)
+  one = train.evaluate(SMALL, params, x, y)
+  logits = SMALL.apply({"params": params}, x)
+  assert float(one.accuracy) == pytest.approx(float(np.mean(np.argmax(logits, 1) == y)))
+  many = train.evaluate_many(SMALL, jax.tree.map(lambda a: jnp.stack([a, a]), params), x, y)
+  np.testing.assert_allclose(many.accuracy, [one.accuracy] * 2)
+  np.testing.assert_allclose(many.loss, [one.loss] * 2, rtol=1e-6)
+
+
+@pytest.mark.needs_mnist
+def test_small_mlp_learns_mnist(mnist):
+  model = MLP(hidden=(128,))
+  params = init_mlp(jax.random.key(0), model)
+  params, stats = train.train(model, params, mnist.train_images, mnist.train_labels,
+                              key=jax.random.key(1), steps=600, log_every=200)
+  assert stats.losses[-50:].mean() < stats.losses[:50].mean() / 3
+  assert float(train.evaluate(model, params, mnist.test_images, mnist.test_labels).accuracy) > 0.9
