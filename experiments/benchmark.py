@@ -9,8 +9,8 @@ timed apart. A training step costs 3 forward passes' worth of multiply-adds (for
 matmuls per layer backward). Data are random arrays of MNIST's shape: speed does not depend on them.
 """
 
-import json
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from prune_jax import masks as masks_lib
-from prune_jax import timing, train
+from prune_jax import results, timing, train
 from prune_jax.models import MLP, init_mlp
 
 STEPS = flags.DEFINE_integer("steps", 500, "Training steps per timed run.", lower_bound=1)
@@ -53,12 +53,18 @@ def _bare_loop(weights, x_all, y_all, idx, lr):
   return jax.lax.scan(step, weights, idx)[0]
 
 
-def _median_seconds(fn, runs):
-  fn()  # warm-up (and compile)
-  times = []
+def _interleaved(fn, reference, runs):
+  """Runs `fn` (returns seconds) `runs` times after a warm-up, each right after `reference()`.
+
+  On a shared machine the matmul rate drifts; measuring it beside every run and taking the
+  median of the per-run ratios cancels most of that drift.
+  """
+  fn()  # warm-up (and compilation, which `train` times apart)
+  seconds, reference_rates = [], []
   for _ in range(runs):
-    times.append(fn())
-  return statistics.median(times), min(times), max(times)
+    reference_rates.append(reference())
+    seconds.append(fn())
+  return seconds, reference_rates
 
 
 def main(argv):
@@ -73,46 +79,53 @@ def main(argv):
   params = init_mlp(key, model)
   figures = {"steps_per_run": steps, "runs": runs, "batch_size": batch,
              "gflop_per_step": gflop_step, "jax": jax.__version__,
-             "devices": str(jax.devices())}
-
-  figures["matmul_gflops_100x1000x1000"] = timing.matmul_gflops(batch, 1000, 1000)
-  figures["matmul_gflops_1000x1000x1000"] = timing.matmul_gflops(1000, 1000, 1000)
+             "machine": results.machine(),
+             "reference": f"jitted float32 matmul [{batch},1000] @ [1000,1000], measured "
+                          "before every timed run",
+             "matmul_gflops_1000x1000x1000": timing.matmul_gflops(1000, 1000, 1000)}
 
   idx = train.draw_batches(key, num_examples=60000, steps=steps, batch_size=batch)
   weights = [params[f"Dense_{i}"]["kernel"] for i in range(len(widths) - 1)]
-  bare = jax.jit(_bare_loop)
-  compiled = bare.lower(weights, images, labels, idx, 0.1).compile()
+  start = time.perf_counter()
+  compiled = jax.jit(_bare_loop).lower(weights, images, labels, idx, 0.1).compile()
+  figures["bare_jax_loop_compile_s"] = time.perf_counter() - start
 
   def run_bare():
-    t = timing.time_jitted(compiled, weights, images, labels, idx, 0.1, runs=1, warmup=0)
-    return t.median
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(weights, images, labels, idx, 0.1))
+    return time.perf_counter() - start
 
   def run_train(masks):
     def run():
       return train.train(model, params, images, labels, key=key, steps=steps, batch_size=batch,
-                         masks=masks, log_every=0).seconds
+                         masks=masks, log_every=0)[1].seconds
     return run
+
+  def reference():
+    return timing.matmul_gflops(batch, 1000, 1000, runs=21)
 
   half = masks_lib.weight_masks(params, 0.5)
   for name, fn in [("bare_jax_loop", run_bare), ("train", run_train(None)),
                    ("train_weight_masked", run_train(half))]:
-    median, low, high = _median_seconds(fn, runs)
+    seconds, rates = _interleaved(fn, reference, runs)
+    ratios = [gflop_step * steps / s / r for s, r in zip(seconds, rates)]
+    median = statistics.median(seconds)
     figures[name] = {"gflops": gflop_step * steps / median, "steps_per_s": steps / median,
-                     "median_s": median, "min_s": low, "max_s": high}
+                     "median_s": median, "min_s": min(seconds), "max_s": max(seconds),
+                     "matmul_gflops": statistics.median(rates),
+                     "ratio_to_matmul": statistics.median(ratios),
+                     "ratios": ratios}
 
-  ref = figures["matmul_gflops_100x1000x1000"]
-  print(f"plain matmul [{batch},1000]@[1000,1000]: {ref:7.1f} GFLOP/s")
-  print(f"plain matmul [1000,1000]@[1000,1000]: {figures['matmul_gflops_1000x1000x1000']:7.1f} "
-        "GFLOP/s")
+  print(f"reference: {figures['reference']}")
   for name in ("bare_jax_loop", "train", "train_weight_masked"):
     f = figures[name]
-    f["ratio_to_matmul"] = f["gflops"] / ref
-    print(f"{name:22s} {f['gflops']:7.1f} GFLOP/s  {f['steps_per_s']:6.1f} steps/s  "
-          f"= {f['ratio_to_matmul']:.2f} x matmul  (median of {runs} x {steps} steps, "
-          f"min {f['min_s']:.3f} s, max {f['max_s']:.3f} s)")
+    print(f"{name:20s} {f['gflops']:6.1f} GFLOP/s {f['steps_per_s']:6.1f} steps/s | matmul "
+          f"{f['matmul_gflops']:6.1f} GFLOP/s | ratio {f['ratio_to_matmul']:.2f} (median of "
+          f"{runs} runs of {steps} steps; {f['min_s']:.2f}-{f['max_s']:.2f} s)")
+  print(f"(a square [1000,1000]@[1000,1000] matmul runs at "
+        f"{figures['matmul_gflops_1000x1000x1000']:.1f} GFLOP/s)")
   if OUT.value:
-    with open(OUT.value, "w") as f:
-      json.dump(figures, f, indent=2)
+    results.write_json(OUT.value, figures)
   logging.info("benchmark figures: %s", figures)
 
 

@@ -1,0 +1,401 @@
+"""Magnitude pruning masks over Flax parameter pytrees: which weights or units to remove.
+
+A mask tree mirrors the tree it was built from (a linen `params` dict, or a whole variables dict
+`{"params": ...}`): every leaf is either a boolean array of the leaf's full shape, True = keep,
+False = pruned, or `None` for a leaf that is not pruned. Never is a leaf dropped.
+
+All three functions are pure and jittable, and the two mask builders can be `jax.vmap`ped over a
+vector of sparsities: the ranking of the weights does not depend on the sparsity, so XLA computes
+it once and only a threshold comparison runs per level. For the same params, the mask at a higher
+sparsity is contained in the mask at a lower one (nested).
+
+Example:
+  >>> params = init_mlp(jax.random.key(0), MLP(hidden=(64, 32)))
+  >>> masks = weight_masks(params, 0.9)                     # 90% of each hidden kernel
+  >>> sweep = jax.vmap(lambda s: unit_masks(params, s))(jnp.linspace(0, 0.9, 10))
+  >>> pruned = apply_masks(params, masks)
+"""
+
+import numbers
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prune_jax import _paths
+
+Params = Any
+Masks = Any
+Sparsity = float | jax.Array
+Prunable = Callable[[str, jax.Array], bool]
+Scope = Literal["layer", "global"]
+
+_SCOPES = ("layer", "global")
+
+
+def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
+                 prunable: Prunable | None = None) -> Masks:
+  """Masks the smallest-magnitude weights: exactly `round(sparsity * n)` of them.
+
+  With `scope="layer"` (the seed's definition), each prunable leaf of `n` entries loses its
+  `round(sparsity * n)` entries of smallest `|w|`. With `scope="global"`, all prunable leaves are
+  pooled (`n` = their total size) and the smallest `|w|` of the pool are pruned, so layers end up
+  with different sparsities.
+
+  Counting: `round` rounds half to even. A Python `float`/`int` sparsity gives
+  `round(sparsity * n)` computed in float64 (Python's `round`); an array sparsity (numpy/jax
+  scalar, or a traced value under `jit`/`vmap`) gives `jnp.round(sparsity * n)` in its own float
+  precision (float32 by default; exact for `n < 2**24`), so a concrete and a traced float32 value
+  prune the same weights.
+
+  Ties are broken deterministically by position: among equal `|w|`, the entry with the lower
+  flat (row-major) index is pruned first; with `scope="global"` the pool is the concatenation of
+  the prunable leaves in layer order (see `prunable`), so an earlier layer loses a tied weight
+  first. Because this order does not depend on `sparsity`, masks are nested across sparsities.
+
+  Args:
+    params: a linen `params` dict or a variables dict `{"params": ...}`; leaves are arrays.
+    sparsity: the fraction of weights to prune, in [0, 1]. Checked when concrete; a traced value
+      (under `jit`/`vmap`) is not checked but clipped to [0, 1], and NaN prunes nothing.
+    scope: `"layer"` or `"global"`, see above.
+    prunable: `prunable(path, leaf) -> bool` selects the leaves to prune, given the path relative
+      to the params collection (e.g. `"Dense_1/kernel"`) and the array. Default: every 2-D leaf
+      named `kernel` except the last one (the logits layer, which the seed never prunes). Leaves
+      are ordered by path with digit runs compared as numbers (`Dense_10` after `Dense_9`).
+      Leaves of other collections of a variables dict (e.g. `batch_stats`) are never pruned.
+
+  Returns:
+    A mask tree mirroring `params`: bool arrays of the leaves' shapes (True = keep) for prunable
+    leaves, `None` elsewhere.
+
+  Raises:
+    ValueError: a concrete sparsity outside [0, 1] or NaN, an unknown scope, a `prunable` that
+      matches nothing, or NaN/inf in a (concrete) prunable leaf, naming its path.
+    TypeError: a sparsity that is not a real scalar, or a `prunable` that is not callable.
+
+  Example:
+    >>> params = {"Dense_0": {"kernel": jnp.array([[0.3, -0.1], [0.2, 0.4]])},
+    ...           "Dense_1": {"kernel": jnp.ones((2, 3))}}
+    >>> weight_masks(params, 0.5)["Dense_0"]["kernel"]      # the two smallest |w| go
+    Array([[ True, False],
+           [False,  True]], dtype=bool)
+    >>> weight_masks(params, 0.5)["Dense_1"]["kernel"] is None  # logits layer kept
+    True
+  """
+  _check_scope(scope)
+  _check_sparsity(sparsity)
+  chosen = _select(params, prunable)
+  for leaf in chosen:
+    _check_finite(leaf)
+  values = tuple(leaf.value for leaf in chosen)
+  if scope == "layer":
+    counts = tuple(_num_pruned(sparsity, v.size, v.size) for v in values)
+  else:
+    total = sum(v.size for v in values)
+    counts = (_num_pruned(sparsity, total, total),)
+  keeps = _weight_keeps(values, counts, scope=scope)
+  keep = {leaf.path: k for leaf, k in zip(chosen, keeps)}
+  return _mask_tree(params, keep)
+
+
+def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
+               prunable: Prunable | None = None) -> Masks:
+  """Masks whole units: the output columns of Dense kernels `[in, out]` with the smallest L2 norm.
+
+  A unit is an output column `kernel[:, j]` (for a kernel of more dimensions, the slice
+  `kernel[..., j]` of its last axis). Its score is the L2 norm of that column; the bias is not
+  part of the score. A pruned unit loses its whole column and, when the layer has a `bias`
+  sibling leaf `[out]`, its bias entry, so it outputs exactly `relu(0) = 0` and `shrink` can
+  delete it without changing the network's function.
+
+  With `scope="layer"`, each prunable kernel with `out` units loses `round(sparsity * out)` of
+  them; sparsity 1.0 prunes every unit of every prunable layer.
+
+  With `scope="global"`, units of all prunable layers compete on a normalised score: the column
+  norm divided by the root-mean-square column norm of its layer (`||W||_F / sqrt(out)`). This
+  makes the ranking invariant to rescaling a layer by a constant, which in a ReLU network can be
+  undone by the next layer without changing the function (raw norms would prune whichever layer
+  happens to have the smaller scale, and dividing by `sqrt(fan_in)` would still depend on it).
+  `min(round(sparsity * N), N - L)` units are pruned, `N` units in `L` non-empty prunable
+  layers: the top-scoring unit of every layer is never pruned, so no layer loses all its units,
+  and sparsity 1.0 keeps exactly one unit per layer.
+
+  Counting (`round` half to even, Python float vs array sparsity) and tie-breaking (the lower
+  column index, and with `scope="global"` the earlier layer, is pruned first) are as in
+  `weight_masks`; the masks are nested across sparsities.
+
+  Args:
+    params: a linen `params` dict or a variables dict `{"params": ...}`.
+    sparsity: the fraction of units to prune, in [0, 1]; checked when concrete, clipped when
+      traced (NaN then prunes nothing).
+    scope: `"layer"` or `"global"`, see above.
+    prunable: `prunable(path, leaf) -> bool` over kernels, as in `weight_masks` (same default:
+      every 2-D `kernel` except the logits layer's). Biases follow their kernels; do not select
+      them.
+
+  Returns:
+    A mask tree mirroring `params`: for each prunable kernel a bool array of its shape whose
+    columns are all True or all False, the same column mask `[out]` for its bias, `None` for
+    every other leaf.
+
+  Raises:
+    ValueError: as `weight_masks`, plus a selected leaf with fewer than 2 dimensions, a selected
+      `bias`, or a bias whose shape is not `[out]`.
+    TypeError: as `weight_masks`.
+
+  Example:
+    >>> params = {"Dense_0": {"kernel": jnp.array([[3.0, 0.1, 1.0], [4.0, 0.1, 1.0]]),
+    ...                       "bias": jnp.array([1.0, 2.0, 3.0])},
+    ...           "Dense_1": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> m = unit_masks(params, 0.34)             # round(0.34 * 3) = 1 unit: column 1 (norm 0.14)
+    >>> m["Dense_0"]["bias"]
+    Array([ True, False,  True], dtype=bool)
+  """
+  _check_scope(scope)
+  _check_sparsity(sparsity)
+  chosen = _select(params, prunable)
+  everything = {leaf.path: leaf for leaf in _paths.leaves(params)}
+  layers = []
+  for leaf in chosen:
+    if leaf.names[-1:] == ("bias",):
+      raise ValueError(f"{leaf.path}: unit_masks ranks kernels and masks each kernel's bias along "
+                       "with its columns; leave biases out of `prunable`")
+    if leaf.value.ndim < 2:
+      raise ValueError(f"{leaf.path} has shape {tuple(leaf.value.shape)}; unit_masks needs "
+                       "kernels [in, out] whose last axis indexes the units. Leave it out of "
+                       "`prunable`, or use weight_masks")
+    _check_finite(leaf)
+    parent = leaf.path.rpartition("/")[0]
+    bias = everything.get(f"{parent}/bias" if parent else "bias")
+    out = leaf.value.shape[-1]
+    if bias is not None and tuple(bias.value.shape) != (out,):
+      raise ValueError(f"{bias.path} has shape {tuple(bias.value.shape)} but {leaf.path} has "
+                       f"{out} units; a unit's bias must be bias[j], shape [{out}]")
+    layers.append((leaf, bias))
+
+  kernels = tuple(leaf.value for leaf, _ in layers)
+  if scope == "layer":
+    counts = tuple(_num_pruned(sparsity, k.shape[-1], k.shape[-1]) for k in kernels)
+  else:
+    total = sum(k.shape[-1] for k in kernels)
+    nonempty = sum(1 for k in kernels if k.shape[-1])
+    counts = (_num_pruned(sparsity, total, total - nonempty),)
+  keeps, kernel_masks = _unit_keeps(kernels, counts, scope=scope)
+  masks = {}
+  for (kernel, bias), keep, kernel_mask in zip(layers, keeps, kernel_masks):
+    masks[kernel.path] = kernel_mask
+    if bias is not None:
+      masks[bias.path] = keep
+  return _mask_tree(params, masks)
+
+
+def apply_masks(params: Params, masks: Masks) -> Params:
+  """Zeroes the pruned entries: `jnp.where(mask, leaf, 0)` per leaf; `None` masks pass through.
+
+  Idempotent; jittable and vmappable. Also applies to any tree of the params' structure, e.g.
+  gradients or updates.
+
+  Args:
+    params: a param tree (or variables dict), leaves `[...]`.
+    masks: a mask tree of the same structure: bool arrays of each leaf's shape (True = keep), or
+      `None` for leaves left alone.
+
+  Returns:
+    A tree like `params` (same structure, shapes and dtypes) with the pruned entries set to 0.
+
+  Raises:
+    ValueError: if the mask tree's paths or a mask's shape differ from `params`, naming the leaf.
+    TypeError: if a mask leaf is not a boolean array or `None`.
+
+  Example:
+    >>> params = {"Dense_0": {"kernel": jnp.array([[1.0, -2.0]])},
+    ...           "Dense_1": {"kernel": jnp.ones((2, 1))}}
+    >>> masks = {"Dense_0": {"kernel": jnp.array([[False, True]])}, "Dense_1": {"kernel": None}}
+    >>> apply_masks(params, masks)["Dense_0"]["kernel"]
+    Array([[ 0., -2.]], dtype=float32)
+  """
+  pairs = _paths.mask_for_each_leaf(params, masks)
+  values = _where_kept(tuple(leaf.value for leaf, _ in pairs), tuple(mask for _, mask in pairs))
+  new = {leaf.path: value for (leaf, _), value in zip(pairs, values)}
+  return jax.tree_util.tree_map_with_path(lambda kp, _: new[_paths.path_str(kp)], params)
+
+
+def _check_scope(scope: str) -> None:
+  if scope not in _SCOPES:
+    raise ValueError(f"scope must be 'layer' (prune each layer by the same fraction) or 'global' "
+                     f"(rank all prunable layers together), got {scope!r}")
+
+
+def _check_sparsity(sparsity: Any) -> None:
+  """Checks a concrete sparsity is a real scalar in [0, 1]; a traced one only for its shape."""
+  if isinstance(sparsity, jax.core.Tracer):
+    if sparsity.shape != ():
+      raise ValueError(f"sparsity must be a scalar, got an array of shape {sparsity.shape}; to "
+                       "build masks for several sparsities, jax.vmap over them")
+    return
+  if isinstance(sparsity, bool) or not isinstance(sparsity, (numbers.Real, np.ndarray, np.generic,
+                                                             jax.Array)):
+    raise TypeError(f"sparsity must be a real number in [0, 1], got {sparsity!r}")
+  value = np.asarray(sparsity)
+  if value.shape != ():
+    raise ValueError(f"sparsity must be a scalar, got an array of shape {value.shape}; to build "
+                     "masks for several sparsities, jax.vmap over them")
+  if value.dtype.kind not in "iuf":
+    raise TypeError(f"sparsity must be a real number in [0, 1], got dtype {value.dtype}")
+  if not 0 <= float(value) <= 1:  # also False for NaN
+    raise ValueError(f"sparsity must be a fraction in [0, 1] (e.g. 0.9 to prune 90%), got "
+                     f"{sparsity!r}")
+
+
+def _select(params: Params, prunable: Prunable | None) -> list[_paths.Leaf]:
+  """The leaves to prune, in layer order (natural path order)."""
+  candidates = [leaf for leaf in _paths.leaves(params) if leaf.names is not None]
+  if prunable is None:
+    kernels = [leaf for leaf in candidates
+               if leaf.names[-1:] == ("kernel",) and getattr(leaf.value, "ndim", 0) == 2]
+    if len(kernels) < 2:
+      found = f"only {kernels[0].path}" if kernels else "none"
+      raise ValueError(f"the default `prunable` selects every 2-D 'kernel' except the last one "
+                       f"(the logits layer), but this tree has {found}: nothing to prune. Pass "
+                       "prunable=lambda path, leaf: ... to choose the leaves")
+    return kernels[:-1]
+  if not callable(prunable):
+    raise TypeError(f"prunable must be a function (path, leaf) -> bool, got {prunable!r}")
+  chosen = [leaf for leaf in candidates if prunable(leaf.rel, leaf.value)]
+  if not chosen:
+    paths = [leaf.rel for leaf in candidates]
+    raise ValueError(f"`prunable` matches no leaf; it is called as prunable(path, leaf) with "
+                     f"paths relative to the params collection, here: {_paths._few(paths, 8)}. "
+                     "Fix the predicate, e.g. lambda path, leaf: path.endswith('kernel')")
+  return chosen
+
+
+def _check_finite(leaf: _paths.Leaf) -> None:
+  """Rejects NaN/inf in a concrete leaf about to be ranked (a traced leaf cannot be checked)."""
+  value = leaf.value
+  if isinstance(value, jax.core.Tracer) or not jnp.issubdtype(value.dtype, jnp.inexact):
+    return
+  bad = int(value.size - np.count_nonzero(np.isfinite(np.asarray(value))))  # host: also under jit
+  if bad:
+    raise ValueError(f"{leaf.path} has {bad} NaN or inf entries, which cannot be ranked by "
+                     "magnitude; fix the training run that produced them (or clean them, e.g. "
+                     "with jnp.nan_to_num) before pruning")
+
+
+@jax.jit
+def _where_kept(values: tuple[jax.Array, ...], masks: tuple[jax.Array | None, ...]):
+  """`jnp.where(mask, value, 0)` per leaf, `value` where the mask is None; one compiled program."""
+  return tuple(v if m is None else jnp.where(m, v, jnp.zeros((), v.dtype))
+               for v, m in zip(values, masks))
+
+
+@jax.jit(static_argnames=("scope",))
+def _weight_keeps(values: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
+                  scope: str) -> tuple[jax.Array, ...]:
+  """Keep masks of `values`' shapes, pruning `counts` smallest |w| per leaf or (global) pooled.
+
+  Jitted as a whole so that a call compiles one program (not one per operation and shape), and
+  its sorts, which do not depend on `counts`, are computed once under `vmap` over sparsities.
+  """
+  if scope == "layer":
+    return tuple(_keep_largest(_int_keys(jnp.abs(v)), k) for v, k in zip(values, counts))
+  dtype = jnp.result_type(*(v.dtype for v in values))
+  pool = jnp.concatenate([jnp.abs(v).astype(dtype).ravel() for v in values])
+  return _split(_keep_largest(_int_keys(pool), counts[0]), [v.shape for v in values])
+
+
+@jax.jit(static_argnames=("scope",))
+def _unit_keeps(kernels: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
+                scope: str) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  """Keep masks `[out]` of the units (last-axis slices) of `kernels`, and the same broadcast to
+  the kernels' shapes; see `unit_masks`."""
+  keeps = _unit_keep_vectors(kernels, counts, scope=scope)
+  return keeps, tuple(jnp.broadcast_to(keep, k.shape) for keep, k in zip(keeps, kernels))
+
+
+def _unit_keep_vectors(kernels: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
+                       scope: str) -> tuple[jax.Array, ...]:
+  norms = [_column_norms(k) for k in kernels]
+  if scope == "layer":
+    return tuple(_keep_largest(_int_keys(n), k) for n, k in zip(norms, counts))
+  scores, protect = [], []
+  for n in norms:
+    rms = jnp.sqrt(jnp.mean(jnp.square(n))) if n.size else jnp.zeros((), n.dtype)
+    scores.append(jnp.where(rms > 0, n / jnp.where(rms > 0, rms, 1), 0))
+    # Protect the top unit: the highest score, the highest index among ties.
+    top = n.size - 1 - jnp.argmax(scores[-1][::-1]) if n.size else 0
+    protect.append(jnp.arange(n.size) == top)
+  keys = _int_keys(jnp.concatenate(scores))
+  keys = jnp.where(jnp.concatenate(protect), jnp.iinfo(keys.dtype).max, keys)
+  return _split(_keep_largest(keys, counts[0]), [n.shape for n in norms])
+
+
+def _split(flat: jax.Array, shapes: list[tuple[int, ...]]) -> tuple[jax.Array, ...]:
+  out, start = [], 0
+  for shape in shapes:
+    size = int(np.prod(shape))
+    out.append(flat[start:start + size].reshape(shape))
+    start += size
+  return tuple(out)
+
+
+def _column_norms(kernel: jax.Array) -> jax.Array:
+  """L2 norm of each unit `kernel[..., j]`: `[out]`, in at least float32."""
+  x = kernel.astype(jnp.promote_types(kernel.dtype, jnp.float32))
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(kernel.ndim - 1))))
+
+
+def _int_keys(scores: jax.Array) -> jax.Array:
+  """Integer sort keys with the order of the non-negative `scores` (floats: their bit patterns).
+
+  Sorting integers is several times faster than sorting floats on CPU, and the bit pattern of a
+  non-negative IEEE float is monotone in its value.
+  """
+  if jnp.issubdtype(scores.dtype, jnp.floating):
+    if scores.dtype.itemsize < 4:
+      scores = scores.astype(jnp.float32)
+    int_dtype = jnp.int64 if scores.dtype.itemsize == 8 else jnp.int32
+    return jax.lax.bitcast_convert_type(scores, int_dtype)
+  return scores
+
+
+def _num_pruned(sparsity: Sparsity, n: int, max_pruned: int) -> jax.Array:
+  """`round(sparsity * n)` (half to even), limited to [0, max_pruned], as an int32 scalar.
+
+  A Python number is rounded in float64 by Python; an array (concrete or traced) by `jnp.round`
+  in its own precision. See `weight_masks`.
+  """
+  if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, np.generic):
+    return jnp.asarray(min(round(float(sparsity) * n), max_pruned), jnp.int32)
+  s = jnp.asarray(sparsity)
+  if not jnp.issubdtype(s.dtype, jnp.floating):
+    s = s.astype(jnp.result_type(float))
+  k = jnp.round(s * n)
+  return jnp.where(jnp.isnan(k), 0, jnp.clip(k, 0, max_pruned)).astype(jnp.int32)
+
+
+def _keep_largest(keys: jax.Array, k: jax.Array) -> jax.Array:
+  """Bool mask of `keys`' shape: False on the `k` smallest keys, ties broken by flat index.
+
+  Sorting `keys` does not depend on `k`, so under `vmap` over `k` it runs once. With `t` the k-th
+  smallest key, every key `< t` is pruned, and of the keys `== t` the first `k - #(< t)` by index:
+  exactly the first `k` entries of a stable argsort, without sorting the indices along (sorting
+  bare integer keys is several times faster).
+  """
+  if keys.size == 0:
+    return jnp.ones(keys.shape, bool)
+  flat = keys.ravel()
+  threshold = jnp.sort(flat)[jnp.maximum(k - 1, 0)]
+  below = flat < threshold
+  tied = flat == threshold
+  quota = k - jnp.sum(below, dtype=jnp.int32)
+  prune = below | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= quota))
+  return (~prune).reshape(keys.shape)
+
+
+def _mask_tree(params: Params, masks_by_path: dict[str, jax.Array]) -> Masks:
+  """A tree mirroring `params` holding `masks_by_path[path]`, or `None` for other leaves."""
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, _: masks_by_path.get(_paths.path_str(kp)), params)
