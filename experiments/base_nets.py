@@ -73,7 +73,7 @@ def load_or_train(config: dict[str, Any], seed: int, mnist: data_lib.MNIST, *,
   """
   model = model or base_model()
   path = os.path.join(config["workdir"], "cache", f"base-{cache_key(config, seed, model)}.msgpack")
-  template = init_mlp(jax.random.key(0), model)
+  template = jax.eval_shape(lambda: init_mlp(jax.random.key(0), model))  # shapes only
   if not retrain and os.path.exists(path):
     try:
       with open(path, "rb") as f:

@@ -64,3 +64,56 @@ def write_study(workdir: str, payload: dict[str, Any]) -> str:
   header, rows = csv_rows(payload)
   results.write_csv(os.path.join(folder, "results.csv"), header, rows)
   return folder
+
+
+# Keys every study's results.json has (write_study adds `versions` and `machine`).
+REQUIRED_KEYS = ("study", "config", "sparsities", "seeds", "timings", "curves")
+
+
+def check_payload(payload: dict[str, Any]) -> None:
+  """Checks a results payload against the schema above.
+
+  Raises:
+    ValueError: naming the first missing key or the curve whose lengths do not match
+      `sparsities` (levels) and `seeds`.
+  """
+  missing = [k for k in REQUIRED_KEYS if k not in payload]
+  if missing:
+    raise ValueError(f"results payload lacks {missing}; it needs {list(REQUIRED_KEYS)}")
+  levels, seeds = len(payload["sparsities"]), len(payload["seeds"])
+  for name, c in payload["curves"].items():
+    for key in ("mean", "std"):
+      if len(c.get(key, ())) != levels:
+        raise ValueError(f"curve {name!r}: {key!r} has {len(c.get(key, ()))} values for "
+                         f"{levels} sparsity levels")
+    runs = c.get("per_seed", ())
+    if len(runs) != seeds or any(len(run) != levels for run in runs):
+      raise ValueError(f"curve {name!r}: per_seed must be [{seeds} seeds][{levels} levels]")
+    if "measured_sparsity" in c and len(c["measured_sparsity"]) != levels:
+      raise ValueError(f"curve {name!r}: measured_sparsity must have {levels} values")
+
+
+def find_studies(workdir: str) -> list[str]:
+  """Paths of every `<workdir>/<study>/results.json`, sorted by study folder."""
+  if not os.path.isdir(workdir):
+    return []
+  found = [os.path.join(workdir, d, "results.json") for d in sorted(os.listdir(workdir))]
+  return [p for p in found if os.path.isfile(p)]
+
+
+def format_table(payload: dict[str, Any]) -> str:
+  """A plain-text table of a payload's curves: `mean ± std` accuracy (%) per level.
+
+  One row per curve, one column per level, plus a row of measured sparsity for curves that have
+  it (`~sparsity`). For logs and reports.
+  """
+  levels = payload["sparsities"]
+  width = 13
+  lines = ["curve".ljust(16) + "".join(f"{f'{lv:g}%':>{width}}" for lv in levels)]
+  for name, c in payload["curves"].items():
+    lines.append(name.ljust(16) + "".join(
+        f"{f'{m:.2f}±{s:.2f}':>{width}}" for m, s in zip(c["mean"], c["std"])))
+    if "measured_sparsity" in c:
+      lines.append(f"  ~sparsity".ljust(16) + "".join(
+          f"{f'{v:.1f}':>{width}}" for v in c["measured_sparsity"]))
+  return "\n".join(lines)

@@ -1,0 +1,362 @@
+r"""Studies 2 and 3: prune the trained dense MLP, retrain it with the mask kept, evaluate.
+
+    python -m experiments.recovery --mode=weight --workdir=results --seeds=0,1,2   # study 2
+    python -m experiments.recovery --mode=unit --workdir=results --seeds=0,1,2     # study 3
+    python -m experiments.recovery --mode=unit --regrow ...    # also retrain as the seed did
+
+For each seed, the dense base net (cached in `<workdir>/cache/`, see `experiments/base_nets.py`)
+is pruned at every `--sparsities` level, by weights or by units as in study 1
+(`experiments/sweep.py`), evaluated, retrained for `--retrain_steps` SGD steps with the mask
+kept (pruned weights stay exactly zero) and evaluated again. With `--regrow` every pruned net is
+also retrained from the same start *without* the mask, as the seed did, and the study reports
+how much sparsity is left: weight-pruned nets lose it (the seed's "recovered" nets of study 2
+were not sparse any more), unit-pruned ones cannot (see below).
+
+Retraining batches: one key per seed and study, `fold_in(batch_key_of_seed, 1)`, so every level,
+and the `retrained` and `regrown` nets of a level, see the same batches (differences between
+them come from the masks alone), and the same flags give bit-identical results.
+
+How each mode retrains:
+
+- weight: every level has the shapes of the dense net, so one compiled program retrains them
+  all (`retrain_levels`): a loop over the levels calling `train.train`, which on the 2-core CPU
+  measured faster than training all levels at once vmapped (`train.train_many`); see
+  `VMAP_RETRAINING`.
+- unit: each level is retrained in *shrunk* form (`prune_jax.shrink`: the pruned units deleted,
+  i.e. their kernel columns and the next kernel's rows), then written back into a full-size net
+  (`expand`) for evaluation and measurement. This is the same computation as masked full-size
+  retraining, only cheaper: a pruned unit's kernel column (and bias, if any) is zero, so its
+  ReLU output is relu(0) = 0 for every input. The gradients of its column are masked; the
+  gradient of its outgoing row in the next kernel is its activation (0) times the back-propagated
+  error, exactly 0, so with SGD (or momentum or Adam, whose state then stays 0) that row never
+  changes and contributes 0 to every sum. Deleting the unit therefore changes no logit, no loss
+  and no gradient of a kept weight; the kept weights follow the same trajectory up to float
+  summation order. `tests/test_recovery.py` checks it: masked and shrunk retraining of a small
+  net on the same batches give the same logits. (With weight decay this would not hold: decay
+  would shrink the dead rows; no optimizer here has it.)
+- `--regrow`: the full-size pruned nets are retrained without masks (`retrain_levels`).
+  Weight-pruned nets regrow: a zeroed weight between two live units gets a non-zero gradient
+  (only weights fed by inputs that are 0 in every batch, e.g. MNIST's border pixels, or by dead
+  units, stay 0). Unit-pruned nets do *not*: a pruned unit's pre-activation is exactly 0 for every
+  input and relu'(0) = 0 (in JAX as in TensorFlow), so its column, bias and outgoing row all get
+  zero gradients even without the mask. For unit pruning, `regrown` therefore equals
+  `retrained` (up to float summation order) and keeps its sparsity: the seed's study 3, which
+  did not keep the mask but zeroed whole columns of a net without biases, was in effect masked
+  retraining.
+
+Writes `<workdir>/recovery_<mode>/results.json` (curves `dense`, `pruned`, `retrained`, and
+`regrown` with `--regrow`), `results.csv` and `recovery_<mode>.png`.
+"""
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import base_nets, outputs
+from experiments import sweep
+from prune_jax import data as data_lib
+from prune_jax import train
+from prune_jax.models import MLP
+from prune_jax.shrink import shrink, shrunk_widths
+
+Params = Any
+Masks = Any
+
+MODES = sweep.MODES
+# The seed's retraining budgets: 500 steps after weight pruning, 1000 after unit pruning.
+SEED_RETRAIN_STEPS = {"weight": 500, "unit": 1000}
+# How `retrain_levels` trains a stack of same-shaped nets: all at once vmapped
+# (`train.train_many`, True) or one after another with one compiled `train.train` (False).
+# Measured once for 100 SGD steps x 10 weight-pruned levels of the seed's net, masks kept, on
+# the shared 2-core CPU while other jobs ran (load 4-6), 4 interleaved pairs, training seconds
+# without compilation: vmapped 25.4, 22.8, 22.2, 25.3; loop 15.3, 14.9, 17.7, 17.8. The loop is
+# about 1.5x faster (one net's 9.5 MB of weights stays in cache; ten nets' 95 MB do not), so it
+# is the default.
+VMAP_RETRAINING = False
+
+MODE = flags.DEFINE_enum(
+    "mode", None, list(MODES), "Required. 'weight' (study 2): prune the k% smallest |w| of each "
+    "hidden kernel; 'unit' (study 3): prune the k% units (kernel columns) of each hidden layer "
+    "with the smallest L2 norm.")
+# experiments.shrink (study 4) defines the same flag with the same meaning (None: the seed's
+# budget); allow_override lets both modules be imported in one process, in either order.
+RETRAIN_STEPS = flags.DEFINE_integer(
+    "retrain_steps", None, "SGD steps of retraining after pruning. Default: the seed's, 500 "
+    "for --mode=weight and 1000 for --mode=unit.", lower_bound=0, allow_override=True)
+REGROW = flags.DEFINE_bool(
+    "regrow", False, "Also retrain every pruned net without its mask, as the seed did (curve "
+    "'regrown'), and report how much sparsity it has left.")
+
+
+def retrain_steps(mode: str, steps: int | None) -> int:
+  """`steps`, or the seed's budget for `mode` when it is None."""
+  return SEED_RETRAIN_STEPS[mode] if steps is None else int(steps)
+
+
+def retrain_key(seed: int) -> jax.Array:
+  """The batch-order key of every retraining of `seed`'s nets: `fold_in(batch key, 1)`."""
+  return jax.random.fold_in(base_nets.seed_keys(seed)[1], 1)
+
+
+def level(tree: Any, i: int) -> Any:
+  """Level `i` of a stacked tree (leading axis), `None` leaves kept."""
+  return jax.tree.map(lambda x: None if x is None else x[i], tree, is_leaf=lambda x: x is None)
+
+
+def retrain_levels(model: nn.Module, pruned: Params, masks: Masks, images: jax.Array,
+                   labels: jax.Array, *, key: jax.Array, keep_masks: bool,
+                   levels: Sequence[float], name: str, vmapped: bool | None = None,
+                   **protocol: Any) -> tuple[Params, float, float]:
+  """Retrains a stack of same-shaped pruned nets, with their masks kept or not.
+
+  Every net sees the same batches (`key`). With `vmapped` (default `VMAP_RETRAINING`) one
+  vmapped program trains them all (`train.train_many`); else one compiled `train.train` runs
+  once per net. Both give the same nets up to float summation order.
+
+  Args:
+    model: the module; pruned: params with a leading axis `[levels, ...]`; masks: their masks.
+    images, labels, key: the training data and the batch-order key.
+    keep_masks: keep pruned weights at zero (True) or let them regrow (False).
+    levels: the sparsity levels (%) of the stack, for the progress lines; name: their prefix.
+    vmapped: see above.
+    **protocol: `steps`, `batch_size`, `learning_rate`, `optimizer` of `train.train`.
+
+  Returns:
+    `(retrained [levels, ...], training seconds, compile seconds)`.
+  """
+  vmapped = VMAP_RETRAINING if vmapped is None else vmapped
+  how = "mask kept" if keep_masks else "without mask"
+  if vmapped:
+    stack_masks = masks if keep_masks else jax.tree.map(
+        lambda m: None if m is None else jnp.ones_like(m), masks, is_leaf=lambda x: x is None)
+    out, stats = train.train_many(model, pruned, stack_masks, images, labels, key=key,
+                                  name=f"{name}: {len(levels)} nets, {how}", **protocol)
+    return out, stats.seconds, stats.compile_seconds
+  nets, seconds, compile_seconds = [], 0.0, 0.0
+  for i, lv in enumerate(levels):
+    net, stats = train.train(model, level(pruned, i), images, labels, key=key,
+                             masks=level(masks, i) if keep_masks else None,
+                             name=f"{name}: {lv:g}% level, {how}", **protocol)
+    nets.append(net)
+    seconds += stats.seconds
+    compile_seconds += stats.compile_seconds
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *nets), seconds, compile_seconds
+
+
+def _dense_layer_names(params: Params) -> list[str]:
+  try:
+    return sorted(params, key=lambda name: int(name.rsplit("_", 1)[1]))
+  except (ValueError, IndexError) as e:
+    raise ValueError(f"expected an MLP's params {{'Dense_0': ..., 'Dense_1': ...}}, got "
+                     f"{sorted(params)}") from e
+
+
+def expand(shrunk: Params, full: Params, masks: Masks) -> Params:
+  """Writes a shrunk net back into the full-size net it was shrunk from: the inverse of `shrink`.
+
+  The entries of the kept units (kept columns of each kernel, kept rows of the next) come from
+  `shrunk`; the others keep their values in `full`. With `full` the masked net that was shrunk
+  and `shrunk` its shrunk form after retraining, the result is what masked full-size retraining
+  gives (see the module docstring): pruned columns stay 0, rows leaving pruned units keep their
+  values (they never receive a gradient).
+
+  Args:
+    shrunk: params of `MLP(hidden=shrunk_widths(shrunk))`, e.g. `shrink(full, masks)` retrained.
+    full: the full-size params (already masked), `{"Dense_i": {"kernel": [in, out], ...}}`.
+    masks: the unit masks `shrunk` was made with (`None` leaves: layers whose units all stay).
+
+  Returns:
+    Params of `full`'s shapes.
+  """
+  rows = None
+  out = {}
+  for name in _dense_layer_names(full):
+    kernel = np.array(full[name]["kernel"])
+    mask = masks[name]["kernel"]
+    cols = np.ones(kernel.shape[1], bool) if mask is None else np.asarray(mask).all(axis=0)
+    kept_rows = np.ones(kernel.shape[0], bool) if rows is None else rows
+    kernel[np.ix_(kept_rows, cols)] = np.asarray(shrunk[name]["kernel"])
+    out[name] = {"kernel": jnp.asarray(kernel)}
+    if "bias" in full[name]:
+      bias = np.array(full[name]["bias"])
+      bias[cols] = np.asarray(shrunk[name]["bias"])
+      out[name]["bias"] = jnp.asarray(bias)
+    rows = cols
+  return out
+
+
+def retrain_shrunk(model: MLP, pruned: Params, masks: Masks, images: jax.Array,
+                   labels: jax.Array, *, key: jax.Array, steps: int, batch_size: int,
+                   learning_rate: float, optimizer: str, log_every: int = 500,
+                   name: str = "retrain") -> tuple[Params, MLP, Params, train.TrainStats]:
+  """Retrains a unit-pruned net in shrunk form; the same computation as masked retraining.
+
+  Args:
+    model: the full-size `MLP`; pruned: its unit-masked params; masks: its unit masks.
+    images, labels, key, steps, batch_size, learning_rate, optimizer: as `train.train`.
+
+  Returns:
+    `(full, small_model, small_params, stats)`: the retrained net written back at full size
+    (`expand`), the shrunk model and its retrained params, and the training stats.
+  """
+  small = shrink(pruned, masks)
+  small_model = model.clone(hidden=shrunk_widths(small))
+  small, stats = train.train(small_model, small, images, labels, key=key, steps=steps,
+                             batch_size=batch_size, learning_rate=learning_rate,
+                             optimizer=optimizer, log_every=log_every, name=name)
+  return expand(small, pruned, masks), small_model, small, stats
+
+
+def _evaluate_stack(model: nn.Module, stacked: Params, masks: Masks,
+                    mnist: data_lib.MNIST) -> tuple[list[float], list[float]]:
+  """Accuracy (%) and measured sparsity (%) of each net of a stack `[levels, ...]`."""
+  evaluation = train.evaluate_many(model, stacked, mnist.test_images, mnist.test_labels)
+  measured = jax.vmap(sweep.zero_percent)(stacked, masks)
+  return ((100 * np.asarray(evaluation.accuracy, np.float64)).tolist(),
+          np.asarray(measured, np.float64).tolist())
+
+
+def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
+                 bases: dict[int, Params] | None = None) -> dict[str, Any]:
+  """Runs study 2 (`config["mode"] == "weight"`) or 3 (`"unit"`); returns its payload.
+
+  Args:
+    config: `sweep.study_config(mode=..., retrain_steps=..., regrow=...)`: the shared flags plus
+      `scope`, `retrain_base`, `mode`, `retrain_steps` (None: the seed's budget) and `regrow`.
+    mnist: the loaded data.
+    bases: optional base nets by seed, already loaded (see `sweep.load_bases`).
+
+  Returns:
+    The payload of `results.json` (study `recovery_<mode>`): curves `dense`, `pruned`,
+    `retrained` (mask kept) and, with `regrow`, `regrown`; accuracies in percent and the measured
+    sparsity of every net.
+
+  Raises:
+    ValueError: for a bad `mode` or `retrain_steps`, or a config missing keys.
+  """
+  sweep.check_config(config, needs=("mode",))
+  mode = config["mode"]
+  if mode not in MODES:
+    raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+  steps = retrain_steps(mode, config.get("retrain_steps"))
+  if steps < 0:
+    raise ValueError(f"--retrain_steps must be >= 0, got {steps}")
+  regrow = bool(config.get("regrow", False))
+  config = {**config, "retrain_steps": steps, "regrow": regrow}
+  start = time.perf_counter()
+  model = base_nets.base_model()
+  levels = config["sparsities"]
+  fracs = sweep.fractions(levels)
+  protocol = dict(steps=steps, batch_size=config["batch_size"],
+                  learning_rate=config["learning_rate"], optimizer=config["optimizer"])
+  params, base_info = sweep.load_bases(config, mnist, bases)
+
+  names = ["pruned", "retrained"] + (["regrown"] if regrow else [])
+  accuracy = {name: [] for name in names}
+  measured = {name: [] for name in names}
+  dense, dense_sparsity = [], []
+  timings = {name: [] for name in ("prune_evaluate_seconds", "retrain_seconds",
+                                   "retrain_compile_seconds", "regrow_seconds",
+                                   "regrow_compile_seconds")}
+  for seed in config["seeds"]:
+    acc, sparsity = sweep.evaluate_dense(model, params[seed], mnist, scope=config["scope"])
+    dense.append(acc)
+    dense_sparsity.append(sparsity)
+    logging.info("seed %d: dense test accuracy %.2f%%", seed, acc)
+
+    t = time.perf_counter()
+    pruned, masks = sweep.prune_levels(params[seed], fracs, mode=mode, scope=config["scope"])
+    acc, sparsity = _evaluate_stack(model, pruned, masks, mnist)
+    timings["prune_evaluate_seconds"].append(time.perf_counter() - t)
+    accuracy["pruned"].append(acc)
+    measured["pruned"].append(sparsity)
+    logging.info("seed %d: %s-pruned accuracy %s%%", seed, mode, _fmt(acc))
+
+    key = retrain_key(seed)
+    if mode == "weight":
+      retrained, seconds, compile_seconds = retrain_levels(
+          model, pruned, masks, mnist.train_images, mnist.train_labels, key=key,
+          keep_masks=True, levels=levels, name=f"seed {seed}: retrain weight-pruned", **protocol)
+      acc, sparsity = _evaluate_stack(model, retrained, masks, mnist)
+    else:
+      acc, sparsity, seconds, compile_seconds = [], [], 0.0, 0.0
+      for i, lv in enumerate(levels):
+        full, small_model, small, stats = retrain_shrunk(
+            model, level(pruned, i), level(masks, i), mnist.train_images, mnist.train_labels,
+            key=key, name=f"seed {seed}: retrain {lv:g}%-unit-pruned net, shrunk to "
+            f"{shrunk_to(masks, i)}", **protocol)
+        acc.append(100 * float(train.evaluate(small_model, small, mnist.test_images,
+                                              mnist.test_labels).accuracy))
+        sparsity.append(float(sweep.zero_percent(full, level(masks, i))))
+        seconds += stats.seconds
+        compile_seconds += stats.compile_seconds
+    timings["retrain_seconds"].append(seconds)
+    timings["retrain_compile_seconds"].append(compile_seconds)
+    accuracy["retrained"].append(acc)
+    measured["retrained"].append(sparsity)
+    logging.info("seed %d: retrained (mask kept) accuracy %s%%", seed, _fmt(acc))
+
+    if regrow:
+      regrown, seconds, compile_seconds = retrain_levels(
+          model, pruned, masks, mnist.train_images, mnist.train_labels, key=key,
+          keep_masks=False, levels=levels, name=f"seed {seed}: regrow {mode}-pruned", **protocol)
+      acc, sparsity = _evaluate_stack(model, regrown, masks, mnist)
+      timings["regrow_seconds"].append(seconds)
+      timings["regrow_compile_seconds"].append(compile_seconds)
+      accuracy["regrown"].append(acc)
+      measured["regrown"].append(sparsity)
+      logging.info("seed %d: regrown accuracy %s%%, sparsity left %s%%", seed, _fmt(acc),
+                   _fmt(sparsity))
+
+  curves = {"dense": sweep.constant_curve(dense, dense_sparsity, len(levels))}
+  for name in names:
+    curves[name] = outputs.curve(accuracy[name], measured[name])
+  return {
+      "study": f"recovery_{mode}",
+      "config": config,
+      "sparsities": list(levels),
+      "seeds": list(config["seeds"]),
+      "timings": {
+          "total_seconds": time.perf_counter() - start,
+          "base_train_seconds": {s: i.get("train_seconds", 0.0) for s, i in base_info.items()},
+          **{k: v for k, v in timings.items() if v},
+      },
+      "base_nets": base_info,
+      "curves": curves,
+  }
+
+
+def shrunk_to(masks: Masks, i: int) -> str:
+  """The hidden widths level `i` of stacked unit masks shrinks to, as text: `500-500-250-100`."""
+  widths = []
+  for name in _dense_layer_names(masks):
+    mask = masks[name]["kernel"]
+    if mask is not None:
+      widths.append(str(int(np.asarray(mask[i]).all(axis=0).sum())))
+  return "-".join(widths)
+
+
+def _fmt(values: Sequence[float]) -> str:
+  return ",".join(f"{v:.1f}" for v in values)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {list(argv[1:])}; all options are --flags")
+  if MODE.value is None:
+    raise app.UsageError("--mode is required: --mode=weight (study 2) or --mode=unit (study 3)")
+  config = sweep.study_config(mode=MODE.value,
+                              retrain_steps=retrain_steps(MODE.value, RETRAIN_STEPS.value),
+                              regrow=REGROW.value)
+  mnist = data_lib.load_mnist(config["mnist_dir"])
+  sweep.write_and_plot(run_recovery(config, mnist), config["workdir"])
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,400 @@
+"""Plots of the studies' results, drawn from their `results.json` payloads alone (matplotlib, Agg).
+
+One public function per study kind, `plot_<kind>(payload, folder) -> list[str]`, draws that kind's
+PNG files into `folder` and returns their paths; `plot_study` dispatches on `payload["study"]`
+(`"sweep"`, `"recovery_weight"`, `"recovery_unit"`, ... -> the kind before the first `_`). A new
+kind of study gets its plots by defining `plot_<kind>` here; the shared helpers below draw the
+pieces every accuracy-vs-sparsity figure has.
+
+The figures follow the seed study's: test accuracy (%) against the sparsity level (%), the dense
+net's accuracy as a horizontal dashed line, a marker and an x tick at every level, and, with
+several seeds, the mean as a line in a +-1 std band, each seed's value a faint dot. The x axis
+is spaced by the logarithm of the fraction kept (`-log10(1 - sparsity)`), so that the seed's
+levels 0, 25, ..., 95, 97, 99 are about evenly spread and the high levels, where the curves
+change most, do not crowd together; the tick labels are still the sparsities in percent.
+Legends go below the axes, so they hide no data.
+Files are written atomically (`prune_jax.results.write_bytes`).
+"""
+
+import io
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from prune_jax import results  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+Payload = dict[str, Any]
+Plotter = Callable[[Payload, str], list[str]]
+
+DPI = 150
+# The accuracy range of the recovery plots' zoomed panel (%).
+ZOOM = (90.0, 100.0)
+# The x axis is -log10(1 + _KEPT_FLOOR - sparsity): finite at 100% sparsity, ~-log10(kept) below.
+_KEPT_FLOOR = 1e-3
+# Colour, marker and line style of each curve name, the same in every figure.
+_STYLE = {
+    "dense": dict(color="0.25", linestyle="--"),
+    "weight": dict(color="tab:blue", marker="o"),
+    "unit": dict(color="tab:orange", marker="s"),
+    "pruned": dict(color="tab:red", marker="o"),
+    "retrained": dict(color="tab:green", marker="s"),
+    "regrown": dict(color="tab:purple", marker="^", linestyle=":"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+def study_kind(study: str) -> str:
+  """The kind of a study folder name: `"recovery_weight"` -> `"recovery"`, `"sweep"` -> itself."""
+  return study.split("_", 1)[0]
+
+
+def plotters() -> dict[str, Plotter]:
+  """Every study kind this module can draw, mapped to its `plot_<kind>` function."""
+  found = {}
+  for name, fn in globals().items():
+    if name.startswith("plot_") and name != "plot_study" and callable(fn):
+      found[name[len("plot_"):]] = fn
+  return found
+
+
+def plot_study(payload: Payload, folder: str) -> list[str]:
+  """Draws the plots of one study's payload into `folder`; returns the PNG paths.
+
+  Args:
+    payload: the contents of a study's `results.json` (see `experiments/outputs.py`).
+    folder: where to write the PNG files (created if needed).
+
+  Raises:
+    ValueError: if no `plot_<kind>` exists for the payload's study.
+  """
+  kind = study_kind(payload.get("study", ""))
+  known = plotters()
+  if kind not in known:
+    raise ValueError(f"no plot for study {payload.get('study')!r}: prune_jax.plots draws the "
+                     f"kinds {sorted(known)}; add a plot_{kind}(payload, folder) function")
+  return known[kind](payload, folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# One function per study kind
+# ---------------------------------------------------------------------------------------------
+def plot_sweep(payload: Payload, folder: str) -> list[str]:
+  """Study 1: accuracy of the weight- and unit-pruned nets, no retraining; writes `sweep.png`.
+
+  Args:
+    payload: a sweep `results.json` payload, curves `dense`, `weight`, `unit`.
+    folder: output folder.
+
+  Returns:
+    `[<folder>/sweep.png]`.
+  """
+  levels = payload["sparsities"]
+  curves = payload["curves"]
+  fig, ax = plt.subplots(figsize=(7.5, 5.2), layout="constrained")
+  _dense_line(ax, curves["dense"], label="dense (not pruned)")
+  labels = {"weight": "weight pruning (smallest |w| of each layer)",
+            "unit": "unit pruning (smallest-norm units of each layer)"}
+  for name in ("weight", "unit"):
+    if name in curves:
+      _curve(ax, levels, curves[name], name=name, label=labels[name])
+  _accuracy_axes(ax, levels, xlabel="sparsity k (%): k% of the weights or units of each hidden "
+                 "layer pruned", note=True)
+  _titles(fig, ax, "Pruning a trained MLP without retraining", payload)
+  _legend(fig, ax)
+  return [_save(fig, os.path.join(folder, f"{payload['study']}.png"))]
+
+
+def plot_recovery(payload: Payload, folder: str) -> list[str]:
+  """Studies 2 and 3: accuracy before and after retraining the pruned nets; writes `<study>.png`.
+
+  Panels: the accuracies on the full 0-100% scale (as the seed plotted them); the same zoomed to
+  the top (`ZOOM`), where the retrained curves and the dense line lie close together (drawn if
+  the dense net reaches it); and, with a `regrown` curve (retrained without the mask), the
+  sparsity each retrained net has left: the masked nets keep their level, weight-pruned nets
+  retrained without their mask lose it.
+
+  Args:
+    payload: a recovery `results.json` payload, curves `dense`, `pruned`, `retrained` and
+      optionally `regrown`; `config` holds `mode` and `retrain_steps`.
+    folder: output folder.
+
+  Returns:
+    `[<folder>/<study>.png]`.
+  """
+  levels = payload["sparsities"]
+  curves = payload["curves"]
+  config = payload.get("config", {})
+  mode = config.get("mode") or payload["study"].partition("_")[2]
+  steps = config.get("retrain_steps", "?")
+  regrown = "regrown" in curves
+  # The zoom shows how close to the dense net retraining comes; pointless if the dense net
+  # itself is below it (tiny test runs).
+  zoom = curves["dense"]["mean"][0] >= ZOOM[0] + 2
+  ratios = (3,) + ((2,) if zoom else ()) + ((2,) if regrown else ())
+  width = 7.5 + 4.5 * (len(ratios) - 1)
+  fig, axes = plt.subplots(1, len(ratios), figsize=(width, 5.4), layout="constrained",
+                           gridspec_kw=dict(width_ratios=ratios), squeeze=False)
+  axes = list(axes[0])
+  ax = axes[0]
+  names = ["pruned", "retrained"] + (["regrown"] if regrown else [])
+  labels = {"pruned": f"{mode}-pruned, not retrained",
+            "retrained": f"retrained {steps} steps, mask kept",
+            "regrown": f"retrained {steps} steps, mask dropped (regrown, as the seed did)"}
+  for axis in axes[:1 + zoom]:
+    _dense_line(axis, curves["dense"], label="dense (not pruned)")
+    for name in names:
+      _curve(axis, levels, curves[name], name=name, label=labels[name])
+  what = "weights" if mode == "weight" else "units"
+  _accuracy_axes(ax, levels, xlabel=f"sparsity k (%): k% of the {what} of each hidden layer "
+                 "pruned", note=True)
+  if zoom:
+    _accuracy_axes(axes[1], levels, xlabel="sparsity k (%)", ylim=ZOOM, narrow=True)
+    axes[1].set_title(f"zoom on {ZOOM[0]:g}-{ZOOM[1]:g}% accuracy", fontsize=10)
+  if regrown:
+    _sparsity_left_axes(axes[-1], levels, curves, mode=mode)
+  _titles(fig, ax, f"Recovery by retraining after {mode} pruning", payload)
+  _legend(fig, ax)
+  return [_save(fig, os.path.join(folder, f"{payload['study']}.png"))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------
+def _forward(sparsity_percent: np.ndarray) -> np.ndarray:
+  """Sparsity (%) -> axis position: `-log10` of the fraction kept (floored, so 100% is finite)."""
+  kept = 1 + _KEPT_FLOOR - np.asarray(sparsity_percent, np.float64) / 100
+  return -np.log10(np.clip(kept, _KEPT_FLOOR / 10, None))
+
+
+def _inverse(position: np.ndarray) -> np.ndarray:
+  return 100 * (1 + _KEPT_FLOOR - np.power(10.0, -np.asarray(position, np.float64)))
+
+
+def _sparsity_axis(ax: plt.Axes, levels: Sequence[float], xlabel: str, *,
+                   note: bool = False, narrow: bool = False) -> None:
+  """x axis: log-of-kept spacing, a tick labelled in percent at each level, nothing else."""
+  ax.set_xscale("function", functions=(_forward, _inverse))
+  ax.set_xticks(list(levels), [f"{level:g}" for level in levels])
+  # Narrow panels get smaller labels, so that neighbouring levels (50, 60) stay apart.
+  ax.tick_params(axis="x", labelsize=8 if narrow else 10)
+  ax.xaxis.set_minor_locator(ticker.NullLocator())
+  lo, hi = _forward(min(levels)), _forward(max(levels))
+  pad = 0.04 * max(hi - lo, 0.1)
+  ax.set_xlim(float(_inverse(lo - pad)), float(_inverse(hi + pad)))
+  if note:
+    xlabel += "\n(axis spaced by the log of the fraction kept, so that high levels spread out)"
+  ax.set_xlabel(xlabel)
+
+
+def _accuracy_axes(ax: plt.Axes, levels: Sequence[float], *, xlabel: str,
+                   ylim: tuple[float, float] = (0, 100), note: bool = False,
+                   narrow: bool = False) -> None:
+  """Accuracy (%) in `ylim` against the sparsity levels, with a light grid."""
+  _sparsity_axis(ax, levels, xlabel, note=note, narrow=narrow)
+  lo, hi = ylim
+  step = 10 if hi - lo > 30 else 1 if hi - lo <= 12 else 2
+  ax.set_ylim(lo - 0.01 * (hi - lo), hi + 0.01 * (hi - lo))
+  ax.set_yticks(np.arange(lo, hi + step / 2, step))
+  ax.set_ylabel("test accuracy (%)")
+  ax.grid(True, alpha=0.3)
+
+
+def _curve(ax: plt.Axes, levels: Sequence[float], curve: dict[str, Any], *, name: str,
+           label: str) -> None:
+  """One curve: its mean with a marker at each level; with several seeds, a +-std band (clipped
+  to 0-100%) and each seed's value as a faint dot, so that a bimodal level (a seed that failed
+  to train) shows as such rather than as a wide band alone."""
+  style = dict(_STYLE.get(name, {}))
+  style.setdefault("marker", "o")
+  mean, std = np.asarray(curve["mean"]), np.asarray(curve["std"])
+  per_seed = np.asarray(curve["per_seed"])
+  ax.plot(levels, mean, label=label + _spread(len(per_seed)), markersize=5, linewidth=1.6,
+          **style)
+  if len(per_seed) > 1:
+    ax.fill_between(levels, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100),
+                    color=style["color"], alpha=0.18, linewidth=0)
+    for run in per_seed:
+      ax.plot(levels, run, linestyle="none", marker=style["marker"], markersize=3,
+              color=style["color"], alpha=0.4)
+
+
+def _dense_line(ax: plt.Axes, curve: dict[str, Any], *, label: str) -> None:
+  """The dense accuracy as a horizontal dashed line (+-std band with several seeds)."""
+  mean, std = float(curve["mean"][0]), float(curve["std"][0])
+  n_seeds = len(curve["per_seed"])
+  style = _STYLE["dense"]
+  text = f"{label}: {mean:.2f}%" + (f" ± {std:.2f}" if n_seeds > 1 else "")
+  ax.axhline(mean, label=text, linewidth=1.2, **style)
+  if n_seeds > 1:
+    ax.axhspan(mean - std, mean + std, color=style["color"], alpha=0.12, linewidth=0)
+
+
+def _sparsity_left_axes(ax: plt.Axes, levels: Sequence[float], curves: dict[str, Any], *,
+                        mode: str) -> None:
+  """Measured sparsity (%) of the retrained nets against the level they were pruned to."""
+  for name, label in (("retrained", "mask kept"), ("regrown", "mask dropped (regrown)")):
+    curve = curves.get(name, {})
+    if "measured_sparsity" in curve:
+      ax.plot(levels, curve["measured_sparsity"], markersize=5, linewidth=1.6, label=label,
+              clip_on=False, **_STYLE[name])
+  kept = curves.get("retrained", {}).get("measured_sparsity")
+  dropped = curves.get("regrown", {}).get("measured_sparsity")
+  if (mode == "unit" and kept is not None and dropped is not None
+      and np.allclose(kept, dropped, atol=0.01)):
+    # The curve rises from lower left to upper right: the lower right corner is free.
+    ax.text(0.97, 0.04, "the two coincide: pruned units output\nrelu(0) = 0 and get no gradient, "
+            "so\nthey stay pruned without the mask too", transform=ax.transAxes, ha="right",
+            va="bottom", fontsize=8, color="0.3")
+  _sparsity_axis(ax, levels, "sparsity k (%) the net was pruned to", narrow=True)
+  ax.set_ylim(0, 100)
+  ax.set_yticks(range(0, 101, 10))
+  ax.set_ylabel("zero weights after retraining (%)")
+  ax.set_title("sparsity left after retraining", fontsize=10)
+  ax.grid(True, alpha=0.3)
+  ax.legend(loc="upper left", fontsize=8)
+
+
+def _spread(n_seeds: int) -> str:
+  return f" (mean ± std of {n_seeds} seeds, dots: each seed)" if n_seeds > 1 else ""
+
+
+def _titles(fig: plt.Figure, ax: plt.Axes, title: str, payload: Payload) -> None:
+  """A bold figure title, and a subtitle over `ax` with the protocol and the seeds."""
+  config = payload.get("config", {})
+  seeds = payload.get("seeds", [])
+  parts = ["MNIST, MLP 784-1000-1000-500-200-10"]
+  if "train_steps" in config:
+    parts.append(f"base net: {config['train_steps']} {config.get('optimizer', 'sgd')} steps")
+  parts.append(f"seed{'s' if len(seeds) != 1 else ''} {', '.join(str(s) for s in seeds)}")
+  fig.suptitle(title, fontsize=13, fontweight="bold")
+  ax.set_title("; ".join(parts), fontsize=9, color="0.3")
+
+
+def _legend(fig: plt.Figure, ax: plt.Axes) -> None:
+  """The legend of `ax`, below the axes (outside them, so it hides no data)."""
+  handles, labels = ax.get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside lower center", ncols=2 if len(labels) > 3 else 1,
+             fontsize=9, frameon=False)
+
+
+def _save(fig: plt.Figure, path: str) -> str:
+  """Writes `fig` as a PNG to `path` atomically and closes it; returns `path`."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=DPI)
+  plt.close(fig)
+  results.write_bytes(path, buffer.getvalue())
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Study 4 (shrink): accuracy of the shrunk nets and their measured inference speed-up.
+# Self-contained block; its helpers are `_shrink_*` so that `plotters()` does not list them.
+# ---------------------------------------------------------------------------------------------
+def plot_shrink(payload: Payload, folder: str) -> list[str]:
+  """Study 4: the shrunk nets' accuracy, and their inference speed-up; writes `shrink.png`.
+
+  Left panel: test accuracy of the shrunk nets before and after retraining, with the dense line.
+  Right panel (log scale): the measured speed-up of the shrunk net over the dense one at each
+  timed batch size, beside the ideal line (the multiply-add ratio dense/shrunk) and the line at
+  the target fraction of it; the seed's measured speed-ups (if the payload carries them) and
+  the best unstructured-sparse form of the weight-pruned nets at the largest batch, for
+  comparison.
+
+  Args:
+    payload: a shrink `results.json` payload: curves `dense`, `before_retraining`,
+      `after_retraining`; `timing.before_retraining[batch]` rows with `sparsity`, `macs_ratio`,
+      `speedup`; optionally `weight_sparse` and `seed_reference`.
+    folder: output folder.
+
+  Returns:
+    `[<folder>/shrink.png]`.
+  """
+  levels = payload["sparsities"]
+  curves = payload["curves"]
+  config = payload.get("config", {})
+  steps = config.get("retrain_steps", "?")
+  fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(13.5, 6.0), layout="constrained")
+  _dense_line(ax, curves["dense"], label="dense (not pruned)")
+  _curve(ax, levels, curves["before_retraining"], name="pruned",
+         label="shrunk, before retraining")
+  _curve(ax, levels, curves["after_retraining"], name="retrained",
+         label=f"shrunk, after {steps} steps of retraining")
+  layers = "hidden layers 1-3 (layer 4 kept)" if config.get("keep_last_hidden") else \
+      "every hidden layer"
+  _accuracy_axes(ax, levels, xlabel=f"sparsity k (%): k% of the units of {layers} deleted",
+                 note=True)
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=9, frameon=False)
+  _shrink_speed_axes(ax_speed, payload)
+  _titles(fig, ax, "Deleting pruned units: accuracy and inference speed-up", payload)
+  return [_save(fig, os.path.join(folder, f"{payload['study']}.png"))]
+
+
+def _shrink_speed_axes(ax: plt.Axes, payload: Payload) -> None:
+  """Measured speed-up per batch size against the sparsity, log y, with the ideal MAC line."""
+  levels = payload["sparsities"]
+  timing = payload["timing"]
+  tables = timing["before_retraining"]
+  batches = sorted(tables, key=int)
+  first = tables[batches[0]]
+  ideal = [row["macs_ratio"] for row in first]
+  target = timing.get("target_fraction_of_macs_ratio")
+  ax.plot(levels, ideal, color="black", linestyle="--", linewidth=1.4,
+          label="ideal: multiply-add ratio dense / shrunk")
+  if target:
+    ax.plot(levels, [target * r for r in ideal], color="black", linestyle=":", linewidth=1.0,
+            label=f"{target:g} x the multiply-add ratio")
+  colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.8, len(batches)))
+  for batch, color in zip(batches, colors):
+    speedups = [row["speedup"] for row in tables[batch]]
+    ax.plot(levels, speedups, marker="o", markersize=5, linewidth=1.6, color=color,
+            label=f"shrunk net, batch {int(batch):,}")
+  best = _shrink_weight_sparse_best(payload)
+  if best is not None:
+    batch, fmt, values = best
+    shown = [(lv, v) for lv, v in zip(levels, values) if v is not None]
+    if shown:
+      ax.plot(*zip(*shown), marker="^", markersize=4, linewidth=1.0, linestyle="-.",
+              color="tab:purple", label=f"weight-pruned, {fmt.upper()} sparse vs dense with "
+              f"zeros, batch {int(batch):,}")
+  seed = payload.get("seed_reference", {})
+  if seed.get("speedup"):
+    pairs = [(lv, v) for lv, v in zip(seed["sparsities"], seed["speedup"])
+             if v is not None and lv in levels]
+    if pairs:
+      ax.plot(*zip(*pairs), linestyle="none", marker="x", markersize=7, color="0.45",
+              label="seed (TF1, 2017 laptop, layer 4 kept, one reading)")
+  ax.axhline(1.0, color="0.6", linewidth=0.8)
+  _sparsity_axis(ax, levels, "sparsity k (%)")
+  ax.set_yscale("log")
+  ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+  ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+  ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.set_ylabel("inference speed-up over the dense net (median wall time)")
+  runs = timing.get("runs", "?")
+  ax.set_title(f"compiled forward pass, median of {runs} interleaved runs; "
+               f"widths padded to x{timing.get('pad_multiple', 1)}", fontsize=9, color="0.3")
+  ax.grid(True, which="major", alpha=0.3)
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, fontsize=8.5,
+            frameon=False)
+
+
+def _shrink_weight_sparse_best(payload: Payload):
+  """(batch, format, speed-ups per level) of the fastest sparse form at the largest batch."""
+  section = payload.get("weight_sparse") or {}
+  tables = section.get("batches") or {}
+  if not tables or not section.get("formats"):
+    return None
+  batch = max(tables, key=int)
+  rows = tables[batch]
+  best_fmt = max(section["formats"],
+                 key=lambda f: max((r["speedup"].get(f, 0.0) for r in rows), default=0.0))
+  return batch, best_fmt, [r["speedup"].get(best_fmt) for r in rows]

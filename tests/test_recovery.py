@@ -1,0 +1,186 @@
+"""Tests of studies 2 and 3 (`experiments/recovery.py`): masked vs shrunk retraining, tiny runs.
+
+Sizes are tiny (50 training steps, 20 retraining steps, 3 levels) on real MNIST; the base nets
+come from a cache folder shared by the test session (see `tests/test_sweep.py`).
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import outputs, recovery, sweep
+from prune_jax import train
+from prune_jax.masks import apply_masks, unit_masks
+from prune_jax.models import MLP, init_mlp
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = dict(mnist_dir=None, seeds=[0, 1], sparsities=[0, 50, 90], train_steps=50, batch_size=100,
+            learning_rate=0.1, optimizer="sgd", scope="layer", retrain_base=False,
+            retrain_steps=20, regrow=True)
+
+pytestmark = pytest.mark.needs_mnist
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, mnist):
+  """The tiny base nets, trained once a session into a shared cache (shared with test_sweep)."""
+  shared = tmp_path_factory.getbasetemp() / "shared_bases"
+  params, _ = sweep.load_bases({**TINY, "workdir": str(shared)}, mnist)
+  return shared, params
+
+
+def small_test_set(mnist):
+  return mnist._replace(test_images=mnist.test_images[:2000], test_labels=mnist.test_labels[:2000])
+
+
+def run_entry_point(module: str, *args: str, mnist_dir, timeout: float = 120):
+  env = {**os.environ, "PRUNE_JAX_MNIST_DIR": str(mnist_dir)}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def weight_payload(tmp_path_factory, mnist, bases):
+  config = {**TINY, "mode": "weight", "workdir": str(tmp_path_factory.mktemp("rw"))}
+  return recovery.run_recovery(config, small_test_set(mnist), bases=bases[1])
+
+
+@pytest.fixture(scope="module")
+def unit_payload(tmp_path_factory, mnist, bases):
+  config = {**TINY, "mode": "unit", "seeds": [0], "workdir": str(tmp_path_factory.mktemp("ru"))}
+  return recovery.run_recovery(config, small_test_set(mnist), bases=bases[1])
+
+
+@pytest.mark.parametrize("which", ["weight_payload", "unit_payload"])
+def test_payload_follows_the_schema(which, request):
+  payload = request.getfixturevalue(which)
+  mode = which.split("_")[0]
+  outputs.check_payload(payload)
+  assert payload["study"] == f"recovery_{mode}"
+  assert list(payload["curves"]) == ["dense", "pruned", "retrained", "regrown"]
+  assert payload["config"]["mode"] == mode and payload["config"]["retrain_steps"] == 20
+  for curve in payload["curves"].values():
+    assert np.shape(curve["per_seed"]) == (len(payload["seeds"]), 3)
+  assert payload["timings"]["retrain_seconds"] and payload["timings"]["regrow_seconds"]
+  json.dumps(payload, allow_nan=False)
+
+
+@pytest.mark.parametrize("which", ["weight_payload", "unit_payload"])
+def test_masked_retraining_keeps_the_measured_sparsity(which, request):
+  curves = request.getfixturevalue(which)["curves"]
+  np.testing.assert_allclose(curves["pruned"]["measured_sparsity"], [0, 50, 90], atol=0.01)
+  assert (curves["retrained"]["measured_sparsity_per_seed"]
+          == curves["pruned"]["measured_sparsity_per_seed"])
+  # Retraining at 90% sparsity recovers accuracy.
+  assert curves["retrained"]["mean"][2] > curves["pruned"]["mean"][2]
+
+
+def test_regrow_loses_the_sparsity_of_weight_pruning(weight_payload):
+  # Most pruned weights grow back within 20 steps; those fed by pixels that were 0 in every
+  # batch so far (MNIST's borders) get no gradient and stay 0.
+  left = weight_payload["curves"]["regrown"]["measured_sparsity"]
+  assert left[0] < 0.01 and left[1] < 10 and left[2] < 20, left
+
+
+def test_unit_pruned_nets_cannot_regrow(unit_payload):
+  """Dead ReLU units get no gradient with or without the mask: regrown == retrained."""
+  curves = unit_payload["curves"]
+  np.testing.assert_allclose(curves["regrown"]["measured_sparsity"],
+                             curves["retrained"]["measured_sparsity"], atol=1e-6)
+  np.testing.assert_allclose(curves["regrown"]["mean"], curves["retrained"]["mean"], atol=0.11)
+
+
+@pytest.mark.parametrize("use_bias,optimizer", [(False, "sgd"), (True, "momentum")])
+def test_shrunk_retraining_is_masked_retraining(mnist, use_bias, optimizer):
+  """Masked full-size and shrunk retraining on the same batches give the same net."""
+  model = MLP(hidden=(64, 48, 32), use_bias=use_bias)
+  images, labels = mnist.train_images[:3000], mnist.train_labels[:3000]
+  params = init_mlp(jax.random.key(0), model)
+  masks = unit_masks(params, 0.5)
+  pruned = apply_masks(params, masks)
+  protocol = dict(key=jax.random.key(2), steps=20, batch_size=50, learning_rate=0.1,
+                  optimizer=optimizer, log_every=0)
+  masked, _ = train.train(model, pruned, images, labels, masks=masks, **protocol)
+  full, small_model, small, _ = recovery.retrain_shrunk(model, pruned, masks, images, labels,
+                                                        **protocol)
+  assert small_model.hidden == (32, 24, 16)
+  x = mnist.test_images[:500]
+  np.testing.assert_allclose(small_model.apply({"params": small}, x),
+                             model.apply({"params": masked}, x), rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(masked)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # The rows leaving pruned units never changed, in either form.
+  dead = ~np.asarray(masks["Dense_0"]["kernel"]).all(axis=0)
+  np.testing.assert_array_equal(np.asarray(masked["Dense_1"]["kernel"])[dead],
+                                np.asarray(pruned["Dense_1"]["kernel"])[dead])
+  np.testing.assert_array_equal(np.asarray(full["Dense_1"]["kernel"])[dead],
+                                np.asarray(pruned["Dense_1"]["kernel"])[dead])
+
+
+def test_retrain_steps_default_to_the_seeds_budgets():
+  assert recovery.retrain_steps("weight", None) == 500
+  assert recovery.retrain_steps("unit", None) == 1000
+  assert recovery.retrain_steps("unit", 7) == 7
+
+
+def test_run_recovery_rejects_a_bad_mode(mnist):
+  with pytest.raises(ValueError, match="--mode must be one of"):
+    recovery.run_recovery({**TINY, "mode": "neuron", "workdir": "unused"}, mnist)
+
+
+def test_entry_point_writes_results(bases, mnist_dir, tmp_path):
+  shutil.copytree(bases[0] / "cache", tmp_path / "cache")
+  run = run_entry_point("experiments.recovery", "--mode=weight", "--regrow",
+                        "--retrain_steps=20", f"--workdir={tmp_path}", "--train_steps=50",
+                        "--sparsities=0,90", "--seeds=0", mnist_dir=mnist_dir)
+  assert run.returncode == 0, run.stderr[-3000:]
+  folder = tmp_path / "recovery_weight"
+  assert sorted(os.listdir(folder)) == ["recovery_weight.png", "results.csv", "results.json"]
+  payload = json.loads((folder / "results.json").read_text())
+  outputs.check_payload(payload)
+  assert set(payload["curves"]) == {"dense", "pruned", "retrained", "regrown"}
+  assert payload["base_nets"]["0"]["source"] == "cache"
+  assert {"mode", "retrain_steps", "regrow", "scope", "retrain_base", "seeds",
+          "sparsities"} <= set(payload["config"])
+  curves = payload["curves"]
+  assert curves["retrained"]["measured_sparsity"] == curves["pruned"]["measured_sparsity"]
+  assert curves["pruned"]["measured_sparsity"][1] == pytest.approx(90, abs=0.01)
+  assert curves["regrown"]["measured_sparsity"][1] < 20
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode=neuron"], "value should be one of <weight|unit>"),
+    ([], "--mode is required"),
+])
+def test_entry_point_rejects_bad_flags(args, message, mnist_dir, tmp_path):
+  run = run_entry_point("experiments.recovery", f"--workdir={tmp_path}", *args,
+                        mnist_dir=mnist_dir)
+  assert run.returncode != 0
+  assert message in run.stderr, run.stderr[-2000:]
+  assert not os.listdir(tmp_path)
+
+
+def test_retrain_levels_vmapped_equals_the_loop(mnist):
+  model = MLP(hidden=(32, 16))
+  params = init_mlp(jax.random.key(0), model)
+  pruned, masks = sweep.prune_levels(params, sweep.fractions([0, 60]), mode="weight")
+  images, labels = mnist.train_images[:1000], mnist.train_labels[:1000]
+  protocol = dict(key=jax.random.key(1), levels=[0, 60], name="test", steps=10, batch_size=50,
+                  learning_rate=0.1, optimizer="sgd")
+  for keep in (True, False):
+    loop, _, _ = recovery.retrain_levels(model, pruned, masks, images, labels, keep_masks=keep,
+                                         vmapped=False, **protocol)
+    vmapped, _, _ = recovery.retrain_levels(model, pruned, masks, images, labels,
+                                            keep_masks=keep, vmapped=True, **protocol)
+    for a, b in zip(jax.tree.leaves(loop), jax.tree.leaves(vmapped)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    zeros = float(jax.vmap(sweep.zero_percent)(loop, masks)[1])
+    # Without the mask most pruned weights regrow (not those fed by always-black pixels).
+    assert zeros == pytest.approx(60, abs=0.01) if keep else zeros < 30

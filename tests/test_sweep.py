@@ -1,0 +1,176 @@
+"""Tests of study 1 (`experiments/sweep.py`): tiny runs on real MNIST, schema, cache, flags.
+
+Sizes are tiny (50 training steps, 3 levels, 2 seeds) so that the file runs in seconds; the base
+nets are trained once per test session into a shared cache folder (`shared_cache`) that every
+test module and subprocess run reuses.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import base_nets, outputs, sweep
+from prune_jax.masks import weight_masks
+from prune_jax.models import MLP, init_mlp
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = dict(mnist_dir=None, seeds=[0, 1], sparsities=[0, 50, 90], train_steps=50, batch_size=100,
+            learning_rate=0.1, optimizer="sgd", scope="layer", retrain_base=False)
+
+pytestmark = pytest.mark.needs_mnist
+
+
+def shared_cache(tmp_path_factory, mnist) -> pathlib.Path:
+  """A workdir whose cache/ holds the tiny base nets of seeds 0 and 1, trained once a session."""
+  shared = tmp_path_factory.getbasetemp() / "shared_bases"
+  sweep.load_bases({**TINY, "workdir": str(shared)}, mnist)
+  return shared
+
+
+def workdir_with_cache(tmp_path: pathlib.Path, shared: pathlib.Path) -> pathlib.Path:
+  """A fresh workdir holding a copy of the shared cache (so runs load, not train, the bases)."""
+  shutil.copytree(shared / "cache", tmp_path / "cache")
+  return tmp_path
+
+
+def run_entry_point(module: str, *args: str, mnist_dir, timeout: float = 120):
+  """Runs `python -m <module> <args>` in the repo with MNIST found through the env var."""
+  env = {**os.environ, "PRUNE_JAX_MNIST_DIR": str(mnist_dir)}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def small_test_set(mnist):
+  """The real MNIST with the first 2000 test images only: evaluation 5x cheaper in tests."""
+  return mnist._replace(test_images=mnist.test_images[:2000], test_labels=mnist.test_labels[:2000])
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, mnist):
+  shared = shared_cache(tmp_path_factory, mnist)
+  params, _ = sweep.load_bases({**TINY, "workdir": str(shared)}, mnist)
+  return shared, params
+
+
+@pytest.fixture(scope="module")
+def payload(tmp_path_factory, mnist, bases):
+  workdir = tmp_path_factory.mktemp("sweep")
+  return sweep.run_sweep({**TINY, "workdir": str(workdir)}, small_test_set(mnist),
+                         bases=bases[1])
+
+
+def test_payload_follows_the_schema(payload):
+  outputs.check_payload(payload)
+  assert payload["study"] == "sweep"
+  assert payload["sparsities"] == [0, 50, 90] and payload["seeds"] == [0, 1]
+  assert set(payload["curves"]) == {"dense", "weight", "unit"}
+  for curve in payload["curves"].values():
+    assert len(curve["mean"]) == len(curve["std"]) == 3
+    assert np.shape(curve["per_seed"]) == (2, 3)
+    assert np.all((np.asarray(curve["per_seed"]) >= 0) & (np.asarray(curve["per_seed"]) <= 100))
+  assert payload["config"]["train_steps"] == 50
+  assert payload["base_nets"]["0"]["source"] == "given"
+  json.dumps(payload, allow_nan=False)  # JSON-ready
+
+
+def test_curves_start_at_the_dense_accuracy_and_measure_the_levels(payload):
+  curves = payload["curves"]
+  dense = np.asarray(curves["dense"]["per_seed"])
+  assert np.all(dense == dense[:, :1]), "the dense line is constant"
+  for mode in ("weight", "unit"):
+    # Level 0 prunes nothing: exactly the dense net.
+    np.testing.assert_array_equal(np.asarray(curves[mode]["per_seed"])[:, 0], dense[:, 0])
+    np.testing.assert_allclose(curves[mode]["measured_sparsity"], [0, 50, 90], atol=0.01)
+  assert curves["dense"]["measured_sparsity"] == [0.0, 0.0, 0.0]
+  # 90% pruning hurts (both modes), even with a weakly trained net.
+  for mode in ("weight", "unit"):
+    assert curves[mode]["mean"][2] < curves["dense"]["mean"][2] - 5
+
+
+def test_write_study_writes_json_csv_and_png(payload, tmp_path):
+  folder = sweep.write_and_plot(payload, str(tmp_path))
+  assert sorted(os.listdir(folder)) == ["results.csv", "results.json", "sweep.png"]
+  written = json.loads((tmp_path / "sweep" / "results.json").read_text())
+  outputs.check_payload(written)
+  assert {"versions", "machine"} <= set(written)
+  rows = (tmp_path / "sweep" / "results.csv").read_text().splitlines()
+  assert rows[0].startswith("curve,sparsity_percent,accuracy_mean,accuracy_std")
+  assert len(rows) == 1 + 3 * 3
+  assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prune_levels_equals_one_level_at_a_time():
+  params = init_mlp(jax.random.key(0), MLP(hidden=(64, 32)))
+  pruned, masks = sweep.prune_levels(params, sweep.fractions([0, 50, 90]), mode="weight")
+  for i, s in enumerate((0.0, 0.5, 0.9)):
+    one = weight_masks(params, s)
+    for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(one)):
+      np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b))
+  measured = jax.vmap(sweep.zero_percent)(pruned, masks)
+  np.testing.assert_allclose(measured, [0, 50, 90], atol=0.01)
+
+
+def test_zero_percent_counts_only_masked_leaves():
+  params = {"Dense_0": {"kernel": jnp.array([[0.0, 1.0], [0.0, 2.0]])},
+            "Dense_1": {"kernel": jnp.zeros((2, 3))}}
+  masks = {"Dense_0": {"kernel": jnp.ones((2, 2), bool)}, "Dense_1": {"kernel": None}}
+  assert float(jax.jit(sweep.zero_percent)(params, masks)) == 50.0
+
+
+def test_base_cache_is_reused_retrained_and_rebuilt_when_corrupt(bases, mnist, tmp_path):
+  shared, params = bases
+  workdir = workdir_with_cache(tmp_path, shared)
+  config = {**TINY, "seeds": [0], "workdir": str(workdir)}
+  loaded, info = sweep.load_bases(config, mnist)
+  assert info["0"]["source"] == "cache"
+  for a, b in zip(jax.tree.leaves(loaded[0]), jax.tree.leaves(params[0])):
+    np.testing.assert_array_equal(a, b)
+
+  path = info["0"]["path"]
+  mtime = os.stat(path).st_mtime_ns
+  fresh, info = sweep.load_bases({**config, "retrain_base": True}, mnist)
+  assert info["0"]["source"] == "trained" and os.stat(path).st_mtime_ns != mtime
+  for a, b in zip(jax.tree.leaves(fresh[0]), jax.tree.leaves(params[0])):
+    np.testing.assert_array_equal(a, b)  # same flags: bit-identical
+
+  with open(path, "r+b") as f:  # truncate: a half-written file must never be used
+    f.truncate(1000)
+  rebuilt, info = sweep.load_bases(config, mnist)
+  assert info["0"]["source"] == "trained"
+  assert os.path.getsize(path) > 1000
+  np.testing.assert_array_equal(rebuilt[0]["Dense_0"]["kernel"], params[0]["Dense_0"]["kernel"])
+
+  other = base_nets.cache_key({**config, "train_steps": 51}, 0, base_nets.base_model())
+  assert other not in path, "the cache is keyed by the protocol"
+
+
+def test_entry_point_writes_results_from_cached_bases(bases, mnist_dir, tmp_path):
+  workdir = workdir_with_cache(tmp_path, bases[0])
+  run = run_entry_point("experiments.sweep", f"--workdir={workdir}", "--train_steps=50",
+                        "--sparsities=0,50,90", "--seeds=1", mnist_dir=mnist_dir)
+  assert run.returncode == 0, run.stderr[-3000:]
+  folder = workdir / "sweep"
+  assert sorted(os.listdir(folder)) == ["results.csv", "results.json", "sweep.png"]
+  payload = json.loads((folder / "results.json").read_text())
+  outputs.check_payload(payload)
+  assert payload["seeds"] == [1] and payload["base_nets"]["1"]["source"] == "cache"
+  assert payload["config"]["sparsities"] == [0, 50, 90]
+  assert payload["config"]["scope"] == "layer" and payload["config"]["retrain_base"] is False
+  assert "sweep results" in run.stderr  # the table is logged
+  assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+
+
+def test_entry_point_rejects_bad_sparsities(mnist_dir, tmp_path):
+  run = run_entry_point("experiments.sweep", f"--workdir={tmp_path}", "--sparsities=0,50,200",
+                        mnist_dir=mnist_dir)
+  assert run.returncode != 0
+  assert "--sparsities must be percentages in [0, 100]" in run.stderr
+  assert not os.path.exists(tmp_path / "sweep")
