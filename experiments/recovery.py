@@ -223,7 +223,8 @@ def _evaluate_stack(model: nn.Module, stacked: Params, masks: Masks,
 
 
 def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
-                 bases: dict[int, Params] | None = None) -> dict[str, Any]:
+                 bases: dict[int, Params] | None = None,
+                 shrunk_nets: dict[int, list[Params]] | None = None) -> dict[str, Any]:
   """Runs study 2 (`config["mode"] == "weight"`) or 3 (`"unit"`); returns its payload.
 
   Args:
@@ -231,6 +232,8 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
       `scope`, `retrain_base`, `mode`, `retrain_steps` (None: the seed's budget) and `regrow`.
     mnist: the loaded data.
     bases: optional base nets by seed, already loaded (see `sweep.load_bases`).
+    shrunk_nets: if given (unit mode), filled with the retrained shrunk nets, one list per seed
+      with one params tree per level, so that study 4 can reuse them (`experiments/reproduce`).
 
   Returns:
     The payload of `results.json` (study `recovery_<mode>`): curves `dense`, `pruned`,
@@ -293,6 +296,8 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
             f"{shrunk_to(masks, i)}", **protocol)
         acc.append(100 * float(train.evaluate(small_model, small, mnist.test_images,
                                               mnist.test_labels).accuracy))
+        if shrunk_nets is not None:
+          shrunk_nets.setdefault(seed, []).append(small)
         sparsity.append(float(sweep.zero_percent(full, level(masks, i))))
         seconds += stats.seconds
         compile_seconds += stats.compile_seconds
