@@ -48,3 +48,15 @@ def mnist(mnist_dir: pathlib.Path):
   from prune_jax import data  # pylint: disable=g-import-not-at-top
 
   return data.load_mnist(mnist_dir)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+  """With `$PRUNE_JAX_REQUIRE_MNIST` set, a `needs_mnist` test that skipped, for any reason, fails."""
+  del call
+  outcome = yield
+  report = outcome.get_result()
+  if report.skipped and os.environ.get(REQUIRE_ENV_VAR) and item.get_closest_marker("needs_mnist"):
+    report.outcome = "failed"
+    report.longrepr = (f"{item.nodeid} needs MNIST but was skipped while ${REQUIRE_ENV_VAR} is set "
+                       f"(CI): {report.longrepr}")
