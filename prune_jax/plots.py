@@ -380,8 +380,8 @@ def _shrink_speed_axes(ax: plt.Axes, payload: Payload) -> None:
   ax.yaxis.set_minor_formatter(ticker.NullFormatter())
   ax.set_ylabel("inference speed-up over the dense net (median wall time)")
   runs = timing.get("runs", "?")
-  ax.set_title(f"compiled forward pass, median of {runs} interleaved runs; "
-               f"widths padded to x{timing.get('pad_multiple', 1)}", fontsize=9, color="0.3")
+  ax.set_title(f"compiled forward pass, nets before retraining, median of {runs} interleaved "
+               f"runs; widths padded to x{timing.get('pad_multiple', 1)}", fontsize=9, color="0.3")
   ax.grid(True, which="major", alpha=0.3)
   ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, fontsize=8.5,
             frameon=False)

@@ -6,7 +6,7 @@ The machine this runs on is shared and noisy, so absolute times mean little; com
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -14,12 +14,17 @@ import jax.numpy as jnp
 
 
 class Timing(NamedTuple):
-  """Wall times in seconds of `runs` calls of a compiled function (after `warmup` calls)."""
+  """Wall times in seconds of `runs` runs of a compiled function (after `warmup` calls).
+
+  A run is one call, except in `time_interleaved` with `min_run_seconds`, where it is
+  `calls_per_run` back-to-back calls and its time is their mean per call.
+  """
   median: float
   min: float
   max: float
   runs: int
   compile_seconds: float
+  calls_per_run: int = 1
 
   def as_dict(self) -> dict[str, float]:
     return {"median_s": self.median, "min_s": self.min, "max_s": self.max, "runs": self.runs,
@@ -58,3 +63,92 @@ def matmul_gflops(m: int, k: int, n: int, *, runs: int = 21) -> float:
   b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
   timing = time_jitted(jnp.matmul, a, b, runs=runs, warmup=3)
   return 2 * m * k * n / timing.median / 1e9
+
+
+def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]]], *,
+                     runs: int = 7, warmup: int = 1, slow_seconds: float | None = None,
+                     min_run_seconds: float = 0.0,
+                     rewarm_seconds: float = 0.0) -> dict[str, Timing]:
+  """Times several functions round-robin, so that a shared machine's load hits them all alike.
+
+  Each `fn` of `calls[name] = (fn, args)` is compiled for `args` (timed apart; `fn` may be a
+  `jax.jit` function, an already compiled one, or a plain function, which is jitted), called
+  `warmup` times, then the functions take turns: `runs` rounds, in each of which every function
+  makes one run. A run is one call, or, with `min_run_seconds`, as many back-to-back calls as
+  fill about that time (counted per function once, after the warm-up), and its time is the mean
+  per call. With `rewarm_seconds`, each run of a function faster than that is preceded by
+  untimed back-to-back calls of it filling about that time, so that its timed calls find the
+  machine as a loop of its own calls leaves it (as `time_jitted` measures), not as the previous
+  function left it: after a big net's call a small net's next calls are slower for some
+  milliseconds (its input and weights evicted from the caches, the cores' clocks and the
+  thread pool settling). Every call is waited for with `jax.block_until_ready`. On a noisy
+  machine the ratio of two medians measured this way is much steadier than that of two
+  `time_jitted` results taken one after the other.
+
+  Args:
+    calls: `{name: (fn, args)}`, run in this order within each round.
+    runs: timed rounds (>= 1); each function's median, min and max are over its runs.
+    warmup: untimed calls of each function before the rounds (>= 0; at least 1 is needed for
+      `slow_seconds` and `min_run_seconds` to apply).
+    slow_seconds: if set, a function whose fastest warm-up call took longer is left out of the
+      rounds after the first, so that one very slow candidate does not cost `runs` long calls
+      (its `Timing.runs` is then 1).
+    min_run_seconds: the least duration of a run (0: one call per run).
+    rewarm_seconds: the least duration of the untimed calls before each run (0: none); a
+      function whose calls take longer is not re-warmed.
+
+  Returns:
+    `{name: Timing}` in the order of `calls`; `Timing.calls_per_run` says how many calls each
+    run made.
+
+  Raises:
+    ValueError: if `runs` < 1, `warmup` < 0 or `min_run_seconds` < 0.
+  """
+  if runs < 1 or warmup < 0 or min_run_seconds < 0 or rewarm_seconds < 0:
+    raise ValueError(f"need runs >= 1, warmup >= 0, min_run_seconds >= 0 and rewarm_seconds "
+                     f">= 0, got runs={runs}, warmup={warmup}, min_run_seconds={min_run_seconds}, "
+                     f"rewarm_seconds={rewarm_seconds}")
+  compiled, compile_seconds, repeats, rewarms, slow = {}, {}, {}, {}, set()
+  for name, (fn, args) in calls.items():
+    start = time.perf_counter()
+    if not isinstance(fn, jax.stages.Compiled):
+      fn = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args).compile()
+    compiled[name] = fn
+    compile_seconds[name] = time.perf_counter() - start
+    fastest = None
+    for _ in range(warmup):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      seconds = time.perf_counter() - start
+      fastest = seconds if fastest is None else min(fastest, seconds)
+    repeats[name], rewarms[name] = 1, 0
+    if fastest is not None and slow_seconds is not None and fastest > slow_seconds:
+      slow.add(name)
+    elif fastest is not None:
+      # Count the calls that fill each duration (which also warms the function up further).
+      repeats[name] = _calls_filling(fn, args, min_run_seconds) if min_run_seconds > fastest else 1
+      rewarms[name] = _calls_filling(fn, args, rewarm_seconds) if rewarm_seconds > fastest else 0
+  times: dict[str, list[float]] = {name: [] for name in calls}
+  for round_ in range(runs):
+    for name, (_, args) in calls.items():
+      if name in slow and round_ > 0:
+        continue
+      exe, n = compiled[name], repeats[name]
+      for _ in range(rewarms[name]):
+        jax.block_until_ready(exe(*args))
+      start = time.perf_counter()
+      for _ in range(n):
+        jax.block_until_ready(exe(*args))
+      times[name].append((time.perf_counter() - start) / n)
+  return {name: Timing(statistics.median(t), min(t), max(t), len(t), compile_seconds[name],
+                       repeats[name])
+          for name, t in times.items()}
+
+
+def _calls_filling(fn: Callable[..., Any], args: Sequence[Any], seconds: float) -> int:
+  """How many back-to-back calls of `fn(*args)` take `seconds` (at least 1)."""
+  count, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    jax.block_until_ready(fn(*args))
+    count += 1
+  return max(1, count)

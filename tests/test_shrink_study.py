@@ -1,0 +1,246 @@
+"""Tests of study 4 (`experiments/shrink.py`): shrink equivalence, padding, the run and its files.
+
+No speed assertions: the timing code only has to run.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import base_nets, outputs
+from experiments import recovery  # defines --retrain_steps too (see the last test)
+from experiments import shrink as study
+from prune_jax import timing
+from prune_jax.masks import apply_masks, unit_masks
+from prune_jax.models import MLP, init_mlp
+from prune_jax.shrink import shrink, shrunk_widths
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"seeds": [0], "sparsities": [0, 50, 90], "train_steps": 50, "batch_size": 100,
+        "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer", "retrain_base": False,
+        "mnist_dir": None, "retrain_steps": 20, "keep_last_hidden": False,
+        "eval_batches": [1, 100], "timing_runs": 2, "pad_multiple": 16,
+        "weight_sparse_formats": ["bcsr"]}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("shrink_workdir"))
+
+
+@pytest.fixture(scope="module")
+def trained(mnist, workdir):
+  """The seed's net after 50 SGD steps on real MNIST, cached in `workdir` as the study would."""
+  params, _ = base_nets.load_or_train({**TINY, "workdir": workdir}, 0, mnist)
+  return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Shrink equivalence on a trained net
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("keep_last_hidden,level,widths", [
+    (False, 0.0, (1000, 1000, 500, 200)),
+    (False, 0.5, (500, 500, 250, 100)),
+    (False, 0.9, (100, 100, 50, 20)),
+    (False, 0.99, (10, 10, 5, 2)),
+    (True, 0.9, (100, 100, 50, 200)),
+    (True, 0.99, (10, 10, 5, 200)),
+])
+def test_shrunk_net_gives_the_masked_logits(mnist, trained, keep_last_hidden, level, widths):
+  model = base_nets.base_model()
+  prunable = study.unit_prunable(trained, keep_last_hidden=keep_last_hidden)
+  masks = unit_masks(trained, level, prunable=prunable)
+  small = shrink(trained, masks)
+  assert shrunk_widths(small) == widths
+  x = jnp.asarray(mnist.test_images[:2000])
+  diff, scale = study.max_logit_difference(model.clone(hidden=widths), small, model,
+                                           apply_masks(trained, masks), x)
+  assert scale > 0  # real logits, not all zeros
+  assert diff <= study.EQUIVALENCE_RTOL * scale
+  padded = study.pad_units(small, 16)
+  assert all(w % 16 == 0 and w - 16 < v <= w
+             for v, w in zip(widths, shrunk_widths(padded)))
+  pad_diff, _ = study.max_logit_difference(model.clone(hidden=shrunk_widths(padded)), padded,
+                                           model.clone(hidden=widths), small, x)
+  assert pad_diff <= 1e-5 * scale
+
+
+def test_keep_last_hidden_leaves_dense_3_unpruned(trained):
+  masks = unit_masks(trained, 0.5, prunable=study.unit_prunable(trained, keep_last_hidden=True))
+  assert masks["Dense_3"]["kernel"] is None and masks["Dense_4"]["kernel"] is None
+  assert masks["Dense_2"]["kernel"] is not None
+  assert study.unit_prunable(trained, keep_last_hidden=False) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding with zero units
+# ---------------------------------------------------------------------------------------------
+def test_pad_units_is_exact_with_biases():
+  model = MLP(hidden=(13, 0, 7), use_bias=True)
+  params = jax.tree.map(lambda p: p + 0.3, init_mlp(jax.random.key(0), model))
+  padded = study.pad_units(params, 8)
+  assert shrunk_widths(padded) == (16, 0, 8)
+  assert padded["Dense_0"]["bias"].shape == (16,)
+  np.testing.assert_array_equal(padded["Dense_0"]["kernel"][:, 13:], 0)
+  x = jax.random.uniform(jax.random.key(1), (5, 784))
+  np.testing.assert_allclose(
+      model.clone(hidden=(16, 0, 8)).apply({"params": padded}, x),
+      model.apply({"params": params}, x), rtol=1e-6, atol=1e-6)
+
+
+def test_pad_units_by_one_is_the_identity_and_zero_is_refused():
+  params = init_mlp(jax.random.key(0), MLP(hidden=(5,)))
+  assert study.pad_units(params, 1) is params
+  with pytest.raises(ValueError, match="multiple must be >= 1"):
+    study.pad_units(params, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and settings
+# ---------------------------------------------------------------------------------------------
+def test_check_equivalent_raises_on_a_real_difference():
+  assert study.check_equivalent(1e-6, 20.0, what="x") == pytest.approx(2e-3)
+  with pytest.raises(RuntimeError, match="shrinking must not change the network"):
+    study.check_equivalent(0.1, 20.0, what="seed 0, 90%")
+  with pytest.raises(RuntimeError):
+    study.check_equivalent(float("nan"), 1.0, what="nan")
+
+
+@pytest.mark.parametrize("values,message", [
+    (["0"], r"in \[1, 10000\]"),
+    (["20000"], r"in \[1, 10000\]"),
+    (["a"], "comma-separated integers"),
+    (["100", "100"], "repeated"),
+])
+def test_bad_eval_batches_are_refused(values, message):
+  with pytest.raises(ValueError, match=message):
+    study.parse_eval_batches(values)
+
+
+def test_eval_batches_are_sorted_and_bounded_by_the_test_set():
+  assert study.parse_eval_batches(["10000", "1", "100"]) == [1, 100, 10000]
+  with pytest.raises(ValueError, match=r"in \[1, 500\]"):
+    study.parse_eval_batches(["1000"], max_batch=500)
+
+
+def test_bad_settings_are_refused_before_any_work():
+  with pytest.raises(ValueError, match="--timing_runs must be >= 1"):
+    study.check_shrink_config({**TINY, "workdir": "w", "timing_runs": 0}, test_size=10000)
+  with pytest.raises(ValueError, match="--weight_sparse_formats"):
+    study.check_shrink_config({**TINY, "workdir": "w", "weight_sparse_formats": ["csr"]},
+                              test_size=10000)
+
+
+def test_given_retrained_nets_must_have_the_shrunk_shapes(trained):
+  small = shrink(trained, unit_masks(trained, 0.5))
+  assert study._given_retrained(None, 0, 0, small) is None
+  assert study._given_retrained({0: [small]}, 0, 0, small) is not None
+  wrong = shrink(trained, unit_masks(trained, 0.9))
+  with pytest.raises(ValueError, match="same settings"):
+    study._given_retrained({0: [wrong]}, 0, 0, small)
+
+
+def test_time_interleaved_runs_and_reports_slow_calls_once():
+  a = jnp.ones((64, 64))
+  fast = jax.jit(jnp.matmul)
+  measured = timing.time_interleaved({"fast": (fast, (a, a)), "plain": (jnp.add, (a, a))},
+                                     runs=3)
+  assert list(measured) == ["fast", "plain"]
+  assert all(t.runs == 3 and 0 < t.min <= t.median <= t.max for t in measured.values())
+  assert all(t.calls_per_run == 1 for t in measured.values())
+  blocks = timing.time_interleaved({"fast": (fast, (a, a))}, runs=2, min_run_seconds=0.002,
+                                   rewarm_seconds=0.002)
+  assert blocks["fast"].runs == 2 and blocks["fast"].calls_per_run > 1
+  slow = timing.time_interleaved({"slow": (fast, (a, a))}, runs=5, slow_seconds=0.0)
+  assert slow["slow"].runs == 1
+  with pytest.raises(ValueError, match="runs >= 1"):
+    timing.time_interleaved({"fast": (fast, (a, a))}, runs=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole study, tiny
+# ---------------------------------------------------------------------------------------------
+def test_run_shrink_smoke(mnist, trained, workdir, monkeypatch):
+  monkeypatch.setattr(study, "MIN_RUN_SECONDS", 0.0)  # one call per run, no re-warming: faster
+  monkeypatch.setattr(study, "REWARM_SECONDS", 0.0)
+  given = shrink(trained, unit_masks(trained, 0.5))  # "retrained" for 0 steps
+  config = {**TINY, "workdir": workdir}
+  small_test = mnist._replace(test_images=mnist.test_images[:1000],
+                              test_labels=mnist.test_labels[:1000])
+  payload = study.run_shrink(config, small_test, bases={0: trained},
+                             retrained={0: [None, given]})
+  folder = study.write_outputs(payload, workdir)
+  for name in ("results.json", "results.csv", "timing.csv", "weight_sparse.csv", "shrink.png"):
+    assert os.path.getsize(os.path.join(folder, name)) > 0, name
+  with open(os.path.join(folder, "results.json")) as f:
+    saved = json.load(f)
+  outputs.check_payload(saved)
+  assert saved["study"] == "shrink" and saved["config"]["eval_batches"] == [1, 100]
+  assert set(saved["curves"]) == {"dense", "before_retraining", "after_retraining"}
+  before = saved["curves"]["before_retraining"]["mean"]
+  after = saved["curves"]["after_retraining"]["mean"]
+  assert before[0] == pytest.approx(saved["curves"]["dense"]["mean"][0])  # 0%: nothing deleted
+  assert after[1] == pytest.approx(before[1])  # the given net was not retrained further
+  assert saved["retrained_source"] == {"0": ["retrained", "given", "retrained"]}
+  assert saved["equivalence"]["max_abs_diff"] < 1e-3
+  tables = saved["timing"]
+  assert set(tables["before_retraining"]) == set(tables["after_retraining"]) == {"1", "100"}
+  rows = tables["before_retraining"]["100"]
+  assert [r["sparsity"] for r in rows] == [0, 50, 90]
+  assert [r["widths"] for r in rows][2] == [100, 100, 50, 20]
+  assert rows[2]["padded_widths"] == [112, 112, 64, 32]
+  assert rows[2]["macs_ratio"] == pytest.approx(2386000 / 94600)
+  for r in rows:
+    for net in ("dense", "masked", "shrunk"):
+      assert r[net]["runs"] == 2 and r[net]["median_ms"] > 0 and r[net]["images_per_s"] > 0
+    assert r["speedup"] > 0
+  assert "masked" not in tables["after_retraining"]["100"][0]
+  assert tables["reference"]["dense"]["gflops"] > 0
+  sparse = saved["weight_sparse"]
+  assert sparse["formats"] == ["bcsr"]
+  assert [lv["sparsity"] for lv in sparse["levels"]] == [0, 50, 90]
+  assert all(lv["max_abs_logit_diff"]["bcsr"] < 1e-3 for lv in sparse["levels"])
+  assert set(sparse["batches"]) == {"1", "100"}
+  assert set(sparse["beats_dense_from"]["bcsr"]) == {"1", "100"}
+  with open(os.path.join(folder, "timing.csv")) as f:
+    assert len(f.read().splitlines()) == 1 + 2 * 2 * 3  # header + phases x batches x levels
+
+
+def test_entry_point_runs_with_tiny_flags(mnist_dir, trained, workdir, tmp_path):
+  del trained  # only needed for the cached base net in workdir/cache
+  shutil.copytree(os.path.join(workdir, "cache"), tmp_path / "cache")
+  cmd = [sys.executable, "-m", "experiments.shrink", f"--workdir={tmp_path}",
+         f"--mnist_dir={mnist_dir}", "--train_steps=50", "--sparsities=90",
+         "--retrain_steps=0", "--eval_batches=1", "--timing_runs=1",
+         "--weight_sparse_formats=", "--keep_last_hidden"]
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(tmp_path / "shrink" / "results.json") as f:
+    saved = json.load(f)
+  assert saved["config"]["keep_last_hidden"] is True
+  assert saved["config"]["retrain_steps"] == 0
+  assert saved["config"]["weight_sparse_formats"] == []
+  assert saved["timing"]["before_retraining"]["1"][0]["widths"] == [100, 100, 50, 200]
+  assert saved["curves"]["after_retraining"] == saved["curves"]["before_retraining"]
+  assert saved["base_nets"]["0"]["source"] == "cache"
+  assert (tmp_path / "shrink" / "shrink.png").exists()
+
+
+def test_entry_point_refuses_bad_flags_with_a_clear_message(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.shrink", f"--workdir={tmp_path}",
+         "--eval_batches=1,0"]
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert done.returncode != 0
+  assert "--eval_batches must be batch sizes in [1, 10000]" in done.stderr
+  assert not (tmp_path / "shrink").exists()
+
+
+def test_retrain_steps_flag_coexists_with_study_3s():
+  assert recovery.RETRAIN_STEPS.name == study.RETRAIN_STEPS.name == "retrain_steps"
