@@ -1,0 +1,198 @@
+"""REPORT.md: the four studies' results beside the seed's, built from their payloads alone.
+
+`build_report(payloads, ...)` is a pure function of the `results.json` payloads (so the report can
+be rebuilt from the JSON files: `python -m experiments.report --workdir=results`).
+"""
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import app
+
+from experiments import common_flags, seed_results
+from prune_jax import results
+
+Payload = dict[str, Any]
+
+STUDY_ORDER = ("sweep", "recovery_weight", "recovery_unit", "shrink")
+PLOTS = {"sweep": "sweep/sweep.png", "recovery_weight": "recovery_weight/recovery_weight.png",
+         "recovery_unit": "recovery_unit/recovery_unit.png", "shrink": "shrink/shrink.png"}
+
+
+def mean_std(curve: Mapping[str, Any], i: int, *, digits: int = 1) -> str:
+  """`"97.2 ± 0.4"` for level `i` of a curve (just the mean with a single seed)."""
+  mean = curve["mean"][i]
+  if len(curve["per_seed"]) < 2:
+    return f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} ± {curve['std'][i]:.{digits}f}"
+
+
+def _seed(curve: str, level: float) -> str:
+  value = seed_results.at(curve, level)
+  if value is None:
+    return "–"
+  return f"~{value:g}" if curve in seed_results.APPROXIMATE else f"{value:g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return lines
+
+
+def _spread_note(payload: Payload) -> str:
+  n = len(payload["seeds"])
+  return (f"Test accuracy in %, mean ± sample std over {n} seeds ({', '.join(map(str, payload['seeds']))})"
+          if n > 1 else f"Test accuracy in %, seed {payload['seeds'][0]}")
+
+
+def sweep_section(payload: Payload) -> list[str]:
+  """Study 1: accuracy without retraining, ours beside the seed's, per level."""
+  c = payload["curves"]
+  rows = []
+  for i, level in enumerate(payload["sparsities"]):
+    rows.append([f"{level:g}", mean_std(c["weight"], i), _seed("sweep/weight", level),
+                 mean_std(c["unit"], i), _seed("sweep/unit", level),
+                 f"{c['weight']['measured_sparsity'][i]:.1f} / "
+                 f"{c['unit']['measured_sparsity'][i]:.1f}"])
+  return [
+      "## 1. Sweep: pruning without retraining", "",
+      f"{_spread_note(payload)}; dense net {mean_std(c['dense'], 0, digits=2)} (seed: "
+      f"{min(seed_results.DENSE_ACCURACY_RUNS):g}-{max(seed_results.DENSE_ACCURACY_RUNS):g}). "
+      "The seed's values marked ~ were read off its plots.", "",
+      *_table(["sparsity %", "weight pruning", "seed", "unit pruning", "seed",
+               "measured zeros % (weight / unit)"], rows), "",
+  ]
+
+
+def recovery_section(payload: Payload) -> list[str]:
+  """Studies 2 and 3: pruned, retrained with the mask kept and (with --regrow) without it."""
+  mode = payload["study"].split("_", 1)[1]
+  c = payload["curves"]
+  steps = payload["config"]["retrain_steps"]
+  number = {"weight": 2, "unit": 3}[mode]
+  header = ["sparsity %", "pruned", f"retrained {steps} steps, mask kept", "zeros left %"]
+  if "regrown" in c:
+    header += ["regrown (mask dropped)", "zeros left %"]
+  header += [f"seed: retrained {seed_results.RETRAIN_STEPS[payload['study']]} steps, mask dropped"]
+  rows = []
+  for i, level in enumerate(payload["sparsities"]):
+    row = [f"{level:g}", mean_std(c["pruned"], i), mean_std(c["retrained"], i),
+           f"{c['retrained']['measured_sparsity'][i]:.1f}"]
+    if "regrown" in c:
+      row += [mean_std(c["regrown"], i), f"{c['regrown']['measured_sparsity'][i]:.1f}"]
+    row.append(_seed(f"{payload['study']}/regrown", level))
+    rows.append(row)
+  return [f"## {number}. Recovery after {mode} pruning", "", f"{_spread_note(payload)}.", "",
+          *_table(header, rows), ""]
+
+
+def shrink_section(payload: Payload) -> list[str]:
+  """Study 4: accuracy of the shrunk nets and the measured speed-ups beside the arithmetic."""
+  c = payload["curves"]
+  timing = payload["timing"]
+  batches = list(timing["before_retraining"])
+  rows = []
+  for i, level in enumerate(payload["sparsities"]):
+    rows_at = {b: timing["before_retraining"][b][i] for b in batches}
+    big = rows_at[batches[-1]]
+    seed_speedup = seed_results.SHRINK_SPEEDUP[seed_results.SPARSITIES.index(level)] \
+        if level in seed_results.SPARSITIES else None
+    rows.append([f"{level:g}", "-".join(map(str, big["widths"])),
+                 mean_std(c["before_retraining"], i, digits=2),
+                 _seed("shrink/before_retraining", level),
+                 mean_std(c["after_retraining"], i, digits=2),
+                 _seed("shrink/after_retraining", level),
+                 f"{big['macs_ratio']:.1f}",
+                 *[f"{rows_at[b]['speedup']:.2f}" for b in batches],
+                 f"{big['speedup_vs_macs_ratio']:.2f}",
+                 "–" if seed_speedup is None else f"{seed_speedup:g}"])
+  ref = timing["reference"]
+  lines = [
+      "## 4. Shrink: delete the pruned units, time inference", "",
+      f"{_spread_note(payload)}. Speed-ups are dense time / shrunk time, medians of "
+      f"{timing['runs']} runs after a warm-up, compiled forward pass only, seed "
+      f"{timing['timed_seed']}'s nets before retraining; the multiply-add (MAC) ratio is what the "
+      "arithmetic allows. The seed kept hidden layer 4 whole and timed one pass on a 2017 laptop.",
+      "",
+      *_table(["sparsity %", "widths", "accuracy before retraining", "seed",
+               f"after {payload['config']['retrain_steps']} steps", "seed", "MAC ratio",
+               *[f"speed-up, batch {b}" for b in batches],
+               f"speed-up / MAC ratio (batch {batches[-1]})", "seed speed-up"], rows),
+      "",
+      f"Dense inference at batch {ref['batch']}: {ref['dense']['gflops']:.1f} GFLOP/s, "
+      f"{ref['dense_vs_matmul']:.2f} x a plain [{ref['batch']},784]@[784,1000] matmul measured in "
+      "the same run.",
+  ]
+  target = timing.get("target")
+  if target:
+    lines.append(
+        f"Target (speed-up ≥ {target['fraction']:g} x MAC ratio at batch {target['batch']} up to "
+        f"{target['up_to_sparsity']:g}%): " + ("met." if target["met"] else "not met at " + ", ".join(
+            f"{v:g}%" for v in target["levels_short"]) + "."))
+  ws = payload.get("weight_sparse")
+  if ws:
+    for fmt, by_batch in ws.get("beats_dense_from", {}).items():
+      for batch, level in by_batch.items():
+        lines.append(f"Weight pruning, {fmt.upper()} sparse form at batch {batch}: "
+                     + ("never faster than dense with zeros on this CPU." if level is None else
+                        f"faster than dense with zeros from {level:g}% sparsity."))
+  return lines + [""]
+
+
+SECTIONS = {"sweep": sweep_section, "recovery_weight": recovery_section,
+            "recovery_unit": recovery_section, "shrink": shrink_section}
+
+
+def build_report(payloads: Mapping[str, Payload], *, command: str = "",
+                 phases: Sequence[tuple[str, float]] = (), total_seconds: float | None = None,
+                 workdir: str = ".") -> str:
+  """REPORT.md's text for the studies in `payloads` (by study name); plots linked relatively."""
+  first = next(iter(payloads.values()))
+  machine = first.get("machine") or results.machine()
+  versions = first.get("versions") or results.versions()
+  config = {k: v for k, v in first["config"].items() if k not in ("mode",)}
+  lines = ["# prune_jax: reproduction report", ""]
+  if command:
+    lines += [f"Command: `{command}`", ""]
+  lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores; jax {versions.get('jax')}, "
+            f"flax {versions.get('flax')}, Python {versions.get('python')}.", ""]
+  if total_seconds is not None:
+    lines.append(f"Wall time: {total_seconds:.1f} s in all, start-up and compilation included.")
+  if phases:
+    lines += ["", *_table(["phase", "seconds"], [[name, f"{secs:.1f}"] for name, secs in phases])]
+  lines += ["", "Config: " + ", ".join(f"`{k}={v}`" for k, v in sorted(config.items())), ""]
+  for study in STUDY_ORDER:
+    if study in payloads:
+      lines += SECTIONS[study](payloads[study])
+      plot = PLOTS[study]
+      if os.path.exists(os.path.join(workdir, plot)):
+        lines += [f"![{study}]({plot})", ""]
+  return "\n".join(lines)
+
+
+def load_payloads(workdir: str) -> dict[str, Payload]:
+  """The `results.json` payloads of the studies found under `workdir`, by study name."""
+  found = {}
+  for study in STUDY_ORDER:
+    path = os.path.join(workdir, study, "results.json")
+    if os.path.exists(path):
+      found[study] = results.read_json(path)
+  if not found:
+    raise FileNotFoundError(f"no results.json under {workdir}/{{{','.join(STUDY_ORDER)}}}; run "
+                            "the studies first, e.g. python -m experiments.reproduce")
+  return found
+
+
+def main(argv: Sequence[str]) -> None:
+  """`python -m experiments.report --workdir=results`: rebuilds REPORT.md from the JSON files."""
+  del argv
+  workdir = common_flags.WORKDIR.value
+  text = build_report(load_payloads(workdir), workdir=workdir)
+  results.write_text(os.path.join(workdir, "REPORT.md"), text)
+  print(os.path.join(workdir, "REPORT.md"))
+
+
+if __name__ == "__main__":
+  app.run(main)

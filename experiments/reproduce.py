@@ -1,0 +1,159 @@
+r"""All four studies in one process, sharing data, base nets and compiled programs; then REPORT.md.
+
+    python -m experiments.reproduce                  # 1 seed, the seed's budgets
+    python -m experiments.reproduce --seeds=0,1,2    # mean ± std everywhere
+    python -m experiments.reproduce --regrow         # also retrain without the masks, as the seed
+
+Writes `<workdir>/{sweep,recovery_weight,recovery_unit,shrink}/` (results.json, CSV, PNG) and
+`<workdir>/REPORT.md`. Study 4 reuses the shrunk nets that study 3 retrained (the same nets,
+batches and steps), unless `--keep_last_hidden` makes them different nets. `--retrain_steps`, if
+given, sets every retraining budget (default: the seed's, 500 for weight and 1000 for unit
+pruning). Progress: one line per phase with the elapsed time and an estimate of what remains.
+"""
+
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, logging
+
+from experiments import base_nets, recovery, report, shrink, sweep
+from prune_jax import data as data_lib
+from prune_jax import results
+
+# Relative costs, in training steps of the full seed network (measured: one step of it is ~3
+# forward passes of a batch of 100); used only to estimate the time that remains.
+_FORWARD_10K = 10000 / 100 / 3          # one test-set evaluation
+_SHRINK_TIMING_PER_LEVEL = 400          # forward passes timed at 3 batch sizes, dense + shrunk
+_COMPILE = 40                           # one compilation, roughly
+_STEP_SECONDS = 0.006                   # a full-net step on 2 cores, before any is measured
+
+
+def macs_fraction(sparsity_percent: float, hidden: Sequence[int] = (1000, 1000, 500, 200)) -> float:
+  """The multiply-adds of the seed's net with every hidden layer unit-pruned, over the dense's."""
+  def macs(widths):
+    return sum(a * b for a, b in zip(widths, widths[1:]))
+
+  keep = [round(w * (1 - sparsity_percent / 100)) for w in hidden]
+  return macs([784, *keep, 10]) / macs([784, *hidden, 10])
+
+
+class Progress:
+  """Logs one line per finished phase: its time, the elapsed time and what probably remains.
+
+  The estimate divides the elapsed time by the work done so far, in units of full-net training
+  steps (`costs`), and multiplies by the work left.
+  """
+
+  def __init__(self, costs: dict[str, float]):
+    self.costs = dict(costs)
+    self.start = time.perf_counter()
+    self.phase_start = self.start
+    self.done: list[tuple[str, float]] = []
+
+  def finish(self, phase: str) -> None:
+    now = time.perf_counter()
+    self.done.append((phase, now - self.phase_start))
+    self.phase_start = now
+    elapsed = now - self.start
+    finished = {name for name, _ in self.done}
+    done_units = sum(c for name, c in self.costs.items() if name in finished)
+    left_units = sum(c for name, c in self.costs.items() if name not in finished)
+    # Until enough work is done to measure the rate, assume one full-net step per _STEP_SECONDS.
+    rate = elapsed / done_units if done_units >= 1000 else _STEP_SECONDS
+    left = f"about {rate * left_units:.0f} s remain" if left_units else "done"
+    logging.info("[%d/%d] %s: %.1f s (elapsed %.1f s; %s)", len(self.done), len(self.costs),
+                 phase, self.done[-1][1], elapsed, left)
+
+  @property
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start
+
+
+def phase_costs(config: dict[str, Any], *, steps: dict[str, int], cached: int,
+                share_retrained: bool) -> dict[str, float]:
+  """The estimated cost of each phase in full-net training steps (see `Progress`)."""
+  seeds, levels = len(config["seeds"]), config["sparsities"]
+  unit = sum(macs_fraction(s) for s in levels) * steps["unit"] + _COMPILE * len(levels)
+  shrink_cost = len(levels) * (_SHRINK_TIMING_PER_LEVEL + 3 * _COMPILE)
+  if not share_retrained:
+    shrink_cost += unit * seeds
+  return {
+      "load MNIST": 5,
+      "base nets": (seeds - cached) * config["train_steps"] + _COMPILE,
+      "study 1: sweep": seeds * 2 * len(levels) * _FORWARD_10K + 2 * _COMPILE,
+      "study 2: recovery after weight pruning":
+          seeds * len(levels) * steps["weight"] * (2 if config["regrow"] else 1) + _COMPILE,
+      "study 3: recovery after unit pruning":
+          seeds * unit + (seeds * len(levels) * steps["unit"] if config["regrow"] else 0),
+      "study 4: shrink and time": shrink_cost,
+      "report": 5,
+  }
+
+
+def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str = "") -> str:
+  """Runs the four studies and writes every result file and REPORT.md; returns REPORT.md's path."""
+  workdir = config["workdir"]
+  results.ensure_dir(workdir)
+  steps = {mode: recovery.retrain_steps(mode, config["retrain_steps"])
+           for mode in ("weight", "unit")}
+  share = not shrink_config["keep_last_hidden"] and shrink_config["retrain_steps"] == steps["unit"]
+  model = base_nets.base_model()
+  cached = 0 if config["retrain_base"] else sum(
+      os.path.exists(os.path.join(workdir, "cache",
+                                  f"base-{base_nets.cache_key(config, s, model)}.msgpack"))
+      for s in config["seeds"])
+  progress = Progress(phase_costs(config, steps=steps, cached=cached, share_retrained=share))
+  phases = iter(progress.costs)
+
+  mnist = data_lib.load_mnist(config["mnist_dir"])
+  progress.finish(next(phases))
+  bases, _ = sweep.load_bases(config, mnist)
+  progress.finish(next(phases))
+
+  payloads = {}
+  payloads["sweep"] = sweep.run_sweep(config, mnist, bases=bases)
+  sweep.write_and_plot(payloads["sweep"], workdir)
+  progress.finish(next(phases))
+
+  for mode in ("weight", "unit"):
+    retrained = {} if mode == "unit" and share else None
+    payload = recovery.run_recovery({**config, "mode": mode, "retrain_steps": steps[mode]}, mnist,
+                                    bases=bases, shrunk_nets=retrained)
+    payloads[payload["study"]] = payload
+    sweep.write_and_plot(payload, workdir)
+    progress.finish(next(phases))
+
+  payloads["shrink"] = shrink.run_shrink({**config, **shrink_config}, mnist, bases=bases,
+                                         retrained=retrained)
+  shrink.write_outputs(payloads["shrink"], workdir)
+  progress.finish(next(phases))
+
+  # The payloads as written (with versions and machine), so REPORT.md matches the JSON files.
+  written = report.load_payloads(workdir)
+  text = report.build_report({k: written[k] for k in payloads}, command=command,
+                             phases=progress.done, total_seconds=progress.elapsed,
+                             workdir=workdir)
+  path = os.path.join(workdir, "REPORT.md")
+  results.write_text(path, text)
+  progress.finish(next(phases))
+  return path
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {list(argv[1:])}; all options are --flags")
+  config = sweep.study_config(retrain_steps=recovery.RETRAIN_STEPS.value,
+                              regrow=recovery.REGROW.value)
+  shrink_config = shrink.shrink_config()
+  command = "python -m experiments.reproduce " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  path = run(config, shrink_config, command=command.strip())
+  logging.info("wrote %s", path)
+  print(f"report: {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,65 @@
+"""Smoke test of `experiments.reproduce` (all four studies, tiny settings) and of REPORT.md."""
+
+import json
+import os
+
+import pytest
+from absl import logging
+
+from experiments import report, reproduce, seed_results
+
+TINY = {"mnist_dir": None, "seeds": [0], "sparsities": [0, 50, 90], "train_steps": 60,
+        "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer",
+        "retrain_base": False, "retrain_steps": 10, "regrow": False}
+TINY_SHRINK = {"retrain_steps": 10, "keep_last_hidden": False, "eval_batches": [1, 100],
+               "timing_runs": 1, "pad_multiple": 1, "weight_sparse_formats": ["bcoo"]}
+
+
+def test_macs_fraction_matches_the_seeds_arithmetic():
+  # SEED_RESULTS.md: dense/shrunk = 3.0x at 50%, 25.2x at 90%, with every hidden layer shrunk.
+  assert 1 / reproduce.macs_fraction(50) == pytest.approx(3.0, abs=0.05)
+  assert 1 / reproduce.macs_fraction(90) == pytest.approx(25.2, abs=0.05)
+  assert reproduce.macs_fraction(0) == 1.0
+
+
+def test_progress_estimates_what_remains(monkeypatch):
+  lines = []
+  monkeypatch.setattr(logging, "info", lambda fmt, *args: lines.append(fmt % args))
+  progress = reproduce.Progress({"a": 2000, "b": 2000})
+  progress.finish("a")
+  assert "[1/2] a:" in lines[0] and "remain" in lines[0]
+  progress.finish("b")
+  assert lines[1].endswith("done)")
+  assert [name for name, _ in progress.done] == ["a", "b"]
+
+
+@pytest.mark.needs_mnist
+def test_reproduce_runs_all_studies_and_writes_the_report(tmp_path, mnist_dir, monkeypatch):
+  monkeypatch.setenv("PRUNE_JAX_MNIST_DIR", str(mnist_dir))
+  config = {**TINY, "workdir": str(tmp_path)}
+  path = reproduce.run(config, TINY_SHRINK, command="python -m experiments.reproduce --tiny")
+  assert path == os.path.join(str(tmp_path), "REPORT.md")
+  text = open(path).read()
+  for heading in ("## 1. Sweep", "## 2. Recovery after weight", "## 3. Recovery after unit",
+                  "## 4. Shrink"):
+    assert heading in text
+  for study in report.STUDY_ORDER:
+    payload = json.load(open(tmp_path / study / "results.json"))
+    assert payload["sparsities"] == [0, 50, 90]
+    assert os.path.exists(tmp_path / report.PLOTS[study]), study
+    assert f"]({report.PLOTS[study]})" in text
+  # Study 4 reused the shrunk nets study 3 retrained, instead of training them again.
+  shrink_payload = json.load(open(tmp_path / "shrink" / "results.json"))
+  assert shrink_payload["retrained_source"]["0"] == ["given"] * 3
+  unit = json.load(open(tmp_path / "recovery_unit" / "results.json"))
+  assert shrink_payload["curves"]["after_retraining"]["mean"] == pytest.approx(
+      unit["curves"]["retrained"]["mean"])
+  # The seed's figures stand beside ours, and the report rebuilds from the JSON files alone.
+  assert f"~{seed_results.at('sweep/weight', 90):g}" in text
+  rebuilt = report.build_report(report.load_payloads(str(tmp_path)), workdir=str(tmp_path))
+  assert rebuilt.split("## 1.")[1] == text.split("## 1.")[1]
+
+
+def test_report_without_results_names_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="run the studies first"):
+    report.load_payloads(str(tmp_path))
