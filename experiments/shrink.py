@@ -107,6 +107,10 @@ PAD_MULTIPLE = flags.DEFINE_integer(
     "pad_multiple", 16, "Pad the shrunk net's hidden widths with zero units to a multiple of "
     "this before timing it (exact; 16 float32 fill one AVX-512 register); 1 = no padding.",
     lower_bound=1)
+WEIGHT_SPARSE_BATCHES = flags.DEFINE_list(
+    "weight_sparse_batches", [], "Comma-separated batch sizes at which the weight-pruned nets "
+    "are timed; default: those of --eval_batches (experiments.reproduce: 100, as the sparse "
+    "forms take seconds per call at 10000 and compile anew per level and batch size).")
 WEIGHT_SPARSE_FORMATS = flags.DEFINE_list(
     "weight_sparse_formats", list(sparse_dense.FORMATS), "Unstructured-sparse forms of the "
     f"weight-pruned nets to time against dense with zeros, from {list(sparse_dense.FORMATS)}; "
@@ -116,8 +120,9 @@ WEIGHT_SPARSE_FORMATS = flags.DEFINE_list(
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-def parse_eval_batches(values: Sequence[str | int], *, max_batch: int | None = None) -> list[int]:
-  """`--eval_batches` as distinct increasing positive ints, each at most `max_batch`.
+def parse_eval_batches(values: Sequence[str | int], *, max_batch: int | None = None,
+                       flag: str = "eval_batches") -> list[int]:
+  """`--{flag}` as distinct increasing positive ints, each at most `max_batch`.
 
   Raises:
     ValueError: naming the flag and the bad value.
@@ -125,14 +130,14 @@ def parse_eval_batches(values: Sequence[str | int], *, max_batch: int | None = N
   try:
     batches = [int(v) for v in values]
   except (TypeError, ValueError):
-    raise ValueError(f"--eval_batches must be comma-separated integers, e.g. 1,100,10000; got "
+    raise ValueError(f"--{flag} must be comma-separated integers, e.g. 1,100,10000; got "
                      f"{','.join(str(v) for v in values)!r}") from None
   limit = max_batch if max_batch is not None else 10000
   if not batches or any(b < 1 or b > limit for b in batches):
-    raise ValueError(f"--eval_batches must be batch sizes in [1, {limit}] (the test set has "
+    raise ValueError(f"--{flag} must be batch sizes in [1, {limit}] (the test set has "
                      f"{limit} images), got {','.join(str(v) for v in values)!r}")
   if len(set(batches)) != len(batches):
-    raise ValueError(f"--eval_batches has a repeated size: {','.join(str(v) for v in values)!r}")
+    raise ValueError(f"--{flag} has a repeated size: {','.join(str(v) for v in values)!r}")
   return sorted(batches)
 
 
@@ -158,6 +163,8 @@ def _validator(parse):
 
 flags.register_validator("eval_batches", _validator(parse_eval_batches))
 flags.register_validator("weight_sparse_formats", _validator(parse_formats))
+flags.register_validator("weight_sparse_batches", lambda values: not values or _validator(
+    functools.partial(parse_eval_batches, flag="weight_sparse_batches"))(values))
 
 
 def shrink_config() -> dict[str, Any]:
@@ -168,7 +175,10 @@ def shrink_config() -> dict[str, Any]:
       eval_batches=parse_eval_batches(EVAL_BATCHES.value),
       timing_runs=TIMING_RUNS.value,
       pad_multiple=PAD_MULTIPLE.value,
-      weight_sparse_formats=parse_formats(WEIGHT_SPARSE_FORMATS.value))
+      weight_sparse_formats=parse_formats(WEIGHT_SPARSE_FORMATS.value),
+      weight_sparse_batches=parse_eval_batches(WEIGHT_SPARSE_BATCHES.value,
+                                               flag="weight_sparse_batches")
+      if WEIGHT_SPARSE_BATCHES.value else None)
 
 
 def check_shrink_config(config: dict[str, Any], *, test_size: int) -> dict[str, Any]:
@@ -191,6 +201,9 @@ def check_shrink_config(config: dict[str, Any], *, test_size: int) -> dict[str, 
     raise ValueError(f"--pad_multiple must be >= 1 (1: no padding), got {config['pad_multiple']}")
   config["eval_batches"] = parse_eval_batches(config["eval_batches"], max_batch=test_size)
   config["weight_sparse_formats"] = parse_formats(config["weight_sparse_formats"])
+  config["weight_sparse_batches"] = parse_eval_batches(
+      config.get("weight_sparse_batches") or config["eval_batches"], max_batch=test_size,
+      flag="weight_sparse_batches")
   return config
 
 
@@ -381,28 +394,6 @@ def _first_layer(kernel: jax.Array, x: jax.Array) -> jax.Array:
 _first_layer_jit = jax.jit(_first_layer)
 
 
-def time_unit_level(model: MLP, params: Params, masked: Params | None, small_model: MLP,
-                    small: Params, x: jax.Array, *, runs: int,
-                    first_layer: bool = False) -> dict[str, Any]:
-  """Times the dense, (masked dense) and shrunk nets round-robin at `x`'s batch size.
-
-  With `first_layer`, the shrunk net's first layer alone (`relu(x @ kernel)`, which reads the
-  whole input) is timed in the same rounds, to show what the rest of the net costs beside it.
-  """
-  calls = {"dense": (forward_fn(model), (params, x))}
-  if masked is not None:
-    calls["masked"] = (forward_fn(model), (masked, x))
-  calls["shrunk"] = (forward_fn(small_model), (small, x))
-  if first_layer:
-    calls["shrunk_first_layer"] = (_first_layer_jit, (small[layer_names(small)[0]]["kernel"], x))
-  measured = _time(calls, runs=runs)
-  out = {name: _entry(t, x.shape[0]) for name, t in measured.items()}
-  out["speedup"] = measured["dense"].median / measured["shrunk"].median
-  if masked is not None:
-    out["masked_speedup"] = measured["dense"].median / measured["masked"].median
-  return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The study
 # ---------------------------------------------------------------------------------------------
@@ -537,7 +528,8 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
   phase_seconds["timing_unit"] += time.perf_counter() - t0
   t0 = time.perf_counter()
   weight_sparse = time_weight_levels(model, params_by_seed[timed_seed], fracs, levels, test_x,
-                                     batches, formats=config["weight_sparse_formats"],
+                                     config["weight_sparse_batches"],
+                                     formats=config["weight_sparse_formats"],
                                      scope=config["scope"], runs=runs)
   phase_seconds["timing_weight"] += time.perf_counter() - t0
 
@@ -579,33 +571,53 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
 def _time_unit_levels(model: MLP, params: Params, nets: list, reports: list[dict],
                       widths: list[dict], levels: Sequence[float], test_x: jax.Array,
                       batches: Sequence[int], *, runs: int) -> dict[str, Any]:
-  """The `before_retraining` and `after_retraining` timing tables: `{phase: {batch: [levels]}}`."""
+  """The `before_retraining` and `after_retraining` timing tables: `{phase: {batch: [levels]}}`.
+
+  At each batch size, one set of interleaved rounds (`_time`) times the dense net once and, for
+  every level, the masked dense net, the shrunk net before and after retraining and, at the
+  largest batch, the shrunk net's first layer alone; every speed-up is a ratio of medians from the same rounds. (Timing
+  the dense net once per batch rather than beside every level keeps the study within a few
+  minutes.)
+  """
+  forward = forward_fn(model)
   out = {"before_retraining": {}, "after_retraining": {}}
   for batch in batches:
     x = jax.device_put(test_x[:batch])
+    calls = {"dense": (forward, (params, x))}
+    for i, (masked, small_model, small, small_new) in enumerate(nets):
+      calls[f"masked/{i}"] = (forward, (masked, x))
+      calls[f"before_retraining/{i}"] = (forward_fn(small_model), (small, x))
+      calls[f"after_retraining/{i}"] = (forward_fn(small_model), (small_new, x))
+      if batch == batches[-1]:  # what the input's first layer costs, where the input is large
+        calls[f"first_layer/{i}"] = (_first_layer_jit,
+                                     (small[layer_names(small)[0]]["kernel"], x))
+    measured = _time(calls, runs=runs)
+    dense = measured["dense"]
     for phase in out:
       rows = []
-      for level, (masked, small_model, small, small_new), report, w in zip(
-          levels, nets, reports, widths):
+      for i, (level, report, w) in enumerate(zip(levels, reports, widths)):
+        shrunk = measured[f"{phase}/{i}"]
+        entries = {"dense": _entry(dense, batch), "shrunk": _entry(shrunk, batch),
+                   "speedup": dense.median / shrunk.median}
         if phase == "before_retraining":
-          measured = time_unit_level(model, params, masked, small_model, small, x, runs=runs,
-                                     first_layer=True)
-        else:
-          measured = time_unit_level(model, params, None, small_model, small_new, x, runs=runs)
+          entries["masked"] = _entry(measured[f"masked/{i}"], batch)
+          entries["masked_speedup"] = dense.median / measured[f"masked/{i}"].median
+          if f"first_layer/{i}" in measured:
+            entries["shrunk_first_layer"] = _entry(measured[f"first_layer/{i}"], batch)
         ratio = report["macs_dense"] / report["macs_shrunk"]
         for net, macs in (("dense", report["macs_dense"]), ("masked", report["macs_dense"]),
                           ("shrunk", report["macs_shrunk"])):
-          if net in measured:  # useful multiply-adds (padding and masked zeros not counted)
-            measured[net]["gflops"] = 2 * macs * batch / (measured[net]["median_ms"] / 1e3) / 1e9
+          if net in entries:  # useful multiply-adds (padding and masked zeros not counted)
+            entries[net]["gflops"] = 2 * macs * batch / (entries[net]["median_ms"] / 1e3) / 1e9
         rows.append({"sparsity": level, **w, "macs_dense": report["macs_dense"],
                      "macs_shrunk": report["macs_shrunk"],
                      "macs_padded": _macs([model_in(params), *w["padded_widths"],
                                            model.num_classes]),
-                     "macs_ratio": ratio, **measured,
-                     "speedup_vs_macs_ratio": measured["speedup"] / ratio})
+                     "macs_ratio": ratio, **entries,
+                     "speedup_vs_macs_ratio": entries["speedup"] / ratio})
         logging.info("%s, batch %d, %g%%: dense %.3f ms, shrunk %.3f ms: %.2fx (MAC ratio "
                      "%.2fx, %.2f of it)", phase, batch, level, rows[-1]["dense"]["median_ms"],
-                     rows[-1]["shrunk"]["median_ms"], measured["speedup"], ratio,
+                     rows[-1]["shrunk"]["median_ms"], entries["speedup"], ratio,
                      rows[-1]["speedup_vs_macs_ratio"])
       out[phase][str(batch)] = rows
   return out

@@ -4,6 +4,7 @@ The machine this runs on is shared and noisy, so absolute times mean little; com
 `matmul_gflops`, a plain float32 matmul measured in the same process.
 """
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -76,7 +77,8 @@ def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]
   `warmup` times, then the functions take turns: `runs` rounds, in each of which every function
   makes one run. A run is one call, or, with `min_run_seconds`, as many back-to-back calls as
   fill about that time (counted per function once, after the warm-up), and its time is the mean
-  per call. With `rewarm_seconds`, each run of a function faster than that is preceded by
+  per call. With `rewarm_seconds`, each run of a function faster than that which follows a
+  call slower than that is preceded by
   untimed back-to-back calls of it filling about that time, so that its timed calls find the
   machine as a loop of its own calls leaves it (as `time_jitted` measures), not as the previous
   function left it: after a big net's call a small net's next calls are slower for some
@@ -94,8 +96,8 @@ def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]
       rounds after the first, so that one very slow candidate does not cost `runs` long calls
       (its `Timing.runs` is then 1).
     min_run_seconds: the least duration of a run (0: one call per run).
-    rewarm_seconds: the least duration of the untimed calls before each run (0: none); a
-      function whose calls take longer is not re-warmed.
+    rewarm_seconds: the least duration of the untimed calls before a run that follows a call
+      longer than this (0: none); a function whose calls take longer is not re-warmed.
 
   Returns:
     `{name: Timing}` in the order of `calls`; `Timing.calls_per_run` says how many calls each
@@ -125,30 +127,24 @@ def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]
     if fastest is not None and slow_seconds is not None and fastest > slow_seconds:
       slow.add(name)
     elif fastest is not None:
-      # Count the calls that fill each duration (which also warms the function up further).
-      repeats[name] = _calls_filling(fn, args, min_run_seconds) if min_run_seconds > fastest else 1
-      rewarms[name] = _calls_filling(fn, args, rewarm_seconds) if rewarm_seconds > fastest else 0
+      # The calls that fill each duration, judged from the fastest warm-up call.
+      repeats[name] = max(1, math.ceil(min_run_seconds / fastest))
+      rewarms[name] = math.ceil(rewarm_seconds / fastest) if rewarm_seconds > fastest else 0
   times: dict[str, list[float]] = {name: [] for name in calls}
+  previous_call = 0.0
   for round_ in range(runs):
     for name, (_, args) in calls.items():
       if name in slow and round_ > 0:
         continue
       exe, n = compiled[name], repeats[name]
-      for _ in range(rewarms[name]):
-        jax.block_until_ready(exe(*args))
+      if previous_call > rewarm_seconds:
+        for _ in range(rewarms[name]):
+          jax.block_until_ready(exe(*args))
       start = time.perf_counter()
       for _ in range(n):
         jax.block_until_ready(exe(*args))
-      times[name].append((time.perf_counter() - start) / n)
+      previous_call = (time.perf_counter() - start) / n
+      times[name].append(previous_call)
   return {name: Timing(statistics.median(t), min(t), max(t), len(t), compile_seconds[name],
                        repeats[name])
           for name, t in times.items()}
-
-
-def _calls_filling(fn: Callable[..., Any], args: Sequence[Any], seconds: float) -> int:
-  """How many back-to-back calls of `fn(*args)` take `seconds` (at least 1)."""
-  count, start = 0, time.perf_counter()
-  while time.perf_counter() - start < seconds:
-    jax.block_until_ready(fn(*args))
-    count += 1
-  return max(1, count)
