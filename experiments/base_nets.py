@@ -34,6 +34,14 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   return init_key, batch_key
 
 
+def retrain_key(seed: int) -> jax.Array:
+  """The batch order of every retraining of `seed`'s pruned nets: `fold_in(batch key, 1)`.
+
+  Studies 3 and 4 share it, so study 4 can reuse the shrunk nets study 3 retrained.
+  """
+  return jax.random.fold_in(seed_keys(seed)[1], 1)
+
+
 def cache_key(config: dict[str, Any], seed: int, model: MLP) -> str:
   """A short hash of everything that determines the base net of `seed`."""
   determined_by = {

@@ -60,7 +60,9 @@ def _parse_sparsities(values: list[str]) -> list[float]:
   return [int(s) if s.is_integer() else s for s in levels]
 
 
-def _validator(parse):
+def validator(parse):
+  """An absl flag validator from `parse`, whose ValueError message becomes the flag's error."""
+
   def check(values):
     try:
       parse(values)
@@ -70,8 +72,8 @@ def _validator(parse):
   return check
 
 
-flags.register_validator("seeds", _validator(_parse_seeds))
-flags.register_validator("sparsities", _validator(_parse_sparsities))
+flags.register_validator("seeds", validator(_parse_seeds))
+flags.register_validator("sparsities", validator(_parse_sparsities))
 flags.register_validator("learning_rate", lambda lr: lr > 0 and math.isfinite(lr),
                          "--learning_rate must be a positive finite number")
 

@@ -99,11 +99,6 @@ def retrain_steps(mode: str, steps: int | None) -> int:
   return SEED_RETRAIN_STEPS[mode] if steps is None else int(steps)
 
 
-def retrain_key(seed: int) -> jax.Array:
-  """The batch-order key of every retraining of `seed`'s nets: `fold_in(batch key, 1)`."""
-  return jax.random.fold_in(base_nets.seed_keys(seed)[1], 1)
-
-
 def level(tree: Any, i: int) -> Any:
   """Level `i` of a stacked tree (leading axis), `None` leaves kept."""
   return jax.tree.map(lambda x: None if x is None else x[i], tree, is_leaf=lambda x: x is None)
@@ -281,7 +276,7 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
     measured["pruned"].append(sparsity)
     logging.info("seed %d: %s-pruned accuracy %s%%", seed, mode, _fmt(acc))
 
-    key = retrain_key(seed)
+    key = base_nets.retrain_key(seed)
     if mode == "weight":
       retrained, seconds, compile_seconds = retrain_levels(
           model, pruned, masks, mnist.train_images, mnist.train_labels, key=key,

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import base_nets, outputs, seed_results, sweep
+from experiments import base_nets, common_flags, outputs, seed_results, sweep
 from prune_jax import data as data_lib
 from prune_jax import results, sparse_dense, timing, train
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
@@ -151,20 +151,11 @@ def parse_formats(values: Sequence[str]) -> list[str]:
   return formats
 
 
-def _validator(parse):
-  def check(values):
-    try:
-      parse(values)
-    except ValueError as e:
-      raise flags.ValidationError(str(e))
-    return True
-  return check
-
-
-flags.register_validator("eval_batches", _validator(parse_eval_batches))
-flags.register_validator("weight_sparse_formats", _validator(parse_formats))
-flags.register_validator("weight_sparse_batches", lambda values: not values or _validator(
-    functools.partial(parse_eval_batches, flag="weight_sparse_batches"))(values))
+flags.register_validator("eval_batches", common_flags.validator(parse_eval_batches))
+flags.register_validator("weight_sparse_formats", common_flags.validator(parse_formats))
+flags.register_validator(
+    "weight_sparse_batches", lambda values: not values or common_flags.validator(
+        functools.partial(parse_eval_batches, flag="weight_sparse_batches"))(values))
 
 
 def shrink_config() -> dict[str, Any]:
@@ -302,11 +293,6 @@ def check_equivalent(diff: float, scale: float, *, what: str) -> float:
   return tolerance
 
 
-def retrain_key(seed: int) -> jax.Array:
-  """The batch order of the retraining: `fold_in(batch key of seed, 1)`, as study 3 uses."""
-  return jax.random.fold_in(base_nets.seed_keys(seed)[1], 1)
-
-
 def _macs(widths: Sequence[int]) -> int:
   return int(sum(a * b for a, b in zip(widths, widths[1:])))
 
@@ -426,7 +412,7 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
     bases: optional dense base nets by seed, already loaded (see `sweep.load_bases`).
     retrained: optional shrunk nets already retrained with these settings, by seed, one per
       level (`None` entries are retrained here): e.g. study 3's unit retraining, which retrains
-      `shrink(params, unit_masks(params, level))` from the same batches (`retrain_key`) for the
+      `shrink(params, unit_masks(params, level))` from the same batches (`base_nets.retrain_key`) for the
       same steps. Only valid when the settings match; shapes are checked.
 
   Returns:
@@ -498,7 +484,7 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
       given = _given_retrained(retrained, seed, i, small)
       if given is None:
         new, stats = train.train(
-            small_model, small, mnist.train_images, mnist.train_labels, key=retrain_key(seed),
+            small_model, small, mnist.train_images, mnist.train_labels, key=base_nets.retrain_key(seed),
             name=f"seed {seed}: retrain the {level:g}%-shrunk net {'-'.join(map(str, widths))}",
             **protocol)
         phase_seconds["retrain"] += stats.seconds
