@@ -31,7 +31,7 @@ from absl import app, flags, logging
 
 from experiments import base_nets, common_flags, outputs
 from prune_jax import data as data_lib
-from prune_jax import plots, train
+from prune_jax import plots, results, train
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 
 Params = Any
@@ -79,6 +79,7 @@ def check_config(config: dict[str, Any], *, needs: Sequence[str] = ()) -> None:
   levels = list(config["sparsities"])
   if not levels or any(not 0 <= s <= 100 for s in levels) or levels != sorted(set(levels)):
     raise ValueError(f"--sparsities must be increasing percentages in [0, 100], got {levels}")
+  results.ensure_dir(config["workdir"])  # fail now, not after training, if it is not writable
 
 
 def fractions(levels_percent: Sequence[float]) -> jax.Array:

@@ -174,3 +174,13 @@ def test_entry_point_rejects_bad_sparsities(mnist_dir, tmp_path):
   assert run.returncode != 0
   assert "--sparsities must be percentages in [0, 100]" in run.stderr
   assert not os.path.exists(tmp_path / "sweep")
+
+
+def test_unwritable_workdir_fails_before_any_training(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  config = {"workdir": str(blocker / "results"), "seeds": [0], "sparsities": [0, 50],
+            "train_steps": 10, "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd",
+            "scope": "layer"}
+  with pytest.raises(OSError, match="pass a writable --workdir"):
+    sweep.check_config(config)
