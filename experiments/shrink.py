@@ -300,21 +300,6 @@ def _macs(widths: Sequence[int]) -> int:
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
-_COMPILED: dict = {}
-
-
-def _compiled(fn, args):
-  """`fn` compiled for `args`, once per function and argument shapes; returns (exe, seconds)."""
-  key = (fn, jax.tree.structure(args), tuple((a.shape, str(a.dtype))
-                                             for a in jax.tree.leaves(args)))
-  if key in _COMPILED:
-    return _COMPILED[key], 0.0
-  start = time.perf_counter()
-  exe = fn.lower(*args).compile()
-  _COMPILED[key] = exe
-  return exe, time.perf_counter() - start
-
-
 def _time(calls: Mapping[str, tuple[Any, tuple]], *, runs: int, slow_seconds: float | None = None,
           min_run_seconds: float | None = None) -> dict[str, timing.Timing]:
   """`timing.time_interleaved` over `calls`, compiling each (fn, shapes) only once per process.
@@ -323,7 +308,7 @@ def _time(calls: Mapping[str, tuple[Any, tuple]], *, runs: int, slow_seconds: fl
   """
   exes, compile_seconds = {}, {}
   for name, (fn, args) in calls.items():
-    exes[name], compile_seconds[name] = _compiled(fn, args)
+    exes[name], compile_seconds[name] = timing.compile_once(fn, args)
   measured = timing.time_interleaved(
       {n: (exes[n], calls[n][1]) for n in calls}, runs=runs, warmup=1, slow_seconds=slow_seconds,
       min_run_seconds=MIN_RUN_SECONDS if min_run_seconds is None else min_run_seconds,

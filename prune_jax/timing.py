@@ -32,6 +32,31 @@ class Timing(NamedTuple):
             "compile_s": self.compile_seconds}
 
 
+_COMPILED: dict = {}
+
+
+def compile_once(fn: Any, args: Sequence[Any],
+                 static: Mapping[str, Any] | None = None) -> tuple[Any, float]:
+  """`fn.lower(*args, **static).compile()`, kept per function, static arguments and arg shapes.
+
+  Args:
+    fn: a `jax.jit` function; args: its positional arguments (a pytree of arrays);
+    static: its static keyword arguments (hashable values).
+
+  Returns:
+    `(executable, seconds spent compiling now)`; the seconds are 0 when it was already compiled.
+  """
+  static = dict(static or {})
+  key = (fn, tuple(sorted(static.items())), jax.tree.structure(args),
+         tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args)))
+  if key in _COMPILED:
+    return _COMPILED[key], 0.0
+  start = time.perf_counter()
+  exe = fn.lower(*args, **static).compile()
+  _COMPILED[key] = exe
+  return exe, time.perf_counter() - start
+
+
 def time_jitted(fn: Callable[..., Any], *args: Any, runs: int = 7, warmup: int = 1,
                 **static: Any) -> Timing:
   """Times `jax.jit(fn)(*args)`: compiles once (timed apart), warms up, then `runs` timed calls.

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from prune_jax import timing
 from prune_jax.masks import apply_masks
 
 Params = Any
@@ -122,20 +123,6 @@ class TrainStats(NamedTuple):
   steps_per_second: float
 
 
-_COMPILED: dict = {}
-
-
-def _compiled(fn, args, static):
-  """AOT-compiles `fn` for `args` once per shape and static configuration; returns (exe, secs)."""
-  key = (fn, tuple(sorted(static.items())), str(jax.tree.map(lambda a: (a.shape, a.dtype), args)))
-  if key in _COMPILED:
-    return _COMPILED[key], 0.0
-  start = time.perf_counter()
-  exe = fn.lower(*args, **static).compile()
-  _COMPILED[key] = exe
-  return exe, time.perf_counter() - start
-
-
 def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_rate, optimizer,
          model, log_every, name):
   """Shared driver of `train` and `train_many`: chunks, compiles, logs and checks the loss."""
@@ -160,7 +147,8 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
   losses, seconds, compile_seconds, done = [], 0.0, 0.0, 0
   while done < steps:
     idx = batches[done:done + chunk]
-    exe, secs = _compiled(fn, (params, opt_state, masks, images, labels, idx), static)
+    exe, secs = timing.compile_once(fn, (params, opt_state, masks, images, labels, idx),
+                                    static)
     compile_seconds += secs
     start = time.perf_counter()
     params, opt_state, chunk_losses = exe(params, opt_state, masks, images, labels, idx)
