@@ -10,27 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
+from _trees import random_params
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.9, 0.99, 1.0)
 SCOPES = ("layer", "global")
 MASK_FNS = (weight_masks, unit_masks)
-
-
-def random_params(seed, widths, *, in_dim=11, classes=3, bias=True, ties=False):
-  """A Dense stack `Dense_0 … Dense_N` like `MLP`'s params, drawn with numpy; `ties` rounds the
-  weights to a coarse grid so that many magnitudes are equal."""
-  rng = np.random.default_rng(seed)
-  dims = (in_dim, *widths, classes)
-  params = {}
-  for i, (fan_in, out) in enumerate(zip(dims[:-1], dims[1:])):
-    kernel = rng.normal(size=(fan_in, out)).astype(np.float32)
-    if ties:
-      kernel = np.round(kernel * 2) / 2
-    layer = {"kernel": jnp.asarray(kernel)}
-    if bias:
-      layer["bias"] = jnp.asarray(rng.normal(size=(out,)).astype(np.float32))
-    params[f"Dense_{i}"] = layer
-  return params
 
 
 def prunable_kernels(params):

@@ -10,6 +10,7 @@ import pytest
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax.report import sparsity_report
 from prune_jax.shrink import shrink
+from _trees import random_params
 
 # Dense_0 unit 1 is dead (zero column, zero bias); unit 2 has a zero column but a bias of 0.5, so
 # it outputs relu(0.5) and stays alive.
@@ -34,18 +35,6 @@ EXPECTED = {
     "total": {"weights": 14, "zeros": 8, "sparsity": 8 / 14, "params": 20, "units": 6,
               "units_alive": 5, "macs_dense": 14, "macs_shrunk": 10, "params_shrunk": 15},
 }
-
-
-def random_params(seed, widths, *, in_dim=11, classes=3, bias=True):
-  rng = np.random.default_rng(seed)
-  dims = (in_dim, *widths, classes)
-  params = {}
-  for i, (fan_in, out) in enumerate(zip(dims[:-1], dims[1:])):
-    layer = {"kernel": jnp.asarray(rng.normal(size=(fan_in, out)).astype(np.float32))}
-    if bias:
-      layer["bias"] = jnp.asarray(rng.normal(size=(out,)).astype(np.float32))
-    params[f"Dense_{i}"] = layer
-  return params
 
 
 def test_literal_tree():

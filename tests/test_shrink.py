@@ -10,24 +10,12 @@ from hypothesis import strategies as st
 from prune_jax import MLP
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax.shrink import shrink, shrunk_widths
+from _trees import random_params
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.9, 0.99, 1.0)
 SCOPES = ("layer", "global")
 HIDDEN = (13, 7, 5)
 X = jax.random.normal(jax.random.key(0), (6, 11))
-
-
-def random_params(seed, widths, *, in_dim=11, classes=3, bias=True):
-  """A Dense stack like `MLP(widths, classes, use_bias=bias)`'s params, with non-zero biases."""
-  rng = np.random.default_rng(seed)
-  dims = (in_dim, *widths, classes)
-  params = {}
-  for i, (fan_in, out) in enumerate(zip(dims[:-1], dims[1:])):
-    layer = {"kernel": jnp.asarray(rng.normal(size=(fan_in, out)).astype(np.float32))}
-    if bias:
-      layer["bias"] = jnp.asarray(rng.normal(size=(out,)).astype(np.float32))
-    params[f"Dense_{i}"] = layer
-  return params
 
 
 def logits(params, x, *, bias):
