@@ -22,7 +22,7 @@ How each mode retrains:
   all (`retrain_levels`): a loop over the levels calling `train.train`, which on the 2-core CPU
   measured faster than training all levels at once vmapped (`train.train_many`); see
   `VMAP_RETRAINING`.
-- unit: each level is retrained in *shrunk* form (`prune_jax.shrink`: the pruned units deleted,
+- unit: each level is retrained in *shrunk* form (`prune_jax.shrinking.shrink`: the pruned units deleted,
   i.e. their kernel columns and the next kernel's rows), then written back into a full-size net
   (`expand`) for evaluation and measurement. This is the same computation as masked full-size
   retraining, only cheaper: a pruned unit's kernel column (and bias, if any) is zero, so its
@@ -63,7 +63,7 @@ from experiments import sweep
 from prune_jax import data as data_lib
 from prune_jax import train
 from prune_jax.models import MLP
-from prune_jax.shrink import shrink, shrunk_widths
+from prune_jax.shrinking import expand, shrink, shrunk_widths
 
 Params = Any
 Masks = Any
@@ -150,40 +150,6 @@ def _dense_layer_names(params: Params) -> list[str]:
   except (ValueError, IndexError) as e:
     raise ValueError(f"expected an MLP's params {{'Dense_0': ..., 'Dense_1': ...}}, got "
                      f"{sorted(params)}") from e
-
-
-def expand(shrunk: Params, full: Params, masks: Masks) -> Params:
-  """Writes a shrunk net back into the full-size net it was shrunk from: the inverse of `shrink`.
-
-  The entries of the kept units (kept columns of each kernel, kept rows of the next) come from
-  `shrunk`; the others keep their values in `full`. With `full` the masked net that was shrunk
-  and `shrunk` its shrunk form after retraining, the result is what masked full-size retraining
-  gives (see the module docstring): pruned columns stay 0, rows leaving pruned units keep their
-  values (they never receive a gradient).
-
-  Args:
-    shrunk: params of `MLP(hidden=shrunk_widths(shrunk))`, e.g. `shrink(full, masks)` retrained.
-    full: the full-size params (already masked), `{"Dense_i": {"kernel": [in, out], ...}}`.
-    masks: the unit masks `shrunk` was made with (`None` leaves: layers whose units all stay).
-
-  Returns:
-    Params of `full`'s shapes.
-  """
-  rows = None
-  out = {}
-  for name in _dense_layer_names(full):
-    kernel = np.array(full[name]["kernel"])
-    mask = masks[name]["kernel"]
-    cols = np.ones(kernel.shape[1], bool) if mask is None else np.asarray(mask).all(axis=0)
-    kept_rows = np.ones(kernel.shape[0], bool) if rows is None else rows
-    kernel[np.ix_(kept_rows, cols)] = np.asarray(shrunk[name]["kernel"])
-    out[name] = {"kernel": jnp.asarray(kernel)}
-    if "bias" in full[name]:
-      bias = np.array(full[name]["bias"])
-      bias[cols] = np.asarray(shrunk[name]["bias"])
-      out[name]["bias"] = jnp.asarray(bias)
-    rows = cols
-  return out
 
 
 def retrain_shrunk(model: MLP, pruned: Params, masks: Masks, images: jax.Array,

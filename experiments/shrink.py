@@ -57,7 +57,7 @@ from prune_jax import results, sparse_dense, timing, train
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax.models import MLP
 from prune_jax.report import sparsity_report
-from prune_jax.shrink import shrink, shrunk_widths
+from prune_jax.shrinking import pad_units, shrink, shrunk_widths
 
 Params = Any
 Masks = Any
@@ -221,43 +221,6 @@ def unit_prunable(params: Params, *, keep_last_hidden: bool):
     return kind == "kernel" and getattr(leaf, "ndim", 0) == 2 and name not in kept
 
   return prunable
-
-
-def pad_units(params: Params, multiple: int) -> Params:
-  """Appends zero units to each hidden layer so that its width is a multiple of `multiple`.
-
-  A padded unit has a zero kernel column (and zero bias), so it outputs relu(0) = 0, and a zero
-  row in the next kernel: the logits are unchanged, exactly. A width of 0 stays 0.
-
-  Args:
-    params: an MLP's params `{"Dense_i": {"kernel": [in, out], "bias": [out] (optional)}}`.
-    multiple: >= 1; 1 returns `params` unchanged.
-
-  Returns:
-    Params of `MLP(hidden=shrunk_widths(result))`.
-
-  Example:
-    >>> small = {"Dense_0": {"kernel": jnp.ones((784, 100))},
-    ...          "Dense_1": {"kernel": jnp.ones((100, 10))}}
-    >>> shrunk_widths(pad_units(small, 16))
-    (112,)
-  """
-  if multiple < 1:
-    raise ValueError(f"multiple must be >= 1, got {multiple}")
-  if multiple == 1:
-    return params
-  names = layer_names(params)
-  out, extra_rows = {}, 0
-  for i, name in enumerate(names):
-    layer = params[name]
-    kernel = jnp.asarray(layer["kernel"])
-    width = kernel.shape[1]
-    extra_cols = 0 if i == len(names) - 1 else -width % multiple
-    out[name] = {"kernel": jnp.pad(kernel, ((0, extra_rows), (0, extra_cols)))}
-    if "bias" in layer:
-      out[name]["bias"] = jnp.pad(jnp.asarray(layer["bias"]), (0, extra_cols))
-    extra_rows = extra_cols
-  return out
 
 
 # Jitted once per (scope, prunable): the level is a traced float32 scalar, counted as in

@@ -3,4 +3,4 @@
 from prune_jax.models import MLP, init_mlp
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax.report import sparsity_report
-from prune_jax.shrink import shrink, shrunk_widths
+from prune_jax.shrinking import expand, pad_units, shrink, shrunk_widths

@@ -24,7 +24,7 @@ class MLP(nn.Module):
 
   Attributes:
     hidden: widths of the hidden layers; any widths >= 0 (0 for a layer pruned away), so that a shrunk param tree
-      (see `prune_jax.shrink`) runs in `MLP(hidden=shrunk_widths(...))`.
+      (see `prune_jax.shrinking`) runs in `MLP(hidden=shrunk_widths(...))`.
     num_classes: width of the logits layer.
     use_bias: the seed's network has no biases.
     initializer: "seed" (truncated normal, stddev 0.05, zero biases) or "flax" (Flax's Dense default:

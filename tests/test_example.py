@@ -34,10 +34,10 @@ def test_readme_example_runs_as_written(capsys):
   assert report["total"]["units_alive"] == 16 + 12 + 8 + 5
 
 
-@pytest.mark.parametrize("module", ["prune_jax.masks", "prune_jax.shrink", "prune_jax.report"])
+@pytest.mark.parametrize("module", ["prune_jax.masks", "prune_jax.shrinking", "prune_jax.report"])
 def test_docstring_examples(module):
   globs = {"jax": jax, "jnp": jnp, **{name: getattr(prune_jax, name) for name in (
-      "MLP", "init_mlp", "weight_masks", "unit_masks", "apply_masks", "shrink", "shrunk_widths",
+      "MLP", "init_mlp", "weight_masks", "unit_masks", "apply_masks", "shrink", "shrunk_widths", "expand", "pad_units",
       "sparsity_report")}}
   result = doctest.testmod(sys.modules[module], extraglobs=globs,
                            optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -9,7 +9,7 @@ import pytest
 
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax.report import sparsity_report
-from prune_jax.shrink import shrink
+from prune_jax.shrinking import shrink
 from _trees import random_params
 
 # Dense_0 unit 1 is dead (zero column, zero bias); unit 2 has a zero column but a bias of 0.5, so

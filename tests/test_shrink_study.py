@@ -20,7 +20,7 @@ from experiments import shrink as study
 from prune_jax import timing
 from prune_jax.masks import apply_masks, unit_masks
 from prune_jax.models import MLP, init_mlp
-from prune_jax.shrink import shrink, shrunk_widths
+from prune_jax.shrinking import pad_units, shrink, shrunk_widths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"seeds": [0], "sparsities": [0, 50, 90], "train_steps": 50, "batch_size": 100,
@@ -64,7 +64,7 @@ def test_shrunk_net_gives_the_masked_logits(mnist, trained, keep_last_hidden, le
                                            apply_masks(trained, masks), x)
   assert scale > 0  # real logits, not all zeros
   assert diff <= study.EQUIVALENCE_RTOL * scale
-  padded = study.pad_units(small, 16)
+  padded = pad_units(small, 16)
   assert all(w % 16 == 0 and w - 16 < v <= w
              for v, w in zip(widths, shrunk_widths(padded)))
   pad_diff, _ = study.max_logit_difference(model.clone(hidden=shrunk_widths(padded)), padded,
@@ -77,29 +77,6 @@ def test_keep_last_hidden_leaves_dense_3_unpruned(trained):
   assert masks["Dense_3"]["kernel"] is None and masks["Dense_4"]["kernel"] is None
   assert masks["Dense_2"]["kernel"] is not None
   assert study.unit_prunable(trained, keep_last_hidden=False) is None
-
-
-# ---------------------------------------------------------------------------------------------
-# Padding with zero units
-# ---------------------------------------------------------------------------------------------
-def test_pad_units_is_exact_with_biases():
-  model = MLP(hidden=(13, 0, 7), use_bias=True)
-  params = jax.tree.map(lambda p: p + 0.3, init_mlp(jax.random.key(0), model))
-  padded = study.pad_units(params, 8)
-  assert shrunk_widths(padded) == (16, 0, 8)
-  assert padded["Dense_0"]["bias"].shape == (16,)
-  np.testing.assert_array_equal(padded["Dense_0"]["kernel"][:, 13:], 0)
-  x = jax.random.uniform(jax.random.key(1), (5, 784))
-  np.testing.assert_allclose(
-      model.clone(hidden=(16, 0, 8)).apply({"params": padded}, x),
-      model.apply({"params": params}, x), rtol=1e-6, atol=1e-6)
-
-
-def test_pad_units_by_one_is_the_identity_and_zero_is_refused():
-  params = init_mlp(jax.random.key(0), MLP(hidden=(5,)))
-  assert study.pad_units(params, 1) is params
-  with pytest.raises(ValueError, match="multiple must be >= 1"):
-    study.pad_units(params, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests of prune_jax.shrink: the shrunk net computes the masked net's logits; bad input."""
+"""Tests of prune_jax.shrinking: the shrunk net computes the masked net's logits; bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prune_jax import MLP
+from prune_jax import MLP, init_mlp
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
-from prune_jax.shrink import shrink, shrunk_widths
+from prune_jax.shrinking import expand, pad_units, shrink, shrunk_widths
 from _trees import random_params
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.9, 0.99, 1.0)
@@ -211,3 +211,51 @@ def test_rejects_traced_and_mismatched_masks():
     jax.jit(shrink)(PARAMS, masks)
   with pytest.raises(ValueError, match="no mask for Dense_2/bias"):
     shrink(PARAMS, {**masks, "Dense_2": {"kernel": masks["Dense_2"]["kernel"]}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding with zero units
+# ---------------------------------------------------------------------------------------------
+def test_pad_units_is_exact_with_biases():
+  model = MLP(hidden=(13, 0, 7), use_bias=True)
+  params = jax.tree.map(lambda p: p + 0.3, init_mlp(jax.random.key(0), model))
+  padded = pad_units(params, 8)
+  assert shrunk_widths(padded) == (16, 0, 8)
+  assert padded["Dense_0"]["bias"].shape == (16,)
+  np.testing.assert_array_equal(padded["Dense_0"]["kernel"][:, 13:], 0)
+  x = jax.random.uniform(jax.random.key(1), (5, 784))
+  np.testing.assert_allclose(
+      model.clone(hidden=(16, 0, 8)).apply({"params": padded}, x),
+      model.apply({"params": params}, x), rtol=1e-6, atol=1e-6)
+
+
+def test_pad_units_by_one_is_the_identity_and_zero_is_refused():
+  params = init_mlp(jax.random.key(0), MLP(hidden=(5,)))
+  assert pad_units(params, 1) is params
+  with pytest.raises(ValueError, match="multiple must be >= 1"):
+    pad_units(params, 0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_expand_inverts_shrink_on_the_kept_units(sparsity, bias):
+  params = random_params(3, HIDDEN, bias=bias)
+  masks = unit_masks(params, sparsity)
+  masked = apply_masks(params, masks)
+  small = shrink(params, masks)
+  back = expand(small, masked, masks)
+  jax.tree.map(np.testing.assert_array_equal, back, masked)
+  # Changed kept entries land where shrink took them from; pruned entries keep full's values.
+  bumped = jax.tree.map(lambda x: x + 1, small)
+  grown = expand(bumped, masked, masks)
+  jax.tree.map(np.testing.assert_array_equal, shrink(grown, masks), bumped)
+  for name in ("Dense_0", "Dense_1", "Dense_2"):
+    cols = np.asarray(masks[name]["kernel"]).all(axis=0)
+    np.testing.assert_array_equal(grown[name]["kernel"][:, ~cols], 0)
+
+
+def test_expand_rejects_a_tree_of_other_shapes():
+  params = random_params(3, HIDDEN)
+  masks = unit_masks(params, 0.5)
+  with pytest.raises(ValueError, match="Dense_0/kernel of the shrunk tree has shape"):
+    expand(params, params, masks)
