@@ -1,13 +1,11 @@
-"""The dense base nets the studies prune: trained once per seed, cached in the workdir.
+"""The dense base nets the studies prune: trained once per seed, kept in the workdir.
 
-A cache file is named by a hash of everything that determines the trained weights (seed, protocol,
-architecture, the MNIST files' checksums and the jax/flax versions), so a study with other
-settings never picks up a wrong net. A file that does not load or does not match is retrained.
+A base net is a unit of the store (`prune_jax.store`, `<workdir>/cache/units/base/`) keyed by
+everything that determines the trained weights (seed, protocol, architecture, the MNIST files'
+checksums and the jax/flax versions), so a study with other settings never picks up a wrong net.
+A file that does not load or does not check out is retrained.
 """
 
-import hashlib
-import json
-import os
 from typing import Any
 
 import flax.serialization
@@ -17,7 +15,8 @@ import numpy as np
 from absl import logging
 
 from prune_jax import data as data_lib
-from prune_jax import results, train
+from prune_jax import store as store_lib
+from prune_jax import train
 from prune_jax.models import MLP, init_mlp
 
 Params = Any
@@ -42,9 +41,10 @@ def retrain_key(seed: int) -> jax.Array:
   return jax.random.fold_in(seed_keys(seed)[1], 1)
 
 
-def cache_key(config: dict[str, Any], seed: int, model: MLP) -> str:
-  """A short hash of everything that determines the base net of `seed`."""
-  determined_by = {
+def base_key(config: dict[str, Any], seed: int, model: MLP | None = None) -> dict[str, Any]:
+  """Everything that determines the base net of `seed`: the unit key of its training."""
+  model = model or base_model()
+  return {
       "seed": seed,
       "train_steps": config["train_steps"],
       "batch_size": config["batch_size"],
@@ -56,8 +56,11 @@ def cache_key(config: dict[str, Any], seed: int, model: MLP) -> str:
       "jax": jax.__version__,
       "flax": flax.__version__,
   }
-  blob = json.dumps(determined_by, sort_keys=True).encode()
-  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cache_key(config: dict[str, Any], seed: int, model: MLP | None = None) -> str:
+  """A short hash of everything that determines the base net of `seed` (its file name)."""
+  return store_lib.key_hash(base_key(config, seed, model))
 
 
 def train_base(config: dict[str, Any], seed: int, mnist: data_lib.MNIST,
@@ -72,31 +75,35 @@ def train_base(config: dict[str, Any], seed: int, mnist: data_lib.MNIST,
 
 
 def load_or_train(config: dict[str, Any], seed: int, mnist: data_lib.MNIST, *,
-                  retrain: bool = False, model: MLP | None = None) -> tuple[Params, dict]:
-  """Returns the base net of `seed` from `<workdir>/cache/`, training and caching it if needed.
+                  retrain: bool = False, model: MLP | None = None,
+                  store: store_lib.Store) -> tuple[Params, dict]:
+  """Returns the base net of `seed` from the store, training and storing it if needed.
+
+  The net is the unit `"base"` keyed by `base_key`; a stored file that does not check out
+  (truncated, corrupt, other shapes, not finite) is retrained.
 
   Returns:
-    `(params, info)`, where `info` says whether it was cached, the cache file and the training
-    time (0 when loaded).
+    `(params, info)`, where `info` says whether it was cached, the file and the training time
+    (its original training time when loaded; `train_seconds` 0 then).
   """
   model = model or base_model()
-  path = os.path.join(config["workdir"], "cache", f"base-{cache_key(config, seed, model)}.msgpack")
+  key = base_key(config, seed, model)
   template = jax.eval_shape(lambda: init_mlp(jax.random.key(0), model))  # shapes only
-  if not retrain and os.path.exists(path):
-    try:
-      with open(path, "rb") as f:
-        params = flax.serialization.from_bytes(template, f.read())
-      shapes_match = jax.tree.all(jax.tree.map(
-          lambda a, b: np.shape(a) == np.shape(b), params, template))
-      finite = all(bool(np.all(np.isfinite(leaf))) for leaf in jax.tree.leaves(params))
-      if shapes_match and finite:
-        logging.info("seed %d: loaded the base net from %s", seed, path)
-        return jax.tree.map(jnp.asarray, params), {"cached": True, "path": path,
-                                                   "train_seconds": 0.0}
-      logging.warning("seed %d: cached base net %s does not match; retraining", seed, path)
-    except Exception as e:  # a truncated or foreign file: never use it, rebuild it
-      logging.warning("seed %d: cannot load %s (%s); retraining", seed, path, e)
-  params, stats = train_base(config, seed, mnist, model)
-  results.write_bytes(path, flax.serialization.to_bytes(params))
-  return params, {"cached": False, "path": path, "train_seconds": stats.seconds,
-                  "compile_seconds": stats.compile_seconds}
+  trained = []
+
+  def train_now():
+    params, stats = train_base(config, seed, mnist, model)
+    trained.append(stats)
+    return {"train_seconds": stats.seconds, "compile_seconds": stats.compile_seconds}, params
+
+  unit = store.get_or_compute("base", key, train_now, template=template, recompute=retrain)
+  params = jax.tree.map(jnp.asarray, unit.tree)
+  if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params)):
+    logging.warning("seed %d: the stored base net is not finite; retraining", seed)
+    unit = store.get_or_compute("base", key, train_now, template=template, recompute=True)
+    params = jax.tree.map(jnp.asarray, unit.tree)
+  path = store.tree_path("base", key)
+  if not trained:
+    logging.info("seed %d: loaded the base net from %s", seed, path)
+    return params, {"cached": True, "path": path, "train_seconds": 0.0}
+  return params, {"cached": False, "path": path, **unit.value}

@@ -34,6 +34,27 @@ LEARNING_RATE = flags.DEFINE_float(
 OPTIMIZER = flags.DEFINE_enum(
     "optimizer", "sgd", list(OPTIMIZERS), "Optimizer: plain SGD (the seed's), SGD with momentum "
     "0.9, or Adam.")
+SCOPE = flags.DEFINE_enum(
+    "scope", "layer", ["layer", "global"], "How a sparsity level is spread over the hidden "
+    "kernels: 'layer' prunes k% of each one (the seed's definition); 'global' ranks the weights "
+    "(or norm-normalised units) of all of them together, so layers end up with different "
+    "sparsities. The logits layer is never pruned.")
+RETRAIN_STEPS = flags.DEFINE_integer(
+    "retrain_steps", None, "Training steps after pruning. Default: the seed's budget for the "
+    "study, 500 after weight pruning (study 2) and 1000 after unit pruning (studies 3 and 4).",
+    lower_bound=0)
+RETRAIN_BASE = flags.DEFINE_bool(
+    "retrain_base", False, "Train new dense base nets even if <workdir>/cache/ holds matching "
+    "ones (the new ones replace them in the cache).")
+COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "Keep compiled programs in JAX's persistent compilation cache "
+    "under <workdir>/cache/xla/ (or $JAX_COMPILATION_CACHE_DIR if set), so that later runs and "
+    "other studies skip compiling them; --nocompilation_cache to compile everything anew.")
+FRESH = flags.DEFINE_bool(
+    "fresh", False, "Recompute everything. By default every finished unit of work (a base net, "
+    "a seed and level of a study, a timing table) is kept under <workdir>/cache/units/ as it "
+    "finishes, so that rerunning an interrupted command continues where it stopped; a changed "
+    "flag recomputes only the units it affects.")
 
 
 def _parse_seeds(values: list[str]) -> list[int]:
@@ -79,7 +100,10 @@ flags.register_validator("learning_rate", lambda lr: lr > 0 and math.isfinite(lr
 
 
 def config() -> dict[str, Any]:
-  """The shared flags as a JSON-ready dict (sparsities in percent, seeds as ints)."""
+  """The shared flags as a JSON-ready dict (sparsities in percent, seeds as ints).
+
+  `--retrain_steps` is not in it: each study reads it with its own default.
+  """
   return {
       "workdir": WORKDIR.value,
       "mnist_dir": MNIST_DIR.value,
@@ -89,4 +113,8 @@ def config() -> dict[str, Any]:
       "batch_size": BATCH_SIZE.value,
       "learning_rate": LEARNING_RATE.value,
       "optimizer": OPTIMIZER.value,
+      "scope": SCOPE.value,
+      "retrain_base": RETRAIN_BASE.value,
+      "fresh": FRESH.value,
+      "compilation_cache": COMPILATION_CACHE.value,
   }

@@ -6,6 +6,7 @@ and level. Both are written atomically.
 """
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,37 @@ def curve(per_seed: Sequence[Sequence[float]],
     out["measured_sparsity"] = sparsity.mean(axis=0).tolist()
     out["measured_sparsity_per_seed"] = sparsity.tolist()
   return out
+
+
+def payload(study: str, config: dict[str, Any], *, started: float,
+            base_info: dict[str, Any], curves: dict[str, Any],
+            timings: dict[str, Any] | None = None, **sections: Any) -> dict[str, Any]:
+  """The results payload of a study, in the schema every study shares (see the module docstring).
+
+  Args:
+    study: the study's folder name, e.g. `"recovery_weight"`.
+    config: its config (every flag); its `sparsities` and `seeds` are the curves' axes.
+    started: `time.perf_counter()` when the study started (for `timings.total_seconds`).
+    base_info: where each seed's base net came from (`frame.load_bases`).
+    curves: `{name: curve(...)}`.
+    timings: the study's own timings (seconds), added to `total_seconds` and
+      `base_train_seconds`.
+    **sections: the study's own top-level sections (e.g. study 4's `timing`).
+  """
+  return {
+      "study": study,
+      "config": dict(config),
+      "sparsities": list(config["sparsities"]),
+      "seeds": list(config["seeds"]),
+      "timings": {
+          "total_seconds": time.perf_counter() - started,
+          "base_train_seconds": {s: i.get("train_seconds", 0.0) for s, i in base_info.items()},
+          **(timings or {}),
+      },
+      "base_nets": base_info,
+      "curves": curves,
+      **sections,
+  }
 
 
 def csv_rows(payload: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:

@@ -4,7 +4,7 @@ r"""Studies 2 and 3: prune the trained dense MLP, retrain it with the mask kept,
     python -m experiments.recovery --mode=unit --workdir=results --seeds=0,1,2     # study 3
     python -m experiments.recovery --mode=unit --regrow ...    # also retrain as the seed did
 
-For each seed, the dense base net (cached in `<workdir>/cache/`, see `experiments/base_nets.py`)
+For each seed, the dense base net (kept in `<workdir>/cache/units/`, see `experiments/base_nets.py`)
 is pruned at every `--sparsities` level, by weights or by units as in study 1
 (`experiments/sweep.py`), evaluated, retrained for `--retrain_steps` SGD steps with the mask
 kept (pruned weights stay exactly zero) and evaluated again. With `--regrow` every pruned net is
@@ -44,6 +44,11 @@ How each mode retrains:
   did not keep the mask but zeroed whole columns of a net without biases, was in effect masked
   retraining.
 
+Every retrained net is a unit of the workdir's store (`experiments/frame.py`), written as soon as
+it is done: an interrupted run continues where it stopped. A unit-pruned net is stored in its
+shrunk form (`retrained_shrunk`), which study 4 (`experiments/shrink.py`) reuses when its settings
+are the same.
+
 Writes `<workdir>/recovery_<mode>/results.json` (curves `dense`, `pruned`, `retrained`, and
 `regrown` with `--regrow`), `results.csv` and `recovery_<mode>.png`.
 """
@@ -58,10 +63,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import base_nets, outputs
-from experiments import sweep
+from experiments import base_nets, common_flags, frame, outputs, sweep
 from prune_jax import data as data_lib
+from prune_jax import store as store_lib
 from prune_jax import train
+from prune_jax.report import zero_percent
 from prune_jax.models import MLP
 from prune_jax.shrinking import expand, shrink, shrunk_widths
 
@@ -84,11 +90,6 @@ MODE = flags.DEFINE_enum(
     "mode", None, list(MODES), "Required. 'weight' (study 2): prune the k% smallest |w| of each "
     "hidden kernel; 'unit' (study 3): prune the k% units (kernel columns) of each hidden layer "
     "with the smallest L2 norm.")
-# experiments.shrink (study 4) defines the same flag with the same meaning (None: the seed's
-# budget); allow_override lets both modules be imported in one process, in either order.
-RETRAIN_STEPS = flags.DEFINE_integer(
-    "retrain_steps", None, "SGD steps of retraining after pruning. Default: the seed's, 500 "
-    "for --mode=weight and 1000 for --mode=unit.", lower_bound=0, allow_override=True)
 REGROW = flags.DEFINE_bool(
     "regrow", False, "Also retrain every pruned net without its mask, as the seed did (curve "
     "'regrown'), and report how much sparsity it has left.")
@@ -99,9 +100,11 @@ def retrain_steps(mode: str, steps: int | None) -> int:
   return SEED_RETRAIN_STEPS[mode] if steps is None else int(steps)
 
 
-def level(tree: Any, i: int) -> Any:
-  """Level `i` of a stacked tree (leading axis), `None` leaves kept."""
-  return jax.tree.map(lambda x: None if x is None else x[i], tree, is_leaf=lambda x: x is None)
+def level(tree: Any, i: int | Sequence[int]) -> Any:
+  """Level `i` of a stacked tree (leading axis), or the levels `i` (a list), `None` leaves kept."""
+  index = np.asarray(i) if isinstance(i, Sequence) else i
+  return jax.tree.map(lambda x: None if x is None else x[index], tree,
+                      is_leaf=lambda x: x is None)
 
 
 def retrain_levels(model: nn.Module, pruned: Params, masks: Masks, images: jax.Array,
@@ -144,14 +147,6 @@ def retrain_levels(model: nn.Module, pruned: Params, masks: Masks, images: jax.A
   return jax.tree.map(lambda *xs: jnp.stack(xs), *nets), seconds, compile_seconds
 
 
-def _dense_layer_names(params: Params) -> list[str]:
-  try:
-    return sorted(params, key=lambda name: int(name.rsplit("_", 1)[1]))
-  except (ValueError, IndexError) as e:
-    raise ValueError(f"expected an MLP's params {{'Dense_0': ..., 'Dense_1': ...}}, got "
-                     f"{sorted(params)}") from e
-
-
 def retrain_shrunk(model: MLP, pruned: Params, masks: Masks, images: jax.Array,
                    labels: jax.Array, *, key: jax.Array, steps: int, batch_size: int,
                    learning_rate: float, optimizer: str, log_every: int = 500,
@@ -174,27 +169,105 @@ def retrain_shrunk(model: MLP, pruned: Params, masks: Masks, images: jax.Array,
   return expand(small, pruned, masks), small_model, small, stats
 
 
+def retrain_key(config: dict[str, Any], seed: int, level: float, *, mode: str,
+                keep_masks: bool, steps: int, prunable: str = "hidden") -> dict[str, Any]:
+  """Everything that determines a retrained net: the unit key of its retraining.
+
+  Args:
+    config: the study config (the base net's protocol, `scope`, `batch_size`, `learning_rate`,
+      `optimizer`); seed: the base net's seed; level: the sparsity in percent.
+    mode: "weight" or "unit"; keep_masks: masks kept (True) or dropped (`--regrow`).
+    steps: the retraining steps.
+    prunable: which layers the masks prune: "hidden" (every hidden layer, the default masks) or
+      "hidden_but_last" (study 4's `--keep_last_hidden`).
+  """
+  return {**base_nets.base_key(config, seed), "mode": mode, "scope": config["scope"],
+          "prunable": prunable, "level": level, "keep_masks": keep_masks, "steps": steps,
+          "batch_size": config["batch_size"], "learning_rate": config["learning_rate"],
+          "optimizer": config["optimizer"]}
+
+
+def retrained_shrunk(store: store_lib.Store, key: dict[str, Any], model: MLP, pruned: Params,
+                     masks: Masks, mnist: data_lib.MNIST, *,
+                     name: str) -> tuple[Params, MLP, dict[str, Any]]:
+  """A unit-pruned net retrained in shrunk form (`retrain_shrunk`), from the store or trained.
+
+  Studies 3 and 4 share these units (the same `key`: same base net, level, batches and steps).
+
+  Returns:
+    `(small_params, small_model, info)`: the retrained shrunk net, its model, and `info` with
+    the training's `seconds` and `compile_seconds` (those of the original run when stored).
+  """
+  small = shrink(pruned, masks)
+  small_model = model.clone(hidden=shrunk_widths(small))
+
+  def compute():
+    _, _, new, stats = retrain_shrunk(
+        model, pruned, masks, mnist.train_images, mnist.train_labels,
+        key=base_nets.retrain_key(key["seed"]), steps=key["steps"],
+        batch_size=key["batch_size"], learning_rate=key["learning_rate"],
+        optimizer=key["optimizer"], name=name)
+    return {"seconds": stats.seconds, "compile_seconds": stats.compile_seconds,
+            "widths": list(small_model.hidden)}, new
+
+  unit = store.get_or_compute("retrained_shrunk", key, compute, template=small)
+  return jax.tree.map(jnp.asarray, unit.tree), small_model, unit.value
+
+
 def _evaluate_stack(model: nn.Module, stacked: Params, masks: Masks,
                     mnist: data_lib.MNIST) -> tuple[list[float], list[float]]:
   """Accuracy (%) and measured sparsity (%) of each net of a stack `[levels, ...]`."""
   evaluation = train.evaluate_many(model, stacked, mnist.test_images, mnist.test_labels)
-  measured = jax.vmap(sweep.zero_percent)(stacked, masks)
+  measured = jax.vmap(zero_percent)(stacked, masks)
   return ((100 * np.asarray(evaluation.accuracy, np.float64)).tolist(),
           np.asarray(measured, np.float64).tolist())
 
 
+def _retrain_full_size(store: store_lib.Store, config: dict[str, Any], seed: int, model: MLP,
+                       pruned: Params, masks: Masks, mnist: data_lib.MNIST, *, mode: str,
+                       keep_masks: bool, protocol: dict[str, Any]) -> list[dict[str, Any]]:
+  """Retrains the full-size pruned nets of every level (the stored ones are read back).
+
+  The levels not yet stored are retrained (`retrain_levels`: one at a time, or all at once with
+  `VMAP_RETRAINING`) and each is stored with its accuracy and measured sparsity as soon as it is
+  done.
+
+  Returns:
+    One unit value per level: `{"accuracy", "measured_sparsity", "seconds", "compile_seconds"}`.
+  """
+  levels = config["sparsities"]
+  keys = [{**retrain_key(config, seed, lv, mode=mode, keep_masks=keep_masks,
+                        steps=protocol["steps"]), "test_images": int(mnist.test_images.shape[0])}
+          for lv in levels]
+  kind = f"retrained_{mode}"
+  found = [store.get(kind, key) for key in keys]
+  todo = [i for i, unit in enumerate(found) if unit is None]
+  for group in ([todo] if VMAP_RETRAINING and todo else [[i] for i in todo]):
+    nets, seconds, compile_seconds = retrain_levels(
+        model, level(pruned, group), level(masks, group), mnist.train_images,
+        mnist.train_labels, key=base_nets.retrain_key(seed), keep_masks=keep_masks,
+        levels=[levels[i] for i in group],
+        name=f"seed {seed}: {'retrain' if keep_masks else 'regrow'} {mode}-pruned", **protocol)
+    acc, sparsity = _evaluate_stack(model, nets, level(masks, group), mnist)
+    for j, i in enumerate(group):
+      value = {"accuracy": acc[j], "measured_sparsity": sparsity[j],
+               "seconds": seconds / len(group), "compile_seconds": compile_seconds / len(group)}
+      store.put(kind, keys[i], value)
+      found[i] = store_lib.Unit(value, None)
+  return [unit.value for unit in found]
+
+
 def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
                  bases: dict[int, Params] | None = None,
-                 shrunk_nets: dict[int, list[Params]] | None = None) -> dict[str, Any]:
+                 store: store_lib.Store | None = None) -> dict[str, Any]:
   """Runs study 2 (`config["mode"] == "weight"`) or 3 (`"unit"`); returns its payload.
 
   Args:
-    config: `sweep.study_config(mode=..., retrain_steps=..., regrow=...)`: the shared flags plus
-      `scope`, `retrain_base`, `mode`, `retrain_steps` (None: the seed's budget) and `regrow`.
+    config: `frame.study_config(mode=..., retrain_steps=..., regrow=...)`: the shared flags
+      plus `mode`, `retrain_steps` (None: the seed's budget) and `regrow`.
     mnist: the loaded data.
-    bases: optional base nets by seed, already loaded (see `sweep.load_bases`).
-    shrunk_nets: if given (unit mode), filled with the retrained shrunk nets, one list per seed
-      with one params tree per level, so that study 4 can reuse them (`experiments/reproduce`).
+    bases: optional base nets by seed, already loaded (see `frame.load_bases`).
+    store: the store of finished units (default: the workdir's); every retrained net is one.
 
   Returns:
     The payload of `results.json` (study `recovery_<mode>`): curves `dense`, `pruned`,
@@ -204,7 +277,7 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
   Raises:
     ValueError: for a bad `mode` or `retrain_steps`, or a config missing keys.
   """
-  sweep.check_config(config, needs=("mode",))
+  frame.check_config(config, needs=("mode",))
   mode = config["mode"]
   if mode not in MODES:
     raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
@@ -214,12 +287,13 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
   regrow = bool(config.get("regrow", False))
   config = {**config, "retrain_steps": steps, "regrow": regrow}
   start = time.perf_counter()
+  store = store or frame.units(config)
   model = base_nets.base_model()
   levels = config["sparsities"]
-  fracs = sweep.fractions(levels)
+  fracs = frame.fractions(levels)
   protocol = dict(steps=steps, batch_size=config["batch_size"],
                   learning_rate=config["learning_rate"], optimizer=config["optimizer"])
-  params, base_info = sweep.load_bases(config, mnist, bases)
+  params, base_info = frame.load_bases(config, mnist, bases, store=store)
 
   names = ["pruned", "retrained"] + (["regrown"] if regrow else [])
   accuracy = {name: [] for name in names}
@@ -229,7 +303,7 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
                                    "retrain_compile_seconds", "regrow_seconds",
                                    "regrow_compile_seconds")}
   for seed in config["seeds"]:
-    acc, sparsity = sweep.evaluate_dense(model, params[seed], mnist, scope=config["scope"])
+    acc, sparsity = frame.evaluate_dense(model, params[seed], mnist, scope=config["scope"])
     dense.append(acc)
     dense_sparsity.append(sparsity)
     logging.info("seed %d: dense test accuracy %.2f%%", seed, acc)
@@ -242,69 +316,50 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
     measured["pruned"].append(sparsity)
     logging.info("seed %d: %s-pruned accuracy %s%%", seed, mode, _fmt(acc))
 
-    key = base_nets.retrain_key(seed)
     if mode == "weight":
-      retrained, seconds, compile_seconds = retrain_levels(
-          model, pruned, masks, mnist.train_images, mnist.train_labels, key=key,
-          keep_masks=True, levels=levels, name=f"seed {seed}: retrain weight-pruned", **protocol)
-      acc, sparsity = _evaluate_stack(model, retrained, masks, mnist)
+      units = _retrain_full_size(store, config, seed, model, pruned, masks, mnist, mode=mode,
+                                 keep_masks=True, protocol=protocol)
     else:
-      acc, sparsity, seconds, compile_seconds = [], [], 0.0, 0.0
+      units = []
       for i, lv in enumerate(levels):
-        full, small_model, small, stats = retrain_shrunk(
-            model, level(pruned, i), level(masks, i), mnist.train_images, mnist.train_labels,
-            key=key, name=f"seed {seed}: retrain {lv:g}%-unit-pruned net, shrunk to "
-            f"{shrunk_to(masks, i)}", **protocol)
-        acc.append(100 * float(train.evaluate(small_model, small, mnist.test_images,
-                                              mnist.test_labels).accuracy))
-        if shrunk_nets is not None:
-          shrunk_nets.setdefault(seed, []).append(small)
-        sparsity.append(float(sweep.zero_percent(full, level(masks, i))))
-        seconds += stats.seconds
-        compile_seconds += stats.compile_seconds
-    timings["retrain_seconds"].append(seconds)
-    timings["retrain_compile_seconds"].append(compile_seconds)
-    accuracy["retrained"].append(acc)
-    measured["retrained"].append(sparsity)
-    logging.info("seed %d: retrained (mask kept) accuracy %s%%", seed, _fmt(acc))
+        small, small_model, info = retrained_shrunk(
+            store, retrain_key(config, seed, lv, mode=mode, keep_masks=True, steps=steps),
+            model, level(pruned, i), level(masks, i), mnist,
+            name=f"seed {seed}: retrain {lv:g}%-unit-pruned net, shrunk to {shrunk_to(masks, i)}")
+        full = expand(small, level(pruned, i), level(masks, i))
+        units.append({**info, "accuracy": 100 * float(train.evaluate(
+            small_model, small, mnist.test_images, mnist.test_labels).accuracy),
+                      "measured_sparsity": float(zero_percent(full, level(masks, i)))})
+    timings["retrain_seconds"].append(sum(u["seconds"] for u in units))
+    timings["retrain_compile_seconds"].append(sum(u["compile_seconds"] for u in units))
+    accuracy["retrained"].append([u["accuracy"] for u in units])
+    measured["retrained"].append([u["measured_sparsity"] for u in units])
+    logging.info("seed %d: retrained (mask kept) accuracy %s%%", seed,
+                 _fmt(accuracy["retrained"][-1]))
 
     if regrow:
-      regrown, seconds, compile_seconds = retrain_levels(
-          model, pruned, masks, mnist.train_images, mnist.train_labels, key=key,
-          keep_masks=False, levels=levels, name=f"seed {seed}: regrow {mode}-pruned", **protocol)
-      acc, sparsity = _evaluate_stack(model, regrown, masks, mnist)
-      timings["regrow_seconds"].append(seconds)
-      timings["regrow_compile_seconds"].append(compile_seconds)
-      accuracy["regrown"].append(acc)
-      measured["regrown"].append(sparsity)
-      logging.info("seed %d: regrown accuracy %s%%, sparsity left %s%%", seed, _fmt(acc),
-                   _fmt(sparsity))
+      units = _retrain_full_size(store, config, seed, model, pruned, masks, mnist, mode=mode,
+                                 keep_masks=False, protocol=protocol)
+      timings["regrow_seconds"].append(sum(u["seconds"] for u in units))
+      timings["regrow_compile_seconds"].append(sum(u["compile_seconds"] for u in units))
+      accuracy["regrown"].append([u["accuracy"] for u in units])
+      measured["regrown"].append([u["measured_sparsity"] for u in units])
+      logging.info("seed %d: regrown accuracy %s%%, sparsity left %s%%", seed,
+                   _fmt(accuracy["regrown"][-1]), _fmt(measured["regrown"][-1]))
 
-  curves = {"dense": sweep.constant_curve(dense, dense_sparsity, len(levels))}
+  curves = {"dense": frame.constant_curve(dense, dense_sparsity, len(levels))}
   for name in names:
     curves[name] = outputs.curve(accuracy[name], measured[name])
-  return {
-      "study": f"recovery_{mode}",
-      "config": config,
-      "sparsities": list(levels),
-      "seeds": list(config["seeds"]),
-      "timings": {
-          "total_seconds": time.perf_counter() - start,
-          "base_train_seconds": {s: i.get("train_seconds", 0.0) for s, i in base_info.items()},
-          **{k: v for k, v in timings.items() if v},
-      },
-      "base_nets": base_info,
-      "curves": curves,
-  }
+  return outputs.payload(f"recovery_{mode}", config, started=start, base_info=base_info,
+                         curves=curves, timings={k: v for k, v in timings.items() if v})
 
 
 def shrunk_to(masks: Masks, i: int) -> str:
   """The hidden widths level `i` of stacked unit masks shrinks to, as text: `500-500-250-100`."""
   widths = []
-  for name in _dense_layer_names(masks):
-    mask = masks[name]["kernel"]
-    if mask is not None:
-      widths.append(str(int(np.asarray(mask[i]).all(axis=0).sum())))
+  for leaf in jax.tree.leaves(level(masks, i)):
+    if leaf.ndim == 2:
+      widths.append(str(int(np.asarray(leaf).all(axis=0).sum())))
   return "-".join(widths)
 
 
@@ -312,16 +367,17 @@ def _fmt(values: Sequence[float]) -> str:
   return ",".join(f"{v:.1f}" for v in values)
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {list(argv[1:])}; all options are --flags")
+def recovery_config() -> dict[str, Any]:
+  """The parsed flags as this study's config: the shared ones plus `mode` and `regrow`."""
   if MODE.value is None:
-    raise app.UsageError("--mode is required: --mode=weight (study 2) or --mode=unit (study 3)")
-  config = sweep.study_config(mode=MODE.value,
-                              retrain_steps=retrain_steps(MODE.value, RETRAIN_STEPS.value),
-                              regrow=REGROW.value)
-  mnist = data_lib.load_mnist(config["mnist_dir"])
-  sweep.write_and_plot(run_recovery(config, mnist), config["workdir"])
+    raise ValueError("--mode is required: --mode=weight (study 2) or --mode=unit (study 3)")
+  return frame.study_config(mode=MODE.value,
+                            retrain_steps=retrain_steps(MODE.value,
+                                                        common_flags.RETRAIN_STEPS.value),
+                            regrow=REGROW.value)
+
+
+main = frame.main(run_recovery, recovery_config)
 
 
 if __name__ == "__main__":

@@ -107,30 +107,51 @@ def shrink_section(payload: Payload) -> list[str]:
                  f"{big['macs_ratio']:.1f}",
                  *[f"{rows_at[b]['speedup']:.2f}" for b in batches],
                  f"{big['speedup_vs_macs_ratio']:.2f}",
+                 f"{big['shrunk']['median_ms']:.2f}",
+                 f"{big['roofline_ms']:.2f}" if "roofline_ms" in big else "–",
+                 f"{big['vs_limit']:.2f} ({big['limit']})" if "vs_limit" in big else "–",
                  "–" if seed_speedup is None else f"{seed_speedup:g}"])
   ref = timing["reference"]
   lines = [
       "## 4. Shrink: delete the pruned units, time inference", "",
-      f"{_spread_note(payload)}. Speed-ups are dense time / shrunk time, medians of "
-      f"{timing['runs']} runs after a warm-up, compiled forward pass only, seed "
-      f"{timing['timed_seed']}'s nets before retraining; the multiply-add (MAC) ratio is what the "
-      "arithmetic allows. The seed kept hidden layer 4 whole and timed one pass on a 2017 laptop.",
+      f"{_spread_note(payload)}. Speed-ups are dense time / shrunk time, medians of up to "
+      f"{timing['runs']} interleaved runs after a warm-up (fewer once the medians are known to "
+      f"{100 * timing.get('precision', 0):g}%), compiled forward pass only, seed "
+      f"{timing['timed_seed']}'s nets before retraining, on {_device(timing)}; the multiply-add "
+      "(MAC) ratio is what the arithmetic allows. The roofline is what the machine allows the "
+      "shrunk net: per layer, a plain matmul of its shape or moving its bytes at the measured "
+      "memory bandwidth, whichever takes longer, measured in the same run; 'vs limit' is the "
+      "larger of the roofline and the arithmetic time (dense time / MAC ratio) over the measured "
+      "time (1 = as fast as allowed). The seed kept hidden layer 4 whole and timed one pass on "
+      "a 2017 laptop.",
       "",
       *_table(["sparsity %", "widths", "accuracy before retraining", "seed",
                f"after {payload['config']['retrain_steps']} steps", "seed", "MAC ratio",
                *[f"speed-up, batch {b}" for b in batches],
-               f"speed-up / MAC ratio (batch {batches[-1]})", "seed speed-up"], rows),
+               f"speed-up / MAC ratio (batch {batches[-1]})", f"ms (batch {batches[-1]})",
+               "roofline ms", "vs limit", "seed speed-up"], rows),
       "",
       f"Dense inference at batch {ref['batch']}: {ref['dense']['gflops']:.1f} GFLOP/s, "
       f"{ref['dense_vs_matmul']:.2f} x a plain [{ref['batch']},784]@[784,1000] matmul measured in "
-      "the same run.",
+      "the same run" + (f"; memory bandwidth {ref['bandwidth_gbs']:.1f} GB/s." if "bandwidth_gbs"
+                        in ref else "."),
   ]
+  masked = timing.get("masked", {}).get(batches[-1])
+  if masked:
+    lines.append(f"The masked dense net ({masked['sparsity']:g}% of units zeroed, full shapes) "
+                 f"runs at {masked['speedup']:.2f} x the dense net's speed: zeros are not "
+                 "skipped.")
   target = timing.get("target")
   if target:
     lines.append(
-        f"Target (speed-up ≥ {target['fraction']:g} x MAC ratio at batch {target['batch']} up to "
-        f"{target['up_to_sparsity']:g}%): " + ("met." if target["met"] else "not met at " + ", ".join(
-            f"{v:g}%" for v in target["levels_short"]) + "."))
+        f"Target (batch {target['batch']}, every level up to {target['up_to_sparsity']:g}%: "
+        f"speed-up ≥ {target['fraction']:g} x MAC ratio, or within {1 / target['fraction']:g} x "
+        "the roofline where that is the limit): " + (
+            "met." if target["met"] else "not met at " + ", ".join(
+                f"{v:g}%" for v in target["levels_short"]) + ".")
+        + (" Below " + f"{target['fraction']:g} x the MAC ratio at " + ", ".join(
+            f"{v:g}%" for v in target["levels_short_of_macs_ratio"]) + "."
+           if target.get("levels_short_of_macs_ratio") else ""))
   ws = payload.get("weight_sparse")
   if ws:
     for fmt, by_batch in ws.get("beats_dense_from", {}).items():
@@ -141,14 +162,25 @@ def shrink_section(payload: Payload) -> list[str]:
   return lines + [""]
 
 
+def _device(timing: Mapping[str, Any]) -> str:
+  device = timing.get("device") or timing.get("reference", {}).get("device")
+  if isinstance(device, Mapping):
+    return f"{device.get('kind')} ({device.get('platform')})"
+  return "the CPU"
+
+
 SECTIONS = {"sweep": sweep_section, "recovery_weight": recovery_section,
             "recovery_unit": recovery_section, "shrink": shrink_section}
 
 
 def build_report(payloads: Mapping[str, Payload], *, command: str = "",
                  phases: Sequence[tuple[str, float]] = (), total_seconds: float | None = None,
-                 workdir: str = ".") -> str:
-  """REPORT.md's text for the studies in `payloads` (by study name); plots linked relatively."""
+                 workdir: str = ".", units: Mapping[str, int] | None = None) -> str:
+  """REPORT.md's text for the studies in `payloads` (by study name); plots linked relatively.
+
+  `units`: how many finished units were read back from the store and how many computed (a
+  resumed run's wall time covers only the computed ones).
+  """
   first = next(iter(payloads.values()))
   machine = first.get("machine") or results.machine()
   versions = first.get("versions") or results.versions()
@@ -160,6 +192,9 @@ def build_report(payloads: Mapping[str, Payload], *, command: str = "",
             f"flax {versions.get('flax')}, Python {versions.get('python')}.", ""]
   if total_seconds is not None:
     lines.append(f"Wall time: {total_seconds:.1f} s in all, start-up and compilation included.")
+  if units and units.get("loaded"):
+    lines.append(f"Resumed: {units['loaded']} finished units were read back from "
+                 f"`cache/units/`, {units.get('computed', 0)} computed in this run.")
   if phases:
     lines += ["", *_table(["phase", "seconds"], [[name, f"{secs:.1f}"] for name, secs in phases])]
   lines += ["", "Config: " + ", ".join(f"`{k}={v}`" for k, v in sorted(config.items())), ""]

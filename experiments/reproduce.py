@@ -6,9 +6,14 @@ r"""All four studies in one process, sharing data, base nets and compiled progra
 
 Writes `<workdir>/{sweep,recovery_weight,recovery_unit,shrink}/` (results.json, CSV, PNG) and
 `<workdir>/REPORT.md`. Study 4 reuses the shrunk nets that study 3 retrained (the same nets,
-batches and steps), unless `--keep_last_hidden` makes them different nets. `--retrain_steps`, if
-given, sets every retraining budget (default: the seed's, 500 for weight and 1000 for unit
-pruning). Progress: one line per phase with the elapsed time and an estimate of what remains.
+batches and steps: the same units of the store), unless `--keep_last_hidden` makes them different
+nets. `--retrain_steps`, if given, sets every retraining budget (default: the seed's, 500 for
+weight and 1000 for unit pruning). Progress: one line per phase with the elapsed time and an
+estimate of what remains.
+
+Resumable: every finished unit (a base net, a seed and level of a study, a timing table) is kept
+under `<workdir>/cache/units/`; rerunning the same command after an interruption (Ctrl-C, `kill`)
+continues where it stopped and gives the same numbers; `--fresh` recomputes everything.
 """
 
 import os
@@ -20,7 +25,7 @@ from typing import Any
 
 from absl import app, logging
 
-from experiments import base_nets, recovery, report, shrink, sweep
+from experiments import base_nets, common_flags, frame, recovery, report, shrink, sweep
 from prune_jax import data as data_lib
 from prune_jax import results
 
@@ -94,41 +99,42 @@ def phase_costs(config: dict[str, Any], *, steps: dict[str, int], cached: int,
   }
 
 
-def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str = "") -> str:
-  """Runs the four studies and writes every result file and REPORT.md; returns REPORT.md's path."""
+def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str = "",
+        mnist: data_lib.MNIST | None = None) -> str:
+  """Runs the four studies and writes every result file and REPORT.md; returns REPORT.md's path.
+
+  `mnist`: the data, if already loaded (else loaded here, as the first phase).
+  """
   workdir = config["workdir"]
-  results.ensure_dir(workdir)
+  frame.check_config(config)
   steps = {mode: recovery.retrain_steps(mode, config["retrain_steps"])
            for mode in ("weight", "unit")}
   share = not shrink_config["keep_last_hidden"] and shrink_config["retrain_steps"] == steps["unit"]
-  model = base_nets.base_model()
+  store = frame.units(config)
   cached = 0 if config["retrain_base"] else sum(
-      os.path.exists(os.path.join(workdir, "cache",
-                                  f"base-{base_nets.cache_key(config, s, model)}.msgpack"))
-      for s in config["seeds"])
+      store.contains("base", base_nets.base_key(config, s)) for s in config["seeds"])
   progress = Progress(phase_costs(config, steps=steps, cached=cached, share_retrained=share))
   phases = iter(progress.costs)
 
-  mnist = data_lib.load_mnist(config["mnist_dir"])
+  mnist = mnist or data_lib.load_mnist(config["mnist_dir"])
   progress.finish(next(phases))
-  bases, _ = sweep.load_bases(config, mnist)
+  bases, _ = frame.load_bases(config, mnist, store=store)
   progress.finish(next(phases))
 
   payloads = {}
-  payloads["sweep"] = sweep.run_sweep(config, mnist, bases=bases)
-  sweep.write_and_plot(payloads["sweep"], workdir)
+  payloads["sweep"] = sweep.run_sweep(config, mnist, bases=bases, store=store)
+  frame.write_and_plot(payloads["sweep"], workdir)
   progress.finish(next(phases))
 
   for mode in ("weight", "unit"):
-    retrained = {} if mode == "unit" and share else None
     payload = recovery.run_recovery({**config, "mode": mode, "retrain_steps": steps[mode]}, mnist,
-                                    bases=bases, shrunk_nets=retrained)
+                                    bases=bases, store=store)
     payloads[payload["study"]] = payload
-    sweep.write_and_plot(payload, workdir)
+    frame.write_and_plot(payload, workdir)
     progress.finish(next(phases))
 
   payloads["shrink"] = shrink.run_shrink({**config, **shrink_config}, mnist, bases=bases,
-                                         retrained=retrained)
+                                         store=store)
   shrink.write_outputs(payloads["shrink"], workdir)
   progress.finish(next(phases))
 
@@ -136,17 +142,17 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
   written = report.load_payloads(workdir)
   text = report.build_report({k: written[k] for k in payloads}, command=command,
                              phases=progress.done, total_seconds=progress.elapsed,
-                             workdir=workdir)
+                             workdir=workdir, units={"loaded": store.loaded,
+                                                     "computed": store.computed})
   path = os.path.join(workdir, "REPORT.md")
   results.write_text(path, text)
   progress.finish(next(phases))
   return path
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {list(argv[1:])}; all options are --flags")
-  config = sweep.study_config(retrain_steps=recovery.RETRAIN_STEPS.value,
+def reproduce_config() -> dict[str, Any]:
+  """The parsed flags: the shared config, with study 4's own under `"shrink"`."""
+  config = frame.study_config(retrain_steps=common_flags.RETRAIN_STEPS.value,
                               regrow=recovery.REGROW.value)
   shrink_config = shrink.shrink_config()
   if not shrink.WEIGHT_SPARSE_BATCHES.present:
@@ -154,10 +160,24 @@ def main(argv: Sequence[str]) -> None:
     # anew at every batch size: within the reproduction, time them at one batch size (100).
     shrink_config["weight_sparse_batches"] = [max(
         [b for b in shrink_config["eval_batches"] if b <= 100] or shrink_config["eval_batches"][:1])]
+  return {**config, "shrink": shrink_config}
+
+
+def _run_and_report(config: dict[str, Any], mnist: data_lib.MNIST) -> str:
   command = "python -m experiments.reproduce " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-  path = run(config, shrink_config, command=command.strip())
+  config = dict(config)
+  shrink_config = config.pop("shrink")
+  return run(config, shrink_config, command=command.strip(), mnist=mnist)
+
+
+def _print_path(path: str, workdir: str) -> str:
+  del workdir
   logging.info("wrote %s", path)
   print(f"report: {path}")
+  return path
+
+
+main = frame.main(_run_and_report, reproduce_config, write=_print_path)
 
 
 if __name__ == "__main__":

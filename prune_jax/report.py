@@ -1,7 +1,10 @@
-"""Sparsity, parameter counts and multiply-adds of a (masked) sequential Dense stack."""
+"""Sparsity, parameter counts and multiply-adds of a (masked) sequential Dense stack; measured
+sparsity of any tree."""
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from prune_jax import _paths
@@ -101,3 +104,33 @@ def sparsity_report(params: Params, masks: Masks | None = None) -> dict[str, Any
   total["sparsity"] = total["zeros"] / total["weights"] if total["weights"] else 0.0
   report["total"] = {key: total[key] for key in ("weights", "zeros", "sparsity") + keys[2:]}
   return report
+
+
+def zero_percent(params: Params, masks: Masks) -> jax.Array:
+  """Percent of exactly-zero entries over the leaves `masks` prunes (its non-`None` leaves).
+
+  The measured (not nominal) sparsity of a net: with the default masks, the zeros among all
+  entries of the hidden kernels. Jittable and vmappable (use the same leading axis on both).
+
+  Args:
+    params: a param tree, leaves `[...]`.
+    masks: a mask tree mirroring it; only which leaves are `None` matters, not the values (a
+      tree of `jax.ShapeDtypeStruct`s from `jax.eval_shape` will do).
+
+  Returns:
+    A float32 scalar in [0, 100].
+
+  Example:
+    >>> params = {"Dense_0": {"kernel": jnp.array([[0.0, 1.0]])},
+    ...           "Dense_1": {"kernel": jnp.zeros((2, 1))}}       # not pruned: not counted
+    >>> masks = {"Dense_0": {"kernel": jnp.array([[False, True]])}, "Dense_1": {"kernel": None}}
+    >>> float(zero_percent(params, masks))
+    50.0
+  """
+  pairs = jax.tree.leaves(
+      jax.tree.map(lambda m, p: None if m is None else (jnp.sum(p == 0), p.size), masks, params,
+                   is_leaf=lambda x: x is None),
+      is_leaf=lambda x: isinstance(x, tuple))
+  zeros = sum(z.astype(jnp.float32) for z, _ in pairs)
+  size = sum(n for _, n in pairs)
+  return 100 * zeros / size

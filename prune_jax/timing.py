@@ -91,10 +91,24 @@ def matmul_gflops(m: int, k: int, n: int, *, runs: int = 21) -> float:
   return 2 * m * k * n / timing.median / 1e9
 
 
+def median_error(times: Sequence[float]) -> float:
+  """The relative standard error of the median of `times`: `1.86 MAD / sqrt(n) / median`.
+
+  For normal noise the median's standard error is `1.2533 sigma / sqrt(n)` and `sigma` is
+  `1.4826 MAD` (the median absolute deviation), a robust estimate that one outlier (a run hit by
+  another process) does not inflate. `inf` for fewer than 2 times.
+  """
+  if len(times) < 2:
+    return math.inf
+  median = statistics.median(times)
+  mad = statistics.median(abs(t - median) for t in times)
+  return 1.2533 * 1.4826 * mad / math.sqrt(len(times)) / median if median > 0 else math.inf
+
+
 def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]]], *,
                      runs: int = 7, warmup: int = 1, slow_seconds: float | None = None,
-                     min_run_seconds: float = 0.0,
-                     rewarm_seconds: float = 0.0) -> dict[str, Timing]:
+                     min_run_seconds: float = 0.0, rewarm_seconds: float = 0.0,
+                     precision: float = 0.0, min_runs: int = 3) -> dict[str, Timing]:
   """Times several functions round-robin, so that a shared machine's load hits them all alike.
 
   Each `fn` of `calls[name] = (fn, args)` is compiled for `args` (timed apart; `fn` may be a
@@ -112,9 +126,15 @@ def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]
   machine the ratio of two medians measured this way is much steadier than that of two
   `time_jitted` results taken one after the other.
 
+  With `precision`, the number of rounds follows the measured spread: after `min_runs` rounds,
+  the rounds stop as soon as every function's median is known to `precision` (its relative
+  standard error, `median_error`, is at most that), and at `runs` rounds at the latest; a quiet
+  machine then needs few rounds and a noisy one gets more.
+
   Args:
     calls: `{name: (fn, args)}`, run in this order within each round.
-    runs: timed rounds (>= 1); each function's median, min and max are over its runs.
+    runs: timed rounds (>= 1), the most with `precision`; each function's median, min and max
+      are over its runs.
     warmup: untimed calls of each function before the rounds (>= 0; at least 1 is needed for
       `slow_seconds` and `min_run_seconds` to apply).
     slow_seconds: if set, a function whose fastest warm-up call took longer is left out of the
@@ -123,6 +143,9 @@ def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]
     min_run_seconds: the least duration of a run (0: one call per run).
     rewarm_seconds: the least duration of the untimed calls before a run that follows a call
       longer than this (0: none); a function whose calls take longer is not re-warmed.
+    precision: the relative standard error of the medians at which the rounds stop early
+      (0: always `runs` rounds).
+    min_runs: the fewest rounds with `precision` (at most `runs`).
 
   Returns:
     `{name: Timing}` in the order of `calls`; `Timing.calls_per_run` says how many calls each
@@ -131,10 +154,11 @@ def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]
   Raises:
     ValueError: if `runs` < 1, `warmup` < 0 or `min_run_seconds` < 0.
   """
-  if runs < 1 or warmup < 0 or min_run_seconds < 0 or rewarm_seconds < 0:
-    raise ValueError(f"need runs >= 1, warmup >= 0, min_run_seconds >= 0 and rewarm_seconds "
-                     f">= 0, got runs={runs}, warmup={warmup}, min_run_seconds={min_run_seconds}, "
-                     f"rewarm_seconds={rewarm_seconds}")
+  if runs < 1 or warmup < 0 or min_run_seconds < 0 or rewarm_seconds < 0 or precision < 0:
+    raise ValueError(f"need runs >= 1, warmup >= 0, min_run_seconds >= 0, rewarm_seconds >= 0 "
+                     f"and precision >= 0, got runs={runs}, warmup={warmup}, "
+                     f"min_run_seconds={min_run_seconds}, rewarm_seconds={rewarm_seconds}, "
+                     f"precision={precision}")
   compiled, compile_seconds, repeats, rewarms, slow = {}, {}, {}, {}, set()
   for name, (fn, args) in calls.items():
     start = time.perf_counter()
@@ -170,6 +194,9 @@ def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]
         jax.block_until_ready(exe(*args))
       previous_call = (time.perf_counter() - start) / n
       times[name].append(previous_call)
+    if (precision and round_ + 1 >= min(min_runs, runs)
+        and all(median_error(t) <= precision for k, t in times.items() if k not in slow)):
+      break
   return {name: Timing(statistics.median(t), min(t), max(t), len(t), compile_seconds[name],
                        repeats[name])
           for name, t in times.items()}

@@ -7,6 +7,8 @@ Tests using `mnist_dir` or `mnist` get the `needs_mnist` marker automatically.
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
@@ -14,12 +16,26 @@ ENV_VAR = "PRUNE_JAX_MNIST_DIR"  # = prune_jax.data.ENV_VAR; not imported, so co
 REQUIRE_ENV_VAR = "PRUNE_JAX_REQUIRE_MNIST"
 SHARED_MNIST_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 _MNIST_FIXTURES = {"mnist_dir", "mnist"}
+_XLA_CACHE = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
   config.addinivalue_line(
       "markers", "needs_mnist: reads the real MNIST files (fixtures `mnist_dir`, `mnist`); must not skip in CI."
   )
+  # One persistent compilation cache for the session's subprocess runs of the studies (which turn
+  # it on): a program compiled by one run is loaded, not compiled, by the next. Set before jax
+  # is imported, so this process reads it too; removed at the end of the session.
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    folder = tempfile.mkdtemp(prefix="prune_jax_test_xla_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    config.stash[_XLA_CACHE] = folder
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+  folder = config.stash.get(_XLA_CACHE, None)
+  if folder:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

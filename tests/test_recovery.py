@@ -15,10 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import outputs, recovery, sweep
+from experiments import frame, outputs, recovery, sweep
 from prune_jax import train
 from prune_jax.masks import apply_masks, unit_masks
 from prune_jax.models import MLP, init_mlp
+from prune_jax.report import zero_percent
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(mnist_dir=None, seeds=[0, 1], sparsities=[0, 50, 90], train_steps=50, batch_size=100,
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.needs_mnist
 def bases(tmp_path_factory, mnist):
   """The tiny base nets, trained once a session into a shared cache (shared with test_sweep)."""
   shared = tmp_path_factory.getbasetemp() / "shared_bases"
-  params, _ = sweep.load_bases({**TINY, "workdir": str(shared)}, mnist)
+  params, _ = frame.load_bases({**TINY, "workdir": str(shared)}, mnist)
   return shared, params
 
 
@@ -170,7 +171,7 @@ def test_entry_point_rejects_bad_flags(args, message, mnist_dir, tmp_path):
 def test_retrain_levels_vmapped_equals_the_loop(mnist):
   model = MLP(hidden=(32, 16))
   params = init_mlp(jax.random.key(0), model)
-  pruned, masks = sweep.prune_levels(params, sweep.fractions([0, 60]), mode="weight")
+  pruned, masks = sweep.prune_levels(params, frame.fractions([0, 60]), mode="weight")
   images, labels = mnist.train_images[:1000], mnist.train_labels[:1000]
   protocol = dict(key=jax.random.key(1), levels=[0, 60], name="test", steps=10, batch_size=50,
                   learning_rate=0.1, optimizer="sgd")
@@ -181,6 +182,6 @@ def test_retrain_levels_vmapped_equals_the_loop(mnist):
                                             keep_masks=keep, vmapped=True, **protocol)
     for a, b in zip(jax.tree.leaves(loop), jax.tree.leaves(vmapped)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    zeros = float(jax.vmap(sweep.zero_percent)(loop, masks)[1])
+    zeros = float(jax.vmap(zero_percent)(loop, masks)[1])
     # Without the mask most pruned weights regrow (not those fed by always-black pixels).
     assert zeros == pytest.approx(60, abs=0.01) if keep else zeros < 30

@@ -48,9 +48,11 @@ def test_reproduce_runs_all_studies_and_writes_the_report(tmp_path, mnist_dir, m
     assert payload["sparsities"] == [0, 50, 90]
     assert os.path.exists(tmp_path / report.PLOTS[study]), study
     assert f"]({report.PLOTS[study]})" in text
-  # Study 4 reused the shrunk nets study 3 retrained, instead of training them again.
+  # Study 4 reused the shrunk nets study 3 retrained (one stored unit per level), instead of
+  # training them again.
   shrink_payload = json.load(open(tmp_path / "shrink" / "results.json"))
-  assert shrink_payload["retrained_source"]["0"] == ["given"] * 3
+  stored = os.listdir(tmp_path / "cache" / "units" / "retrained_shrunk")
+  assert len([f for f in stored if f.endswith(".json")]) == 3
   unit = json.load(open(tmp_path / "recovery_unit" / "results.json"))
   assert shrink_payload["curves"]["after_retraining"]["mean"] == pytest.approx(
       unit["curves"]["retrained"]["mean"])

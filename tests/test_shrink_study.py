@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import base_nets, outputs
-from experiments import recovery  # defines --retrain_steps too (see the last test)
+from experiments import base_nets, common_flags, frame, outputs, recovery
 from experiments import shrink as study
-from prune_jax import timing
+from experiments import shrink_timing
+from prune_jax import equivalence, timing
 from prune_jax.masks import apply_masks, unit_masks
 from prune_jax.models import MLP, init_mlp
 from prune_jax.shrinking import pad_units, shrink, shrunk_widths
@@ -38,7 +38,8 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(mnist, workdir):
   """The seed's net after 50 SGD steps on real MNIST, cached in `workdir` as the study would."""
-  params, _ = base_nets.load_or_train({**TINY, "workdir": workdir}, 0, mnist)
+  config = {**TINY, "workdir": workdir}
+  params, _ = base_nets.load_or_train(config, 0, mnist, store=frame.units(config))
   return params
 
 
@@ -60,15 +61,18 @@ def test_shrunk_net_gives_the_masked_logits(mnist, trained, keep_last_hidden, le
   small = shrink(trained, masks)
   assert shrunk_widths(small) == widths
   x = jnp.asarray(mnist.test_images[:2000])
-  diff, scale = study.max_logit_difference(model.clone(hidden=widths), small, model,
-                                           apply_masks(trained, masks), x)
-  assert scale > 0  # real logits, not all zeros
-  assert diff <= study.EQUIVALENCE_RTOL * scale
   padded = pad_units(small, 16)
+  forward = shrink_timing.forward_fn
+  with equivalence.highest_precision():
+    small_logits = forward(model.clone(hidden=widths))(small, x)
+    masked_logits = forward(model)(apply_masks(trained, masks), x)
+    padded_logits = forward(model.clone(hidden=shrunk_widths(padded)))(padded, x)
+  diff, scale = equivalence.max_difference(small_logits, masked_logits)
+  assert scale > 0  # real logits, not all zeros
+  assert diff <= equivalence.RTOL * scale
   assert all(w % 16 == 0 and w - 16 < v <= w
              for v, w in zip(widths, shrunk_widths(padded)))
-  pad_diff, _ = study.max_logit_difference(model.clone(hidden=shrunk_widths(padded)), padded,
-                                           model.clone(hidden=widths), small, x)
+  pad_diff, _ = equivalence.max_difference(padded_logits, small_logits)
   assert pad_diff <= 1e-5 * scale
 
 
@@ -115,15 +119,6 @@ def test_bad_settings_are_refused_before_any_work():
                               test_size=10000)
 
 
-def test_given_retrained_nets_must_have_the_shrunk_shapes(trained):
-  small = shrink(trained, unit_masks(trained, 0.5))
-  assert study._given_retrained(None, 0, 0, small) is None
-  assert study._given_retrained({0: [small]}, 0, 0, small) is not None
-  wrong = shrink(trained, unit_masks(trained, 0.9))
-  with pytest.raises(ValueError, match="same settings"):
-    study._given_retrained({0: [wrong]}, 0, 0, small)
-
-
 def test_time_interleaved_runs_and_reports_slow_calls_once():
   a = jnp.ones((64, 64))
   fast = jax.jit(jnp.matmul)
@@ -145,14 +140,18 @@ def test_time_interleaved_runs_and_reports_slow_calls_once():
 # The whole study, tiny
 # ---------------------------------------------------------------------------------------------
 def test_run_shrink_smoke(mnist, trained, workdir, monkeypatch):
-  monkeypatch.setattr(study, "MIN_RUN_SECONDS", 0.0)  # one call per run, no re-warming: faster
-  monkeypatch.setattr(study, "REWARM_SECONDS", 0.0)
-  given = shrink(trained, unit_masks(trained, 0.5))  # "retrained" for 0 steps
+  monkeypatch.setattr(shrink_timing, "MIN_RUN_SECONDS", 0.0)  # one call per run, no re-warming
+  monkeypatch.setattr(shrink_timing, "REWARM_SECONDS", 0.0)
   config = {**TINY, "workdir": workdir}
+  # The 50% level's net "retrained" for 0 steps, stored as study 3 would store its retraining.
+  given = shrink(trained, unit_masks(trained, 0.5))
+  store = frame.units(config)
+  store.put("retrained_shrunk", recovery.retrain_key(config, 0, 50, mode="unit", keep_masks=True,
+                                                     steps=20),
+            {"seconds": 0.0, "compile_seconds": 0.0, "widths": [500, 500, 250, 100]}, given)
   small_test = mnist._replace(test_images=mnist.test_images[:1000],
                               test_labels=mnist.test_labels[:1000])
-  payload = study.run_shrink(config, small_test, bases={0: trained},
-                             retrained={0: [None, given]})
+  payload = study.run_shrink(config, small_test, bases={0: trained})
   folder = study.write_outputs(payload, workdir)
   for name in ("results.json", "results.csv", "timing.csv", "weight_sparse.csv", "shrink.png"):
     assert os.path.getsize(os.path.join(folder, name)) > 0, name
@@ -164,22 +163,31 @@ def test_run_shrink_smoke(mnist, trained, workdir, monkeypatch):
   before = saved["curves"]["before_retraining"]["mean"]
   after = saved["curves"]["after_retraining"]["mean"]
   assert before[0] == pytest.approx(saved["curves"]["dense"]["mean"][0])  # 0%: nothing deleted
-  assert after[1] == pytest.approx(before[1])  # the given net was not retrained further
-  assert saved["retrained_source"] == {"0": ["retrained", "given", "retrained"]}
+  assert after[1] == pytest.approx(before[1])  # the stored net was not retrained further
+  assert after[2] != pytest.approx(before[2])  # the 90% net was retrained here
   assert saved["equivalence"]["max_abs_diff"] < 1e-3
   tables = saved["timing"]
-  assert set(tables["before_retraining"]) == set(tables["after_retraining"]) == {"1", "100"}
+  assert set(tables["before_retraining"]) == set(tables["masked"]) == {"1", "100"}
   rows = tables["before_retraining"]["100"]
   assert [r["sparsity"] for r in rows] == [0, 50, 90]
   assert [r["widths"] for r in rows][2] == [100, 100, 50, 20]
   assert rows[2]["padded_widths"] == [112, 112, 64, 32]
   assert rows[2]["macs_ratio"] == pytest.approx(2386000 / 94600)
   for r in rows:
-    for net in ("dense", "masked", "shrunk"):
+    for net in ("dense", "shrunk"):
       assert r[net]["runs"] == 2 and r[net]["median_ms"] > 0 and r[net]["images_per_s"] > 0
     assert r["speedup"] > 0
-  assert "masked" not in tables["after_retraining"]["100"][0]
+    # The largest batch has what the machine allows: a roofline from plain matmuls.
+    assert r["roofline_ms"] > 0 and r["limit"] in ("arithmetic", "roofline")
+    assert r["vs_limit"] == pytest.approx(
+        max(r["roofline_ms"], r["dense"]["median_ms"] / r["macs_ratio"])
+        / r["shrunk"]["median_ms"])
+  assert "roofline_ms" not in tables["before_retraining"]["1"][0]
+  masked = tables["masked"]["100"]
+  assert masked["sparsity"] == 90 and masked["runs"] == 2 and masked["speedup"] > 0
   assert tables["reference"]["dense"]["gflops"] > 0
+  assert tables["reference"]["bandwidth_gbs"] > 0
+  assert tables["device"]["platform"] == jax.devices()[0].platform
   sparse = saved["weight_sparse"]
   assert sparse["formats"] == ["bcsr"]
   assert [lv["sparsity"] for lv in sparse["levels"]] == [0, 50, 90]
@@ -187,7 +195,7 @@ def test_run_shrink_smoke(mnist, trained, workdir, monkeypatch):
   assert set(sparse["batches"]) == {"1", "100"}
   assert set(sparse["beats_dense_from"]["bcsr"]) == {"1", "100"}
   with open(os.path.join(folder, "timing.csv")) as f:
-    assert len(f.read().splitlines()) == 1 + 2 * 2 * 3  # header + phases x batches x levels
+    assert len(f.read().splitlines()) == 1 + 2 * 3  # header + batches x levels
 
 
 def test_entry_point_runs_with_tiny_flags(mnist_dir, trained, workdir, tmp_path):
@@ -219,5 +227,6 @@ def test_entry_point_refuses_bad_flags_with_a_clear_message(tmp_path):
   assert not (tmp_path / "shrink").exists()
 
 
-def test_retrain_steps_flag_coexists_with_study_3s():
-  assert recovery.RETRAIN_STEPS.name == study.RETRAIN_STEPS.name == "retrain_steps"
+def test_retrain_steps_is_one_flag_for_studies_3_and_4():
+  assert common_flags.RETRAIN_STEPS.name == "retrain_steps"
+  assert not hasattr(study, "RETRAIN_STEPS") and not hasattr(recovery, "RETRAIN_STEPS")

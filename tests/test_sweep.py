@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import base_nets, outputs, sweep
+from experiments import base_nets, frame, outputs, sweep
 from prune_jax.masks import weight_masks
 from prune_jax.models import MLP, init_mlp
+from prune_jax.report import zero_percent
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(mnist_dir=None, seeds=[0, 1], sparsities=[0, 50, 90], train_steps=50, batch_size=100,
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.needs_mnist
 def shared_cache(tmp_path_factory, mnist) -> pathlib.Path:
   """A workdir whose cache/ holds the tiny base nets of seeds 0 and 1, trained once a session."""
   shared = tmp_path_factory.getbasetemp() / "shared_bases"
-  sweep.load_bases({**TINY, "workdir": str(shared)}, mnist)
+  frame.load_bases({**TINY, "workdir": str(shared)}, mnist)
   return shared
 
 
@@ -56,7 +57,7 @@ def small_test_set(mnist):
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, mnist):
   shared = shared_cache(tmp_path_factory, mnist)
-  params, _ = sweep.load_bases({**TINY, "workdir": str(shared)}, mnist)
+  params, _ = frame.load_bases({**TINY, "workdir": str(shared)}, mnist)
   return shared, params
 
 
@@ -96,7 +97,7 @@ def test_curves_start_at_the_dense_accuracy_and_measure_the_levels(payload):
 
 
 def test_write_study_writes_json_csv_and_png(payload, tmp_path):
-  folder = sweep.write_and_plot(payload, str(tmp_path))
+  folder = frame.write_and_plot(payload, str(tmp_path))
   assert sorted(os.listdir(folder)) == ["results.csv", "results.json", "sweep.png"]
   written = json.loads((tmp_path / "sweep" / "results.json").read_text())
   outputs.check_payload(written)
@@ -109,12 +110,12 @@ def test_write_study_writes_json_csv_and_png(payload, tmp_path):
 
 def test_prune_levels_equals_one_level_at_a_time():
   params = init_mlp(jax.random.key(0), MLP(hidden=(64, 32)))
-  pruned, masks = sweep.prune_levels(params, sweep.fractions([0, 50, 90]), mode="weight")
+  pruned, masks = sweep.prune_levels(params, frame.fractions([0, 50, 90]), mode="weight")
   for i, s in enumerate((0.0, 0.5, 0.9)):
     one = weight_masks(params, s)
     for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(one)):
       np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b))
-  measured = jax.vmap(sweep.zero_percent)(pruned, masks)
+  measured = jax.vmap(zero_percent)(pruned, masks)
   np.testing.assert_allclose(measured, [0, 50, 90], atol=0.01)
 
 
@@ -122,28 +123,28 @@ def test_zero_percent_counts_only_masked_leaves():
   params = {"Dense_0": {"kernel": jnp.array([[0.0, 1.0], [0.0, 2.0]])},
             "Dense_1": {"kernel": jnp.zeros((2, 3))}}
   masks = {"Dense_0": {"kernel": jnp.ones((2, 2), bool)}, "Dense_1": {"kernel": None}}
-  assert float(jax.jit(sweep.zero_percent)(params, masks)) == 50.0
+  assert float(jax.jit(zero_percent)(params, masks)) == 50.0
 
 
 def test_base_cache_is_reused_retrained_and_rebuilt_when_corrupt(bases, mnist, tmp_path):
   shared, params = bases
   workdir = workdir_with_cache(tmp_path, shared)
   config = {**TINY, "seeds": [0], "workdir": str(workdir)}
-  loaded, info = sweep.load_bases(config, mnist)
+  loaded, info = frame.load_bases(config, mnist)
   assert info["0"]["source"] == "cache"
   for a, b in zip(jax.tree.leaves(loaded[0]), jax.tree.leaves(params[0])):
     np.testing.assert_array_equal(a, b)
 
   path = info["0"]["path"]
   mtime = os.stat(path).st_mtime_ns
-  fresh, info = sweep.load_bases({**config, "retrain_base": True}, mnist)
+  fresh, info = frame.load_bases({**config, "retrain_base": True}, mnist)
   assert info["0"]["source"] == "trained" and os.stat(path).st_mtime_ns != mtime
   for a, b in zip(jax.tree.leaves(fresh[0]), jax.tree.leaves(params[0])):
     np.testing.assert_array_equal(a, b)  # same flags: bit-identical
 
   with open(path, "r+b") as f:  # truncate: a half-written file must never be used
     f.truncate(1000)
-  rebuilt, info = sweep.load_bases(config, mnist)
+  rebuilt, info = frame.load_bases(config, mnist)
   assert info["0"]["source"] == "trained"
   assert os.path.getsize(path) > 1000
   np.testing.assert_array_equal(rebuilt[0]["Dense_0"]["kernel"], params[0]["Dense_0"]["kernel"])
@@ -183,4 +184,4 @@ def test_unwritable_workdir_fails_before_any_training(tmp_path):
             "train_steps": 10, "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd",
             "scope": "layer"}
   with pytest.raises(OSError, match="pass a writable --workdir"):
-    sweep.check_config(config)
+    frame.check_config(config)

@@ -1,0 +1,211 @@
+"""The frame every study shares: config, base nets, finished units, payload and absl `main`.
+
+A study is a function `run(config, mnist, *, bases=None, store=None) -> payload` plus a config
+function reading its flags. This module gives it the rest:
+
+- `study_config` / `check_config`: the shared flags (`experiments/common_flags.py`) as a dict,
+  checked before any work (a bad flag or an unwritable `--workdir` fails in a second);
+- `load_bases`: the dense base net of every seed, trained once per seed and protocol and kept
+  with the study's other finished units (`units`: a `prune_jax.store.Store` under
+  `<workdir>/cache/units/`, so an interrupted study resumes where it stopped);
+- `outputs.payload` builds the results payload and `write_and_plot` writes it with its plots;
+- `main(run, config)`: the absl `main` of every entry point. It turns on JAX's persistent
+  compilation cache (`use_compilation_cache`), and turns SIGTERM into the same clean stop as
+  Ctrl-C (no half-written file is left: every write is atomic, and the units finished so far stay
+  for the rerun).
+"""
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, logging
+
+from experiments import base_nets, common_flags, outputs
+from prune_jax import data as data_lib
+from prune_jax import plots, results, store as store_lib, train
+from prune_jax.masks import weight_masks
+from prune_jax.report import zero_percent
+
+Params = Any
+Masks = Any
+Config = dict[str, Any]
+Payload = dict[str, Any]
+
+SCOPES = ("layer", "global")
+# Keys every study's config has (see `study_config`).
+REQUIRED = ("workdir", "seeds", "sparsities", "train_steps", "batch_size", "learning_rate",
+            "optimizer", "scope")
+
+
+def study_config(**extra: Any) -> Config:
+  """The parsed shared flags as a config dict, plus the study's own `extra` settings."""
+  return {**common_flags.config(), **extra}
+
+
+def check_config(config: Config, *, needs: Sequence[str] = ()) -> None:
+  """Checks the keys a study reads from `config`, with messages naming the flag to fix.
+
+  Raises:
+    ValueError: for a missing key or an invalid `scope`, `seeds` or `sparsities`.
+    OSError: if `workdir` cannot be written to (checked now, not after hours of training).
+  """
+  missing = [k for k in (*REQUIRED, *needs) if k not in config]
+  if missing:
+    raise ValueError(f"config lacks {missing}; build it with study_config() after parsing flags")
+  if config["scope"] not in SCOPES:
+    raise ValueError(f"--scope must be one of {SCOPES}, got {config['scope']!r}")
+  if not config["seeds"]:
+    raise ValueError("--seeds must name at least one seed, e.g. --seeds=0,1,2")
+  levels = list(config["sparsities"])
+  if not levels or any(not 0 <= s <= 100 for s in levels) or levels != sorted(set(levels)):
+    raise ValueError(f"--sparsities must be increasing percentages in [0, 100], got {levels}")
+  results.ensure_dir(config["workdir"])
+
+
+def units(config: Config) -> store_lib.Store:
+  """The store of finished units of `config["workdir"]`: `<workdir>/cache/units/`."""
+  return store_lib.Store(os.path.join(config["workdir"], "cache", "units"),
+                         fresh=bool(config.get("fresh", False)))
+
+
+def fractions(levels_percent: Sequence[float]) -> jax.Array:
+  """Sparsity levels in percent -> float32 fractions `[levels]` for the mask functions."""
+  return jnp.asarray(np.asarray(levels_percent, np.float64) / 100, jnp.float32)
+
+
+def load_bases(config: Config, mnist: data_lib.MNIST, bases: dict[int, Params] | None = None, *,
+               store: store_lib.Store | None = None) -> tuple[dict[int, Params], dict[str, Any]]:
+  """The dense base net of every seed of `config`: from `bases`, the store, or trained now.
+
+  Args:
+    config: the study config (`seeds`, the training protocol, `workdir`, `retrain_base`).
+    mnist: the data.
+    bases: already-loaded base nets by seed (e.g. shared by `experiments/reproduce.py`); seeds
+      missing from it are loaded from the store or trained (`base_nets.load_or_train`, which
+      `retrain_base` forces to train).
+    store: the store of finished units (default: `units(config)`).
+
+  Returns:
+    `(params by seed, info by seed as a str)`, info saying whether each net was cached, given
+    or trained, and how long training took.
+  """
+  store = store or units(config)
+  params, info = {}, {}
+  for seed in config["seeds"]:
+    if bases is not None and seed in bases:
+      params[seed] = bases[seed]
+      info[str(seed)] = {"source": "given", "train_seconds": 0.0}
+      continue
+    params[seed], found = base_nets.load_or_train(
+        config, seed, mnist, retrain=bool(config.get("retrain_base", False)), store=store)
+    info[str(seed)] = {"source": "cache" if found["cached"] else "trained", **found}
+  return params, info
+
+
+def evaluate_dense(model: nn.Module, params: Params, mnist: data_lib.MNIST, *,
+                   scope: str = "layer") -> tuple[float, float]:
+  """Test accuracy (%) of the dense net and its measured sparsity (%) over the prunable kernels."""
+  accuracy = float(train.evaluate(model, params, mnist.test_images, mnist.test_labels).accuracy)
+  return 100 * accuracy, float(zero_percent(params, prunable_leaves(params, scope=scope)))
+
+
+def prunable_leaves(params: Params, *, scope: str = "layer") -> Masks:
+  """The structure of the masks of `params` (shapes only, `None` where not pruned), for free.
+
+  `zero_percent` needs only which leaves are pruned; `jax.eval_shape` traces the mask function
+  without ranking any weight.
+  """
+  return jax.eval_shape(lambda p: weight_masks(p, 0.0, scope=scope), params)
+
+
+def constant_curve(values: Sequence[float], measured: Sequence[float],
+                   levels: int) -> dict[str, Any]:
+  """A curve whose per-seed value does not depend on the level (the dense net's line)."""
+  return outputs.curve([[v] * levels for v in values], [[m] * levels for m in measured])
+
+
+def write_and_plot(payload: Payload, workdir: str) -> str:
+  """Writes a study's results.json/results.csv and its plots; logs its table; returns the folder."""
+  folder = outputs.write_study(workdir, payload)
+  paths = plots.plot_study(payload, folder)
+  logging.info("%s results (accuracy %%, mean ± std over seeds %s):\n%s", payload["study"],
+               payload["seeds"], outputs.format_table(payload))
+  logging.info("wrote %s/results.json, results.csv and %s", folder, ", ".join(paths))
+  return folder
+
+
+def use_compilation_cache(config: Config) -> str | None:
+  """Turns on JAX's persistent compilation cache for this process, as `config` asks.
+
+  The folder is `$JAX_COMPILATION_CACHE_DIR` if set (JAX reads it itself), else
+  `<workdir>/cache/xla/`. Every program is kept, however fast it compiled (a study compiles
+  hundreds of small ones). A cached program is the same executable as a freshly compiled one, so
+  results do not change.
+
+  Returns:
+    The cache folder, or None if `config["compilation_cache"]` is off.
+  """
+  if not config.get("compilation_cache", False):
+    return None
+  folder = jax.config.jax_compilation_cache_dir
+  if not folder:
+    folder = os.path.abspath(os.path.join(config["workdir"], "cache", "xla"))
+    jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return folder
+
+
+@contextlib.contextmanager
+def stop_cleanly_on_sigterm() -> Iterator[None]:
+  """Within the block, SIGTERM raises `KeyboardInterrupt`, as Ctrl-C (SIGINT) does.
+
+  So `kill` stops a study as cleanly as Ctrl-C: atomic writes remove their temporary files, and
+  the finished units stay for the rerun. The previous handler is restored on exit.
+  """
+  def interrupt(signum, frame):
+    del signum, frame
+    raise KeyboardInterrupt("SIGTERM")
+
+  previous = signal.signal(signal.SIGTERM, interrupt)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def main(run: Callable[..., Payload], config: Callable[[], Config], *,
+         write: Callable[[Payload, str], str] = write_and_plot) -> Callable[[Sequence[str]], None]:
+  """The absl `main` of a study: flags -> config -> MNIST -> `run` -> `write`.
+
+  Args:
+    run: `run(config, mnist) -> payload`.
+    config: reads the parsed flags into the study's config (and checks them, raising
+      `ValueError`, which becomes a usage error naming the flag).
+    write: writes the payload into the workdir (default `write_and_plot`).
+  """
+  def study_main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {list(argv[1:])}; all options are --flags")
+    try:
+      cfg = config()
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+    use_compilation_cache(cfg)
+    with stop_cleanly_on_sigterm():
+      try:
+        mnist = data_lib.load_mnist(cfg["mnist_dir"])
+        write(run(cfg, mnist), cfg["workdir"])
+      except KeyboardInterrupt:
+        logging.warning("interrupted: the units finished so far are kept under %s; rerun the "
+                        "same command to continue (--fresh to start over)",
+                        os.path.join(cfg["workdir"], "cache", "units"))
+        raise SystemExit(130) from None
+
+  return study_main

@@ -1,0 +1,477 @@
+"""Study 4's timing: shrunk nets against the dense net, the arithmetic and the machine's limits.
+
+What is timed is the compiled forward pass alone, the batch already on the device, compile time
+reported apart, after a warm-up. The calls of one batch size take turns in interleaved rounds
+(`prune_jax.timing.time_interleaved`: on a shared machine, load hits them all alike), as many
+rounds as it takes to know every median to `--timing_precision` (at least 3, at most
+`--timing_runs`). Runs are warm, as in a loop of inferences over the batch: before each, a net
+faster than `REWARM_SECONDS` runs untimed for that long (right after the dense net's call a small
+net's calls are up to 2x slower for some tens of milliseconds: its input and weights evicted from
+the caches, the cores' clocks and threads settling). A run is one call, or for calls faster than
+`MIN_RUN_SECONDS` (batch 1, small shrunk nets) the mean of back-to-back calls filling that time.
+
+Per batch size: the dense net, the masked dense net once (the last level's: a masked net has the
+dense shapes, and dense matrix products do not skip zeros, so every level's costs the same), and
+every level's shrunk net (padded with zero units to `--pad_multiple`; before retraining: after
+retraining it has the same shapes, so the same speed). The speed-up is dense median / shrunk
+median, beside the multiply-add (MAC) ratio of `sparsity_report` (dense / shrunk).
+
+At the largest batch, what the machine allows each shrunk net (`roofline`): for each of its
+layers `[batch, k] @ [k, n]`, the time of a plain jitted matmul of that shape, measured in the
+same run, or the time to move the layer's bytes (`4 (batch k + k n + batch n)`) at the measured
+memory bandwidth (a row sum of the input), whichever is longer; summed over the layers. The
+*limit* of a level is the larger of that and the arithmetic time (the dense time divided by the
+MAC ratio); the target asks every level up to 90% to run within `1 / TARGET_FRACTION` = 1.25 x
+its limit, i.e. a speed-up of at least 0.8 x the MAC ratio, or within 1.25 x the roofline where
+the roofline, not the arithmetic, is the limit.
+
+Weight-pruned nets (`time_weight_levels`): dense with zeros against the unstructured-sparse forms
+of `prune_jax.sparse_dense`.
+"""
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from prune_jax import sparse_dense, timing
+from prune_jax.masks import apply_masks, weight_masks
+from prune_jax.models import MLP
+
+Params = Any
+
+# The speed-up asked for at the largest batch, as a fraction of the multiply-add ratio (or of
+# what the roofline allows, where that is the limit), at every level up to TARGET_UP_TO.
+TARGET_FRACTION = 0.8
+TARGET_UP_TO = 90.0
+# Weight-sparse forms can be 100x slower than dense: a form whose call at a batch is estimated
+# (linearly, from its time at a batch of at least `ESTIMATE_FROM_BATCH`) to take more than
+# `SKIP_SECONDS` is not timed there (the estimate is recorded), and one whose warm-up call took
+# more than `SLOW_CALL_SECONDS` is timed by a single call.
+SKIP_SECONDS = 2.0
+SLOW_CALL_SECONDS = 1.0
+ESTIMATE_FROM_BATCH = 100
+# See the module docstring.
+MIN_RUN_SECONDS = 0.02
+REWARM_SECONDS = 0.05
+# Test images used to check the weight-sparse forms' logits (the slow BCOO form included).
+SPARSE_CHECK_IMAGES = 100
+# A form's logits may differ from dense with zeros' by this times the logit scale (float
+# summation order only).
+SPARSE_RTOL = 1e-4
+
+
+def time_calls(calls: Mapping[str, tuple[Any, tuple]], *, runs: int, precision: float,
+               slow_seconds: float | None = None,
+               min_run_seconds: float | None = None) -> dict[str, timing.Timing]:
+  """`timing.time_interleaved` over `calls`, compiling each (fn, shapes) once per process.
+
+  Runs last `MIN_RUN_SECONDS` (or `min_run_seconds`), are re-warmed for `REWARM_SECONDS`, and
+  stop at `precision` (after at least 3 rounds) or at `runs` rounds.
+  """
+  exes, compile_seconds = {}, {}
+  for name, (fn, args) in calls.items():
+    exes[name], compile_seconds[name] = timing.compile_once(fn, args)
+  measured = timing.time_interleaved(
+      {n: (exes[n], calls[n][1]) for n in calls}, runs=runs, warmup=1, slow_seconds=slow_seconds,
+      min_run_seconds=MIN_RUN_SECONDS if min_run_seconds is None else min_run_seconds,
+      rewarm_seconds=REWARM_SECONDS, precision=precision)
+  return {n: t._replace(compile_seconds=compile_seconds[n]) for n, t in measured.items()}
+
+
+def entry(t: timing.Timing, batch: int) -> dict[str, float]:
+  """A timing as a JSON row: milliseconds, images per second, runs and compile seconds."""
+  return {"median_ms": 1e3 * t.median, "min_ms": 1e3 * t.min, "max_ms": 1e3 * t.max,
+          "images_per_s": batch / t.median, "runs": t.runs, "calls_per_run": t.calls_per_run,
+          "compile_s": t.compile_seconds}
+
+
+def macs(widths: Sequence[int]) -> int:
+  """Multiply-adds per example of a Dense chain of these widths (input first, logits last)."""
+  return int(sum(a * b for a, b in zip(widths, widths[1:])))
+
+
+def device() -> dict[str, Any]:
+  """The device the timings ran on: platform, kind and count."""
+  first = jax.devices()[0]
+  return {"platform": first.platform, "kind": first.device_kind, "count": jax.device_count()}
+
+
+def _forward(params: Params, x: jax.Array, *, model: nn.Module) -> jax.Array:
+  return model.apply({"params": params}, x)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_fn(model: nn.Module):
+  """`jit((params, x) -> logits)` of `model`, one per model (so compilations are reused)."""
+  return jax.jit(functools.partial(_forward, model=model))
+
+
+def forward_call(model: nn.Module, params: Params, x: jax.Array) -> tuple[Any, tuple]:
+  """`(fn, args)` for `time_calls`: the forward pass of `model` with `params` on `x`."""
+  return forward_fn(model), (params, x)
+
+
+def reference_rates(model: MLP, params: Params, x: jax.Array, *, runs: int,
+                    precision: float) -> dict[str, Any]:
+  """The dense forward's FLOP rate at `x`'s batch beside plain matmuls and fixed costs.
+
+  In the same rounds: the dense forward; the matmuls `[batch, 784] @ [784, 1000]` (the dense
+  net's first layer) and `[batch, 1000] @ [1000, 1000]` (its second); reading the input once (a
+  row sum: the memory bandwidth); an almost empty call (one element of the input).
+  """
+  batch = x.shape[0]
+  widths = [x.shape[1], *model.hidden, model.num_classes]
+  key = jax.random.key(0)
+  a2 = jax.random.normal(key, (batch, 1000), jnp.float32)
+  b1 = jax.random.normal(key, (x.shape[1], 1000), jnp.float32)
+  b2 = jax.random.normal(key, (1000, 1000), jnp.float32)
+  measured = time_calls({
+      "dense": forward_call(model, params, x),
+      "matmul_first_layer": (_matmul, (x, b1)),
+      "matmul_1000": (_matmul, (a2, b2)),
+      "read_input": (_row_sum, (x,)),
+      "empty_call": (_first_element, (x,)),
+  }, runs=runs, precision=precision)
+  flops = {"dense": 2 * batch * macs(widths), "matmul_first_layer": 2 * batch * x.shape[1] * 1000,
+           "matmul_1000": 2 * batch * 1000 * 1000}
+  out = {"batch": batch, "device": device()}
+  for name, t in measured.items():
+    out[name] = entry(t, batch)
+    if name in flops:
+      out[name]["gflops"] = flops[name] / t.median / 1e9
+  out["matmul_first_layer"]["shape"] = [batch, x.shape[1], 1000]
+  out["matmul_1000"]["shape"] = [batch, 1000, 1000]
+  out["dense_vs_matmul"] = out["dense"]["gflops"] / out["matmul_first_layer"]["gflops"]
+  out["dense_vs_matmul_1000"] = out["dense"]["gflops"] / out["matmul_1000"]["gflops"]
+  out["bandwidth_gbs"] = 4 * x.size / measured["read_input"].median / 1e9
+  return out
+
+
+@jax.jit
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  return a @ b
+
+
+@jax.jit
+def _row_sum(x: jax.Array) -> jax.Array:
+  return jnp.sum(x, axis=1)
+
+
+@jax.jit
+def _first_element(x: jax.Array) -> jax.Array:
+  return x[0, 0]
+
+
+def layer_shapes(widths: Sequence[int], batch: int) -> list[tuple[int, int, int]]:
+  """The matmul shapes `(batch, k, n)` of a Dense chain of `widths` (input first)."""
+  return [(batch, k, n) for k, n in zip(widths, widths[1:])]
+
+
+def time_matmuls(shapes: Sequence[tuple[int, int, int]], *, runs: int,
+                 precision: float) -> dict[tuple[int, int, int], timing.Timing]:
+  """Median times of plain jitted float32 matmuls `[m, k] @ [k, n]`, one per distinct shape."""
+  calls = {}
+  for m, k, n in dict.fromkeys(shapes):
+    if m and k and n:
+      a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+      b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+      calls[(m, k, n)] = (_matmul, (a, b))
+  measured = time_calls({f"{m}x{k}x{n}": call for (m, k, n), call in calls.items()}, runs=runs,
+                        precision=precision)
+  return {shape: measured[f"{shape[0]}x{shape[1]}x{shape[2]}"] for shape in calls}
+
+
+def roofline_seconds(shapes: Sequence[tuple[int, int, int]],
+                     matmuls: Mapping[tuple[int, int, int], timing.Timing],
+                     bandwidth_gbs: float) -> float:
+  """What the machine allows a Dense chain: per layer the longer of its plain matmul's median
+  time and the time to move its bytes at `bandwidth_gbs`, summed (see the module docstring)."""
+  total = 0.0
+  for m, k, n in shapes:
+    compute = matmuls[(m, k, n)].median if (m, k, n) in matmuls else 0.0
+    memory = 4 * (m * k + k * n + m * n) / (bandwidth_gbs * 1e9)
+    total += max(compute, memory)
+  return total
+
+
+def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
+                     levels: Sequence[float], test_x: jax.Array, batch: int, *, runs: int,
+                     precision: float, roofline: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The timing table of one batch size: dense, masked (once) and each level's shrunk net.
+
+  Args:
+    model: the dense model; params: the dense net.
+    nets: per level, `{"masked": params, "padded_model", "padded": params, "widths",
+      "padded_widths", "macs_dense", "macs_shrunk"}`.
+    levels: the sparsities (%); test_x: the test images; batch: the batch size.
+    runs, precision: see `time_calls`.
+    roofline: `{"bandwidth_gbs": ...}` to compute each level's roofline (the largest batch), or
+      None.
+
+  Returns:
+    `{"batch", "masked": {...}, "rows": [per level]}`; each row has the widths, the MAC counts
+    and ratio, `dense`/`shrunk` timings with `gflops` (useful multiply-adds: padding not
+    counted), `speedup`, `speedup_vs_macs_ratio`, and with `roofline` also `roofline_ms`,
+    `arithmetic_ms`, `limit` ("arithmetic" or "roofline") and `vs_limit` (limit time / measured
+    time: 1 means as fast as allowed).
+  """
+  x = jax.device_put(test_x[:batch])
+  calls = {"dense": forward_call(model, params, x),
+           "masked": forward_call(model, nets[-1]["masked"], x)}
+  for i, net in enumerate(nets):
+    calls[f"shrunk/{i}"] = forward_call(net["padded_model"], net["padded"], x)
+  measured = time_calls(calls, runs=runs, precision=precision)
+  dense = measured["dense"]
+  matmuls = {}
+  if roofline is not None:
+    in_dim = int(x.shape[1])
+    matmuls = time_matmuls(
+        [s for net in nets for s in layer_shapes([in_dim, *net["padded_widths"],
+                                                  model.num_classes], batch)],
+        runs=runs, precision=precision)
+  rows = []
+  for i, (level, net) in enumerate(zip(levels, nets)):
+    shrunk = measured[f"shrunk/{i}"]
+    ratio = net["macs_dense"] / net["macs_shrunk"]
+    row = {"sparsity": level, "widths": list(net["widths"]),
+           "padded_widths": list(net["padded_widths"]), "macs_dense": net["macs_dense"],
+           "macs_shrunk": net["macs_shrunk"],
+           "macs_padded": macs([int(x.shape[1]), *net["padded_widths"], model.num_classes]),
+           "macs_ratio": ratio, "dense": entry(dense, batch), "shrunk": entry(shrunk, batch),
+           "speedup": dense.median / shrunk.median}
+    row["speedup_vs_macs_ratio"] = row["speedup"] / ratio
+    for name, count in (("dense", net["macs_dense"]), ("shrunk", net["macs_shrunk"])):
+      row[name]["gflops"] = 2 * count * batch / shrunk.median / 1e9 if name == "shrunk" else \
+          2 * count * batch / dense.median / 1e9
+    if roofline is not None:
+      shapes = layer_shapes([int(x.shape[1]), *net["padded_widths"], model.num_classes], batch)
+      roof = roofline_seconds(shapes, matmuls, roofline["bandwidth_gbs"])
+      arithmetic = dense.median / ratio
+      row.update(roofline_ms=1e3 * roof, arithmetic_ms=1e3 * arithmetic,
+                 limit="roofline" if roof > arithmetic else "arithmetic",
+                 vs_limit=max(roof, arithmetic) / shrunk.median)
+    rows.append(row)
+    logging.info("batch %d, %g%%: dense %.3f ms, shrunk %.3f ms: %.2fx (MAC ratio %.2fx, %.2f of "
+                 "it)%s", batch, level, row["dense"]["median_ms"], row["shrunk"]["median_ms"],
+                 row["speedup"], ratio, row["speedup_vs_macs_ratio"],
+                 f"; roofline {row['roofline_ms']:.3f} ms" if roofline is not None else "")
+  masked = measured["masked"]
+  return {"batch": batch, "rows": rows,
+          "masked": {"sparsity": levels[-1], **entry(masked, batch),
+                     "speedup": dense.median / masked.median}}
+
+
+def target_check(rows: Sequence[dict[str, Any]], *, batch: int,
+                 up_to: float = TARGET_UP_TO) -> dict[str, Any]:
+  """Whether every level up to `up_to` runs within `1 / TARGET_FRACTION` x its limit.
+
+  Args:
+    rows: the timing rows of `batch` (`time_unit_levels`), normally the largest batch's. Rows
+      with `vs_limit` are judged by it (the limit is the larger of the arithmetic and the
+      roofline); rows without by `speedup_vs_macs_ratio` (the arithmetic alone).
+    batch: its batch size (recorded).
+    up_to: the highest level (%) the target applies to.
+  """
+  def short(row):
+    return row.get("vs_limit", row["speedup_vs_macs_ratio"]) < TARGET_FRACTION
+
+  return {"batch": batch, "fraction": TARGET_FRACTION, "up_to_sparsity": up_to,
+          "met": not [r for r in rows if r["sparsity"] <= up_to and short(r)],
+          "levels_short": [r["sparsity"] for r in rows if r["sparsity"] <= up_to and short(r)],
+          "levels_short_of_macs_ratio": [r["sparsity"] for r in rows if r["sparsity"] <= up_to
+                                         and r["speedup_vs_macs_ratio"] < TARGET_FRACTION]}
+
+
+def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Sequence[float],
+                       test_x: jax.Array, batches: Sequence[int], *, formats: Sequence[str],
+                       scope: str, runs: int, precision: float) -> dict[str, Any]:
+  """Times the weight-pruned net of each level: dense with zeros vs the sparse `formats`.
+
+  Returns:
+    `{"formats", "levels": [per level: nnz, logit check], "batches": {batch: [per level:
+    timings, speed-ups]}, "beats_dense_from": {format: {batch: lowest level from which the form
+    is faster than dense with zeros at every level, or None}}}`.
+
+  Raises:
+    RuntimeError: if a sparse form's logits differ from dense with zeros'.
+  """
+  out: dict[str, Any] = {"formats": list(formats), "slow_call_seconds": SLOW_CALL_SECONDS,
+                         "skip_seconds": SKIP_SECONDS,
+                         "levels": [], "batches": {}, "beats_dense_from": {}}
+  if not formats:
+    return out
+  check_x = test_x[:SPARSE_CHECK_IMAGES]
+  sparse_fn = jax.jit(sparse_dense.sparse_forward)
+  masks_fn = jax.jit(weight_masks, static_argnames=("scope",))
+  nets = []
+  for i, level in enumerate(levels):
+    masks = masks_fn(params, fracs[i], scope=scope)
+    pruned = apply_masks(params, masks)
+    forms = {fmt: sparse_dense.sparsify(params, masks, fmt=fmt) for fmt in formats}
+    reference = forward_fn(model)(pruned, check_x)
+    scale = max(1.0, float(jnp.max(jnp.abs(reference))))
+    info = {"sparsity": level, "stored_entries": {}, "max_abs_logit_diff": {}}
+    for fmt, net in forms.items():
+      diff = float(jnp.max(jnp.abs(sparse_fn(net, check_x) - reference)))
+      if not diff <= SPARSE_RTOL * scale:
+        raise RuntimeError(f"{level:g}% weight-pruned net in {fmt} form: logits differ from "
+                           f"dense with zeros by up to {diff:.3g} (logit scale {scale:.3g})")
+      info["max_abs_logit_diff"][fmt] = diff
+      info["stored_entries"][fmt] = sparse_dense.stored_entries(net)
+    entries = next(iter(info["stored_entries"].values()))
+    info["macs_dense"] = macs([int(test_x.shape[1]), *model.hidden, model.num_classes])
+    info["macs_nonzero"] = int(sum(entries))
+    info["macs_ratio"] = info["macs_dense"] / max(info["macs_nonzero"], 1)
+    out["levels"].append(info)
+    nets.append((pruned, forms))
+
+  # (fmt, level) -> (batch, median seconds) of its last timing at a batch >= ESTIMATE_FROM_BATCH.
+  previous: dict[tuple[str, float], tuple[int, float]] = {}
+  for batch in batches:
+    x = jax.device_put(test_x[:batch])
+    rows = []
+    for level, (pruned, forms), info in zip(levels, nets, out["levels"]):
+      calls = {"dense_zeros": forward_call(model, pruned, x)}
+      skipped = {}
+      for fmt, net in forms.items():
+        if batch > ESTIMATE_FROM_BATCH:
+          if (fmt, level) not in previous:  # probe once at the smaller batch
+            probe = jax.device_put(test_x[:ESTIMATE_FROM_BATCH])
+            seconds = time_calls({fmt: (sparse_fn, (net, probe))}, runs=1, precision=0.0,
+                                 min_run_seconds=0.0)[fmt].median
+            previous[(fmt, level)] = (ESTIMATE_FROM_BATCH, seconds)
+          prev_batch, prev_seconds = previous[(fmt, level)]
+          estimate = prev_seconds * batch / prev_batch
+          if estimate > SKIP_SECONDS:
+            skipped[fmt] = {"skipped": f"not timed: estimated {estimate:.1f} s per call from "
+                                       f"batch {prev_batch}, above {SKIP_SECONDS:g} s",
+                            "estimated_ms": 1e3 * estimate}
+            continue
+        calls[fmt] = (sparse_fn, (net, x))
+      measured = time_calls(calls, runs=runs, precision=precision,
+                            slow_seconds=SLOW_CALL_SECONDS)
+      row = {"sparsity": level, "macs_ratio": info["macs_ratio"]}
+      for name, t in measured.items():
+        row[name] = entry(t, batch)
+        if name != "dense_zeros" and batch >= ESTIMATE_FROM_BATCH:
+          previous[(name, level)] = (batch, t.median)
+      row.update(skipped)
+      row["speedup"] = {fmt: measured["dense_zeros"].median / measured[fmt].median
+                        for fmt in formats if fmt in measured}
+      rows.append(row)
+      logging.info("weight-pruned %g%%, batch %d: dense with zeros %.3f ms; %s", level, batch,
+                   row["dense_zeros"]["median_ms"], ", ".join(
+                       f"{fmt} {row[fmt]['median_ms']:.3f} ms ({row['speedup'][fmt]:.2f}x)"
+                       if fmt in row["speedup"] else f"{fmt} skipped" for fmt in formats))
+    out["batches"][str(batch)] = rows
+  for fmt in formats:
+    out["beats_dense_from"][fmt] = {
+        batch: _beats_from(levels, [r["speedup"].get(fmt) for r in rows])
+        for batch, rows in out["batches"].items()}
+  return out
+
+
+def _beats_from(levels: Sequence[float], speedups: Sequence[float | None]) -> float | None:
+  """The lowest level from which every speed-up is > 1 (None: never; a skipped one is < 1)."""
+  found = None
+  for level, s in reversed(list(zip(levels, speedups))):
+    if s is None or s <= 1:
+      break
+    found = level
+  return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+def timing_rows(payload: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+  """`timing.csv`: one row per batch size and level (unit pruning, shrunk net)."""
+  header = ["batch", "sparsity_percent", "widths", "padded_widths", "macs_dense", "macs_shrunk",
+            "macs_ratio", "speedup", "speedup_vs_macs_ratio"]
+  for net in ("dense", "shrunk"):
+    header += [f"{net}_median_ms", f"{net}_min_ms", f"{net}_max_ms", f"{net}_runs",
+               f"{net}_images_per_s", f"{net}_gflops"]
+  header += ["arithmetic_ms", "roofline_ms", "limit", "vs_limit"]
+  rows = []
+  for batch, levels in payload["timing"]["before_retraining"].items():
+    for r in levels:
+      row = [int(batch), r["sparsity"], "-".join(map(str, r["widths"])),
+             "-".join(map(str, r["padded_widths"])), r["macs_dense"], r["macs_shrunk"],
+             round(r["macs_ratio"], 4), round(r["speedup"], 4),
+             round(r["speedup_vs_macs_ratio"], 4)]
+      for net in ("dense", "shrunk"):
+        e = r[net]
+        row += [round(e["median_ms"], 5), round(e["min_ms"], 5), round(e["max_ms"], 5),
+                e["runs"], round(e["images_per_s"], 1), round(e["gflops"], 3)]
+      row += ([round(r["arithmetic_ms"], 5), round(r["roofline_ms"], 5), r["limit"],
+               round(r["vs_limit"], 4)] if "roofline_ms" in r else ["", "", "", ""])
+      rows.append(row)
+  return header, rows
+
+
+def weight_sparse_rows(payload: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+  """`weight_sparse.csv`: one row per batch size, level and form (dense with zeros included)."""
+  section = payload["weight_sparse"]
+  header = ["batch", "sparsity_percent", "form", "median_ms", "min_ms", "max_ms", "runs",
+            "images_per_s", "speedup_vs_dense_zeros", "macs_ratio", "note"]
+  rows = []
+  for batch, levels in section["batches"].items():
+    for r in levels:
+      for form in ["dense_zeros", *section["formats"]]:
+        e = r.get(form, {})
+        if "median_ms" in e:
+          speedup = 1.0 if form == "dense_zeros" else r["speedup"][form]
+          rows.append([int(batch), r["sparsity"], form, round(e["median_ms"], 5),
+                       round(e["min_ms"], 5), round(e["max_ms"], 5), e["runs"],
+                       round(e["images_per_s"], 1), round(speedup, 4), round(r["macs_ratio"], 4),
+                       "one timed call: slower than the slow-call limit" if e["runs"] == 1
+                       and section["slow_call_seconds"] * 1e3 < e["median_ms"] else ""])
+        else:
+          rows.append([int(batch), r["sparsity"], form, "", "", "", "", "", "",
+                       round(r["macs_ratio"], 4), e.get("skipped", "")])
+  return header, rows
+
+
+def summary(payload: dict[str, Any]) -> str:
+  """A plain-text table of the speed-ups at each batch size, for the log."""
+  timing_ = payload["timing"]
+  ref = timing_["reference"]
+  lines = [f"on {ref['device']['kind']} ({ref['device']['platform']}): dense forward at batch "
+           f"{ref['batch']}: {ref['dense']['gflops']:.1f} GFLOP/s = {ref['dense_vs_matmul']:.2f} x "
+           f"matmul [{ref['batch']},784]@[784,1000] ({ref['matmul_first_layer']['gflops']:.1f} "
+           f"GFLOP/s), {ref['dense_vs_matmul_1000']:.2f} x [{ref['batch']},1000]@[1000,1000]; "
+           f"memory {ref['bandwidth_gbs']:.1f} GB/s"]
+  for batch, rows in timing_["before_retraining"].items():
+    masked = timing_["masked"][batch]
+    lines.append(f"batch {batch} (masked dense net at {masked['sparsity']:g}%: "
+                 f"{masked['median_ms']:.3f} ms, {masked['speedup']:.2f}x):\n   level  MAC ratio  "
+                 "speed-up  fraction  dense ms  shrunk ms  roofline ms  limit  widths (padded)")
+    for r in rows:
+      roof = f"{r['roofline_ms']:11.3f}  {r['vs_limit']:5.2f}" if "roofline_ms" in r else \
+          f"{'':11}  {'':5}"
+      lines.append(f"  {r['sparsity']:>5g}%  {r['macs_ratio']:9.2f}  {r['speedup']:8.2f}  "
+                   f"{r['speedup_vs_macs_ratio']:8.2f}  {r['dense']['median_ms']:8.3f}  "
+                   f"{r['shrunk']['median_ms']:9.3f}  {roof}  "
+                   f"{'-'.join(map(str, r['widths']))} ({'-'.join(map(str, r['padded_widths']))})")
+  target = timing_.get("target")
+  if target:
+    lines.append(f"target at batch {target['batch']}: every level up to "
+                 f"{target['up_to_sparsity']:g}% within {1 / target['fraction']:g} x its limit "
+                 "(the MAC ratio's arithmetic, or the roofline where that is slower): "
+                 + ("met" if target["met"] else
+                    f"NOT met at {', '.join(f'{v:g}%' for v in target['levels_short'])}")
+                 + (f"; below {target['fraction']:g} x the MAC ratio at "
+                    + ", ".join(f"{v:g}%" for v in target["levels_short_of_macs_ratio"])
+                    if target["levels_short_of_macs_ratio"] else ""))
+  ws = payload["weight_sparse"]
+  for batch, rows in ws["batches"].items():
+    lines.append(f"weight-pruned, batch {batch}: speed-up over dense with zeros " + ", ".join(
+        f"{r['sparsity']:g}%: " + "/".join(f"{r['speedup'][f]:.2f}" if f in r["speedup"]
+                                            else "-" for f in ws["formats"]) for r in rows)
+        + f" ({'/'.join(ws['formats'])})")
+  return "\n".join(lines)

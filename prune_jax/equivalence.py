@@ -1,0 +1,68 @@
+"""Checking that two computations of the same function agree: shrunk vs masked nets, sparse vs
+dense forms.
+
+Two computations that are equal in exact arithmetic differ in float32 by their summation order:
+a relative difference of about 1e-6 of the logit scale on a CPU. They differ by much more where
+matrix products run at a lower precision (TF32 on recent NVIDIA GPUs, bfloat16 passes on TPUs),
+so the checks compute both sides at `"highest"` precision (`jax.default_matmul_precision`), where
+a difference above `RTOL` of the logit scale means the computations differ, on every backend.
+"""
+
+import contextlib
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+
+# A difference above this times the logit scale (max |logit|, at least 1) is an error.
+RTOL = 1e-4
+
+
+@contextlib.contextmanager
+def highest_precision() -> Iterator[None]:
+  """Within the block, float32 matrix products run in full float32 on every backend.
+
+  Functions traced inside the block compile with this precision (it is part of jit's cache
+  key), so a program compiled here is not reused outside it, nor the other way round.
+  """
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+def max_difference(a: jax.Array, b: jax.Array) -> tuple[float, float]:
+  """`(max |a - b|, max |b|)`: the largest difference of two results and the scale of `b`.
+
+  Compute both under `highest_precision()` (see the module docstring).
+
+  Example:
+    >>> with highest_precision():                      # both sides, e.g. shrunk vs masked logits
+    ...   a, b = jnp.array([[1.0, 2.0]]) @ jnp.eye(2), jnp.array([[1.0, 2.5]])
+    >>> diff, scale = max_difference(a, b)
+    >>> diff, scale
+    (0.5, 2.5)
+    >>> check_close(diff, scale, what="shrunk net")
+    Traceback (most recent call last):
+    RuntimeError: shrunk net: logits differ by up to 0.5 (logit scale 2.5, tolerance 0.00025); the two computations must give the same network
+  """
+  return float(jnp.max(jnp.abs(a - b))), float(jnp.max(jnp.abs(b)))
+
+
+def check_close(diff: float, scale: float, *, what: str, rtol: float = RTOL,
+                why: str = "the two computations must give the same network") -> float:
+  """Raises if `diff` exceeds `rtol * max(1, scale)`; returns that tolerance.
+
+  Args:
+    diff: the largest absolute difference of the two computations.
+    scale: the scale of the values compared (e.g. the largest |logit|).
+    what: what was compared, for the error message.
+    rtol: the tolerance relative to the scale.
+    why: the end of the error message: what the difference breaks.
+
+  Raises:
+    RuntimeError: naming `what`, the difference and the tolerance (also for NaN).
+  """
+  tolerance = rtol * max(1.0, scale)
+  if not diff <= tolerance:  # also catches NaN
+    raise RuntimeError(f"{what}: logits differ by up to {diff:.3g} (logit scale {scale:.3g}, "
+                       f"tolerance {tolerance:.3g}); {why}")
+  return tolerance

@@ -1,0 +1,44 @@
+"""Tests of prune_jax.timing: compile once, interleaved rounds, and rounds that follow the spread."""
+
+import math
+import statistics
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from prune_jax import timing
+
+
+def test_median_error_is_the_robust_standard_error_of_the_median():
+  assert timing.median_error([1.0]) == math.inf
+  assert timing.median_error([2.0, 2.0, 2.0]) == 0.0
+  times = [1.0, 1.1, 0.9, 1.0, 1.3]
+  mad = statistics.median(abs(t - 1.0) for t in times)  # 0.1
+  assert timing.median_error(times) == pytest.approx(1.2533 * 1.4826 * mad / math.sqrt(5))
+  # One outlier barely moves it.
+  assert timing.median_error([1.0, 1.0, 1.01, 0.99, 50.0]) < 0.01
+
+
+def test_rounds_stop_once_the_medians_are_known_to_the_precision():
+  a = jnp.ones((32, 32))
+  fast = jax.jit(jnp.matmul)
+  loose = timing.time_interleaved({"f": (fast, (a, a)), "g": (jnp.add, (a, a))}, runs=40,
+                                  precision=0.5, min_run_seconds=0.001)
+  assert all(3 <= t.runs < 40 for t in loose.values())
+  assert len({t.runs for t in loose.values()}) == 1  # rounds: every function runs in each
+  exact = timing.time_interleaved({"f": (fast, (a, a))}, runs=4, precision=0.0)
+  assert exact["f"].runs == 4
+  few = timing.time_interleaved({"f": (fast, (a, a))}, runs=2, precision=0.5)
+  assert few["f"].runs == 2  # never more than `runs`
+  with pytest.raises(ValueError, match="precision >= 0"):
+    timing.time_interleaved({"f": (fast, (a, a))}, precision=-1.0)
+
+
+def test_compile_once_compiles_each_shape_once():
+  fn = jax.jit(lambda x: x * 2)
+  exe, seconds = timing.compile_once(fn, (jnp.ones(3),))
+  again, zero = timing.compile_once(fn, (jnp.zeros(3),))
+  assert again is exe and zero == 0.0 and seconds > 0
+  other, _ = timing.compile_once(fn, (jnp.ones(4),))
+  assert other is not exe
