@@ -8,10 +8,9 @@ A file that does not load or does not check out is retrained.
 
 from typing import Any
 
-import flax.serialization
+import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from prune_jax import data as data_lib

@@ -146,6 +146,6 @@ def format_table(payload: dict[str, Any]) -> str:
     lines.append(name.ljust(16) + "".join(
         f"{f'{m:.2f}±{s:.2f}':>{width}}" for m, s in zip(c["mean"], c["std"])))
     if "measured_sparsity" in c:
-      lines.append(f"  ~sparsity".ljust(16) + "".join(
+      lines.append("  ~sparsity".ljust(16) + "".join(
           f"{f'{v:.1f}':>{width}}" for v in c["measured_sparsity"]))
   return "\n".join(lines)

@@ -22,9 +22,9 @@ How each mode retrains:
   all (`retrain_levels`): a loop over the levels calling `train.train`, which on the 2-core CPU
   measured faster than training all levels at once vmapped (`train.train_many`); see
   `VMAP_RETRAINING`.
-- unit: each level is retrained in *shrunk* form (`prune_jax.shrinking.shrink`: the pruned units deleted,
-  i.e. their kernel columns and the next kernel's rows), then written back into a full-size net
-  (`expand`) for evaluation and measurement. This is the same computation as masked full-size
+- unit: each level is retrained in *shrunk* form (`prune_jax.shrink`: the pruned units
+  deleted, i.e. their kernel columns and the next kernel's rows), then written back into a
+  full-size net (`prune_jax.expand`) for evaluation and measurement. This is the same computation as masked full-size
   retraining, only cheaper: a pruned unit's kernel column (and bias, if any) is zero, so its
   ReLU output is relu(0) = 0 for every input. The gradients of its column are masked; the
   gradient of its outgoing row in the next kernel is its activation (0) times the back-propagated
@@ -309,12 +309,12 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
     logging.info("seed %d: dense test accuracy %.2f%%", seed, acc)
 
     t = time.perf_counter()
+    unit = sweep.pruned_accuracy(store, config, seed, params[seed], mode, mnist)
     pruned, masks = sweep.prune_levels(params[seed], fracs, mode=mode, scope=config["scope"])
-    acc, sparsity = _evaluate_stack(model, pruned, masks, mnist)
     timings["prune_evaluate_seconds"].append(time.perf_counter() - t)
-    accuracy["pruned"].append(acc)
-    measured["pruned"].append(sparsity)
-    logging.info("seed %d: %s-pruned accuracy %s%%", seed, mode, _fmt(acc))
+    accuracy["pruned"].append(unit["accuracy"])
+    measured["pruned"].append(unit["measured_sparsity"])
+    logging.info("seed %d: %s-pruned accuracy %s%%", seed, mode, _fmt(unit["accuracy"]))
 
     if mode == "weight":
       units = _retrain_full_size(store, config, seed, model, pruned, masks, mnist, mode=mode,

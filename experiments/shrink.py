@@ -38,7 +38,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
 
 from experiments import base_nets, common_flags, frame, outputs, recovery, seed_results
@@ -154,7 +153,8 @@ def check_shrink_config(config: dict[str, Any], *, test_size: int) -> dict[str, 
   frame.check_config(config)
   config = {"retrain_steps": SEED_RETRAIN_STEPS, "keep_last_hidden": False,
             "eval_batches": [int(b) for b in DEFAULT_EVAL_BATCHES], "timing_runs": 7,
-            "timing_precision": DEFAULT_TIMING_PRECISION, "pad_multiple": 16, "weight_sparse_formats": list(sparse_dense.FORMATS), **config}
+            "timing_precision": DEFAULT_TIMING_PRECISION, "pad_multiple": 16,
+            "weight_sparse_formats": list(sparse_dense.FORMATS), **config}
   if config["retrain_steps"] is None:
     config["retrain_steps"] = SEED_RETRAIN_STEPS
   if int(config["retrain_steps"]) < 0:
@@ -350,19 +350,14 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
                 **{k: config[k] for k in ("scope", "keep_last_hidden", "pad_multiple",
                                           "timing_runs", "timing_precision")},
                 "machine": results.machine(), "device": shrink_timing.device()}
-  reference = store.get_or_compute(
-      "shrink_timing", {**timing_key, "table": "reference", "batch": batches[-1]},
-      lambda: (shrink_timing.reference_rates(model, params_by_seed[timed_seed],
-                                             test_x[:batches[-1]], runs=runs,
-                                             precision=precision), None)).value
   tables = {}
   for batch in batches:
-    roofline = {"bandwidth_gbs": reference["bandwidth_gbs"]} if batch == batches[-1] else None
     tables[str(batch)] = store.get_or_compute(
-        "shrink_timing", {**timing_key, "table": "unit", "batch": batch},
-        lambda batch=batch, roofline=roofline: (shrink_timing.time_unit_levels(
+        "shrink_timing", {**timing_key, "table": "unit", "batch": batch,
+                          "machine_reference": batch == batches[-1]},
+        lambda batch=batch: (shrink_timing.time_unit_levels(
             model, params_by_seed[timed_seed], timed_nets, levels, test_x, batch, runs=runs,
-            precision=precision, roofline=roofline), None)).value
+            precision=precision, machine=batch == batches[-1]), None)).value
   phase_seconds["timing_unit"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   weight_sparse = store.get_or_compute(
@@ -391,11 +386,11 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
               "rewarm_seconds": shrink_timing.REWARM_SECONDS,
               "pad_multiple": int(config["pad_multiple"]),
               "target_fraction_of_macs_ratio": shrink_timing.TARGET_FRACTION,
-              "reference": reference,
+              "reference": tables[str(batches[-1])]["reference"],
               "before_retraining": {b: t["rows"] for b, t in tables.items()},
               "masked": {b: t["masked"] for b, t in tables.items()},
               "target": shrink_timing.target_check(largest, batch=batches[-1]),
-              "device": reference["device"]},
+              "device": shrink_timing.device()},
       weight_sparse=weight_sparse,
       seed_reference={"sparsities": list(seed_results.SPARSITIES),
                       "speedup": list(seed_results.SHRINK_SPEEDUP),

@@ -16,17 +16,19 @@ every level's shrunk net (padded with zero units to `--pad_multiple`; before ret
 retraining it has the same shapes, so the same speed). The speed-up is dense median / shrunk
 median, beside the multiply-add (MAC) ratio of `sparsity_report` (dense / shrunk).
 
-At the largest batch, what the machine allows each shrunk net (`roofline`): for each of its
-layers `[batch, k] @ [k, n]`, the time of a plain jitted matmul of that shape, measured in the
-same run, or the time to move the layer's bytes (`4 (batch k + k n + batch n)`) at the measured
-memory bandwidth (a row sum of the input), whichever is longer; summed over the layers. The
+At the largest batch, in the same rounds, what the machine allows each shrunk net (`roofline`):
+for each of its layers `[batch, k] @ [k, n]`, the time of a plain jitted matmul of that shape, or
+the time to move the layer's bytes (`4 (batch k + k n + batch n)`) at the measured memory
+bandwidth (a row sum of the input), whichever is longer; summed over the layers. The calls of a
+round run in order of decreasing cost, so that only one fast call per round follows a slow one. The
 *limit* of a level is the larger of that and the arithmetic time (the dense time divided by the
 MAC ratio); the target asks every level up to 90% to run within `1 / TARGET_FRACTION` = 1.25 x
 its limit, i.e. a speed-up of at least 0.8 x the MAC ratio, or within 1.25 x the roofline where
 the roofline, not the arithmetic, is the limit.
 
-Weight-pruned nets (`time_weight_levels`): dense with zeros against the unstructured-sparse forms
-of `prune_jax.sparse_dense`.
+Weight-pruned nets (`time_weight_levels`): dense with zeros (once per batch size: it has the
+dense shapes at every level) against every level's unstructured-sparse forms of
+`prune_jax.sparse_dense`, in the same rounds.
 """
 
 import functools
@@ -51,9 +53,10 @@ TARGET_UP_TO = 90.0
 # Weight-sparse forms can be 100x slower than dense: a form whose call at a batch is estimated
 # (linearly, from its time at a batch of at least `ESTIMATE_FROM_BATCH`) to take more than
 # `SKIP_SECONDS` is not timed there (the estimate is recorded), and one whose warm-up call took
-# more than `SLOW_CALL_SECONDS` is timed by a single call.
+# more than `SLOW_CALL_SECONDS` is timed by a single call (a call that long is measured well by
+# one reading, and a form 10-100x slower than dense needs no second decimal).
 SKIP_SECONDS = 2.0
-SLOW_CALL_SECONDS = 1.0
+SLOW_CALL_SECONDS = 0.1
 ESTIMATE_FROM_BATCH = 100
 # See the module docstring.
 MIN_RUN_SECONDS = 0.02
@@ -116,35 +119,19 @@ def forward_call(model: nn.Module, params: Params, x: jax.Array) -> tuple[Any, t
   return forward_fn(model), (params, x)
 
 
-def reference_rates(model: MLP, params: Params, x: jax.Array, *, runs: int,
-                    precision: float) -> dict[str, Any]:
-  """The dense forward's FLOP rate at `x`'s batch beside plain matmuls and fixed costs.
-
-  In the same rounds: the dense forward; the matmuls `[batch, 784] @ [784, 1000]` (the dense
-  net's first layer) and `[batch, 1000] @ [1000, 1000]` (its second); reading the input once (a
-  row sum: the memory bandwidth); an almost empty call (one element of the input).
-  """
-  batch = x.shape[0]
-  widths = [x.shape[1], *model.hidden, model.num_classes]
-  key = jax.random.key(0)
-  a2 = jax.random.normal(key, (batch, 1000), jnp.float32)
-  b1 = jax.random.normal(key, (x.shape[1], 1000), jnp.float32)
-  b2 = jax.random.normal(key, (1000, 1000), jnp.float32)
-  measured = time_calls({
-      "dense": forward_call(model, params, x),
-      "matmul_first_layer": (_matmul, (x, b1)),
-      "matmul_1000": (_matmul, (a2, b2)),
-      "read_input": (_row_sum, (x,)),
-      "empty_call": (_first_element, (x,)),
-  }, runs=runs, precision=precision)
-  flops = {"dense": 2 * batch * macs(widths), "matmul_first_layer": 2 * batch * x.shape[1] * 1000,
+def _reference(measured: Mapping[str, timing.Timing], model: MLP, x: jax.Array) -> dict[str, Any]:
+  """The `reference` section: the dense forward's FLOP rate beside plain matmuls, the memory
+  bandwidth and the cost of an almost empty call, from one set of rounds."""
+  batch, features = int(x.shape[0]), int(x.shape[1])
+  flops = {"dense": 2 * batch * macs([features, *model.hidden, model.num_classes]),
+           "matmul_first_layer": 2 * batch * features * 1000,
            "matmul_1000": 2 * batch * 1000 * 1000}
   out = {"batch": batch, "device": device()}
-  for name, t in measured.items():
-    out[name] = entry(t, batch)
+  for name in ("dense", "matmul_first_layer", "matmul_1000", "read_input", "empty_call"):
+    out[name] = entry(measured[name], batch)
     if name in flops:
-      out[name]["gflops"] = flops[name] / t.median / 1e9
-  out["matmul_first_layer"]["shape"] = [batch, x.shape[1], 1000]
+      out[name]["gflops"] = flops[name] / measured[name].median / 1e9
+  out["matmul_first_layer"]["shape"] = [batch, features, 1000]
   out["matmul_1000"]["shape"] = [batch, 1000, 1000]
   out["dense_vs_matmul"] = out["dense"]["gflops"] / out["matmul_first_layer"]["gflops"]
   out["dense_vs_matmul_1000"] = out["dense"]["gflops"] / out["matmul_1000"]["gflops"]
@@ -172,36 +159,32 @@ def layer_shapes(widths: Sequence[int], batch: int) -> list[tuple[int, int, int]
   return [(batch, k, n) for k, n in zip(widths, widths[1:])]
 
 
-def time_matmuls(shapes: Sequence[tuple[int, int, int]], *, runs: int,
-                 precision: float) -> dict[tuple[int, int, int], timing.Timing]:
-  """Median times of plain jitted float32 matmuls `[m, k] @ [k, n]`, one per distinct shape."""
-  calls = {}
-  for m, k, n in dict.fromkeys(shapes):
-    if m and k and n:
-      a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
-      b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
-      calls[(m, k, n)] = (_matmul, (a, b))
-  measured = time_calls({f"{m}x{k}x{n}": call for (m, k, n), call in calls.items()}, runs=runs,
-                        precision=precision)
-  return {shape: measured[f"{shape[0]}x{shape[1]}x{shape[2]}"] for shape in calls}
+def _matmul_call(m: int, k: int, n: int) -> tuple[Any, tuple]:
+  a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+  return _matmul, (a, b)
+
+
+def _matmul_name(shape: tuple[int, int, int]) -> str:
+  return "matmul/{}x{}x{}".format(*shape)
 
 
 def roofline_seconds(shapes: Sequence[tuple[int, int, int]],
-                     matmuls: Mapping[tuple[int, int, int], timing.Timing],
-                     bandwidth_gbs: float) -> float:
+                     matmuls: Mapping[str, timing.Timing], bandwidth_gbs: float) -> float:
   """What the machine allows a Dense chain: per layer the longer of its plain matmul's median
-  time and the time to move its bytes at `bandwidth_gbs`, summed (see the module docstring)."""
+  time (`matmuls[_matmul_name(shape)]`) and the time to move its bytes at `bandwidth_gbs`,
+  summed (see the module docstring). A layer with an empty dimension costs nothing."""
   total = 0.0
   for m, k, n in shapes:
-    compute = matmuls[(m, k, n)].median if (m, k, n) in matmuls else 0.0
-    memory = 4 * (m * k + k * n + m * n) / (bandwidth_gbs * 1e9)
-    total += max(compute, memory)
+    if m and k and n:
+      memory = 4 * (m * k + k * n + m * n) / (bandwidth_gbs * 1e9)
+      total += max(matmuls[_matmul_name((m, k, n))].median, memory)
   return total
 
 
 def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
                      levels: Sequence[float], test_x: jax.Array, batch: int, *, runs: int,
-                     precision: float, roofline: dict[str, Any] | None = None) -> dict[str, Any]:
+                     precision: float, machine: bool = False) -> dict[str, Any]:
   """The timing table of one batch size: dense, masked (once) and each level's shrunk net.
 
   Args:
@@ -210,47 +193,57 @@ def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
       "padded_widths", "macs_dense", "macs_shrunk"}`.
     levels: the sparsities (%); test_x: the test images; batch: the batch size.
     runs, precision: see `time_calls`.
-    roofline: `{"bandwidth_gbs": ...}` to compute each level's roofline (the largest batch), or
-      None.
+    machine: also time, in the same rounds, what the machine allows: plain matmuls of every
+      layer shape of the shrunk nets (the roofline), the dense net's first two layer shapes, a
+      row sum of the input (the memory bandwidth) and an almost empty call (normally at the
+      largest batch).
 
   Returns:
-    `{"batch", "masked": {...}, "rows": [per level]}`; each row has the widths, the MAC counts
-    and ratio, `dense`/`shrunk` timings with `gflops` (useful multiply-adds: padding not
-    counted), `speedup`, `speedup_vs_macs_ratio`, and with `roofline` also `roofline_ms`,
-    `arithmetic_ms`, `limit` ("arithmetic" or "roofline") and `vs_limit` (limit time / measured
-    time: 1 means as fast as allowed).
+    `{"batch", "masked": {...}, "rows": [per level]}`, with `machine` also `"reference"` (see
+    `_reference`). Each row has the widths, the MAC counts and ratio, `dense`/`shrunk` timings
+    with `gflops` (useful multiply-adds: padding not counted), `speedup`,
+    `speedup_vs_macs_ratio`, and with `machine` also `roofline_ms`, `arithmetic_ms`, `limit`
+    ("arithmetic" or "roofline") and `vs_limit` (limit time / measured time: 1 means as fast as
+    allowed).
   """
   x = jax.device_put(test_x[:batch])
-  calls = {"dense": forward_call(model, params, x),
-           "masked": forward_call(model, nets[-1]["masked"], x)}
-  for i, net in enumerate(nets):
-    calls[f"shrunk/{i}"] = forward_call(net["padded_model"], net["padded"], x)
-  measured = time_calls(calls, runs=runs, precision=precision)
+  features = int(x.shape[1])
+  chains = [[features, *net["padded_widths"], model.num_classes] for net in nets]
+  # (name, call, multiply-adds): run in order of decreasing cost, so that in each round only
+  # one fast call follows a slow one (and is re-warmed).
+  calls = [("dense", forward_call(model, params, x), batch * macs([features, *model.hidden,
+                                                                   model.num_classes])),
+           ("masked", forward_call(model, nets[-1]["masked"], x), batch * nets[-1]["macs_dense"])]
+  calls += [(f"shrunk/{i}", forward_call(net["padded_model"], net["padded"], x),
+             batch * macs(chain)) for i, (net, chain) in enumerate(zip(nets, chains))]
+  if machine:
+    shapes = {s for chain in chains for s in layer_shapes(chain, batch) if all(s)}
+    shapes |= {(batch, features, 1000), (batch, 1000, 1000)}
+    calls += [(_matmul_name(s), _matmul_call(*s), s[0] * s[1] * s[2]) for s in shapes]
+    calls += [("read_input", (_row_sum, (x,)), 0), ("empty_call", (_first_element, (x,)), -1)]
+  calls.sort(key=lambda c: -c[2])
+  measured = time_calls({name: call for name, call, _ in calls}, runs=runs, precision=precision)
   dense = measured["dense"]
-  matmuls = {}
-  if roofline is not None:
-    in_dim = int(x.shape[1])
-    matmuls = time_matmuls(
-        [s for net in nets for s in layer_shapes([in_dim, *net["padded_widths"],
-                                                  model.num_classes], batch)],
-        runs=runs, precision=precision)
+  out: dict[str, Any] = {"batch": batch}
+  if machine:
+    out["reference"] = _reference(
+        {**measured, "matmul_first_layer": measured[_matmul_name((batch, features, 1000))],
+         "matmul_1000": measured[_matmul_name((batch, 1000, 1000))]}, model, x)
   rows = []
-  for i, (level, net) in enumerate(zip(levels, nets)):
+  for i, (level, net, chain) in enumerate(zip(levels, nets, chains)):
     shrunk = measured[f"shrunk/{i}"]
     ratio = net["macs_dense"] / net["macs_shrunk"]
     row = {"sparsity": level, "widths": list(net["widths"]),
            "padded_widths": list(net["padded_widths"]), "macs_dense": net["macs_dense"],
-           "macs_shrunk": net["macs_shrunk"],
-           "macs_padded": macs([int(x.shape[1]), *net["padded_widths"], model.num_classes]),
-           "macs_ratio": ratio, "dense": entry(dense, batch), "shrunk": entry(shrunk, batch),
+           "macs_shrunk": net["macs_shrunk"], "macs_padded": macs(chain), "macs_ratio": ratio,
+           "dense": entry(dense, batch), "shrunk": entry(shrunk, batch),
            "speedup": dense.median / shrunk.median}
     row["speedup_vs_macs_ratio"] = row["speedup"] / ratio
-    for name, count in (("dense", net["macs_dense"]), ("shrunk", net["macs_shrunk"])):
-      row[name]["gflops"] = 2 * count * batch / shrunk.median / 1e9 if name == "shrunk" else \
-          2 * count * batch / dense.median / 1e9
-    if roofline is not None:
-      shapes = layer_shapes([int(x.shape[1]), *net["padded_widths"], model.num_classes], batch)
-      roof = roofline_seconds(shapes, matmuls, roofline["bandwidth_gbs"])
+    row["dense"]["gflops"] = 2 * net["macs_dense"] * batch / dense.median / 1e9
+    row["shrunk"]["gflops"] = 2 * net["macs_shrunk"] * batch / shrunk.median / 1e9
+    if machine:
+      roof = roofline_seconds(layer_shapes(chain, batch), measured,
+                              out["reference"]["bandwidth_gbs"])
       arithmetic = dense.median / ratio
       row.update(roofline_ms=1e3 * roof, arithmetic_ms=1e3 * arithmetic,
                  limit="roofline" if roof > arithmetic else "arithmetic",
@@ -259,11 +252,12 @@ def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
     logging.info("batch %d, %g%%: dense %.3f ms, shrunk %.3f ms: %.2fx (MAC ratio %.2fx, %.2f of "
                  "it)%s", batch, level, row["dense"]["median_ms"], row["shrunk"]["median_ms"],
                  row["speedup"], ratio, row["speedup_vs_macs_ratio"],
-                 f"; roofline {row['roofline_ms']:.3f} ms" if roofline is not None else "")
+                 f"; roofline {row['roofline_ms']:.3f} ms" if machine else "")
   masked = measured["masked"]
-  return {"batch": batch, "rows": rows,
-          "masked": {"sparsity": levels[-1], **entry(masked, batch),
-                     "speedup": dense.median / masked.median}}
+  out["rows"] = rows
+  out["masked"] = {"sparsity": levels[-1], **entry(masked, batch),
+                   "speedup": dense.median / masked.median}
+  return out
 
 
 def target_check(rows: Sequence[dict[str, Any]], *, batch: int,
@@ -334,10 +328,11 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
   previous: dict[tuple[str, float], tuple[int, float]] = {}
   for batch in batches:
     x = jax.device_put(test_x[:batch])
-    rows = []
-    for level, (pruned, forms), info in zip(levels, nets, out["levels"]):
-      calls = {"dense_zeros": forward_call(model, pruned, x)}
-      skipped = {}
+    # Dense with zeros has the dense shapes at every level, so costs the same: timed once.
+    calls = {"dense_zeros": forward_call(model, nets[-1][0], x)}
+    skipped: dict[int, dict[str, Any]] = {}
+    for i, (level, (_, forms)) in enumerate(zip(levels, nets)):
+      skipped[i] = {}
       for fmt, net in forms.items():
         if batch > ESTIMATE_FROM_BATCH:
           if (fmt, level) not in previous:  # probe once at the smaller batch
@@ -348,21 +343,24 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
           prev_batch, prev_seconds = previous[(fmt, level)]
           estimate = prev_seconds * batch / prev_batch
           if estimate > SKIP_SECONDS:
-            skipped[fmt] = {"skipped": f"not timed: estimated {estimate:.1f} s per call from "
-                                       f"batch {prev_batch}, above {SKIP_SECONDS:g} s",
-                            "estimated_ms": 1e3 * estimate}
+            skipped[i][fmt] = {"skipped": f"not timed: estimated {estimate:.1f} s per call from "
+                                          f"batch {prev_batch}, above {SKIP_SECONDS:g} s",
+                               "estimated_ms": 1e3 * estimate}
             continue
-        calls[fmt] = (sparse_fn, (net, x))
-      measured = time_calls(calls, runs=runs, precision=precision,
-                            slow_seconds=SLOW_CALL_SECONDS)
-      row = {"sparsity": level, "macs_ratio": info["macs_ratio"]}
-      for name, t in measured.items():
-        row[name] = entry(t, batch)
-        if name != "dense_zeros" and batch >= ESTIMATE_FROM_BATCH:
-          previous[(name, level)] = (batch, t.median)
-      row.update(skipped)
-      row["speedup"] = {fmt: measured["dense_zeros"].median / measured[fmt].median
-                        for fmt in formats if fmt in measured}
+        calls[f"{fmt}/{i}"] = (sparse_fn, (net, x))
+    measured = time_calls(calls, runs=runs, precision=precision, slow_seconds=SLOW_CALL_SECONDS)
+    dense = measured["dense_zeros"]
+    rows = []
+    for i, (level, info) in enumerate(zip(levels, out["levels"])):
+      row = {"sparsity": level, "macs_ratio": info["macs_ratio"],
+             "dense_zeros": entry(dense, batch), **skipped[i], "speedup": {}}
+      for fmt in formats:
+        if f"{fmt}/{i}" in measured:
+          t = measured[f"{fmt}/{i}"]
+          row[fmt] = entry(t, batch)
+          row["speedup"][fmt] = dense.median / t.median
+          if batch >= ESTIMATE_FROM_BATCH:
+            previous[(fmt, level)] = (batch, t.median)
       rows.append(row)
       logging.info("weight-pruned %g%%, batch %d: dense with zeros %.3f ms; %s", level, batch,
                    row["dense_zeros"]["median_ms"], ", ".join(

@@ -128,9 +128,11 @@ def zero_percent(params: Params, masks: Masks) -> jax.Array:
     50.0
   """
   pairs = jax.tree.leaves(
-      jax.tree.map(lambda m, p: None if m is None else (jnp.sum(p == 0), p.size), masks, params,
-                   is_leaf=lambda x: x is None),
+      jax.tree.map(lambda m, p: None if m is None else (jnp.sum(p == 0, dtype=jnp.int32), p.size),
+                   masks, params, is_leaf=lambda x: x is None),
       is_leaf=lambda x: isinstance(x, tuple))
-  zeros = sum(z.astype(jnp.float32) for z, _ in pairs)
+  zeros = sum(z for z, _ in pairs)
   size = sum(n for _, n in pairs)
-  return 100 * zeros / size
+  # One multiplication by a constant: the same float result in every program that computes it
+  # (a division could be rewritten, differently, by each compiled program).
+  return zeros.astype(jnp.float32) * jnp.float32(100 / size)

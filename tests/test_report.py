@@ -4,7 +4,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from prune_jax.masks import apply_masks, unit_masks, weight_masks

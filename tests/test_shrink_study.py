@@ -11,7 +11,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from experiments import base_nets, common_flags, frame, outputs, recovery
@@ -19,7 +18,6 @@ from experiments import shrink as study
 from experiments import shrink_timing
 from prune_jax import equivalence, timing
 from prune_jax.masks import apply_masks, unit_masks
-from prune_jax.models import MLP, init_mlp
 from prune_jax.shrinking import pad_units, shrink, shrunk_widths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
