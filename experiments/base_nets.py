@@ -41,7 +41,11 @@ def retrain_key(seed: int) -> jax.Array:
 
 
 def base_key(config: dict[str, Any], seed: int, model: MLP | None = None) -> dict[str, Any]:
-  """Everything that determines the base net of `seed`: the unit key of its training."""
+  """Everything that determines the base net of `seed`: the unit key of its training.
+
+  Every other unit's key starts with it. It names the platform (CPU, GPU...) and the matmul
+  precision, since the same program computes other floats on another backend or precision.
+  """
   model = model or base_model()
   return {
       "seed": seed,
@@ -54,6 +58,8 @@ def base_key(config: dict[str, Any], seed: int, model: MLP | None = None) -> dic
       "mnist": data_lib.OFFICIAL_SHA256,
       "jax": jax.__version__,
       "flax": flax.__version__,
+      "platform": jax.default_backend(),
+      "matmul_precision": config.get("matmul_precision", "default"),
   }
 
 

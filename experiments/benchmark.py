@@ -7,6 +7,12 @@ seed's network (plain jnp, no Flax or optax), and of `prune_jax.train.train` at 
 dense and with weight masks; each as the median of `--runs` runs after a warm-up, compilation
 timed apart. A training step costs 3 forward passes' worth of multiply-adds (forward, and two
 matmuls per layer backward). Data are random arrays of MNIST's shape: speed does not depend on them.
+
+The reference, measured before every timed run, is the device's own matmul: on a CPU at the
+step's main shape `[batch, 1000] @ [1000, 1000]`, which already keeps its cores busy; on an
+accelerator at `[8192, 8192] @ [8192, 8192]`, which saturates it (the step's shape is
+launch-bound there, so a ratio to it would say nothing); the step's shape is reported apart.
+Every figure names the device it ran on, and the matmul precision (`--matmul_precision`).
 """
 
 import statistics
@@ -25,6 +31,12 @@ RUNS = flags.DEFINE_integer("runs", 5, "Timed runs (after one warm-up run); the 
                             "reported.", lower_bound=1)
 BATCH = flags.DEFINE_integer("batch_size", 100, "Minibatch size.", lower_bound=1)
 OUT = flags.DEFINE_string("json_out", None, "Also write the figures to this JSON file.")
+PRECISION = flags.DEFINE_enum(
+    "matmul_precision", "default", ["default", "bfloat16", "tensorfloat32", "float32", "highest"],
+    "Precision of float32 matrix products (jax_default_matmul_precision); 'default' is the "
+    "platform's (TF32 on recent NVIDIA GPUs).")
+# The reference matmul of an accelerator: large enough to saturate it.
+SATURATING = (8192, 8192, 8192)
 
 
 def train_macs_per_step(widths: list[int], batch_size: int) -> int:
@@ -69,6 +81,11 @@ def _interleaved(fn, reference, runs):
 def main(argv):
   del argv
   steps, runs, batch = STEPS.value, RUNS.value, BATCH.value
+  if PRECISION.value != "default":
+    jax.config.update("jax_default_matmul_precision", PRECISION.value)
+  first = jax.devices()[0]
+  on_cpu = first.platform == "cpu"
+  reference_shape = (batch, 1000, 1000) if on_cpu else SATURATING
   model = MLP()
   widths = [784, *model.hidden, model.num_classes]
   gflop_step = 2 * train_macs_per_step(widths, batch) / 1e9
@@ -79,9 +96,14 @@ def main(argv):
   figures = {"steps_per_run": steps, "runs": runs, "batch_size": batch,
              "gflop_per_step": gflop_step, "jax": jax.__version__,
              "machine": results.machine(),
-             "reference": f"jitted float32 matmul [{batch},1000] @ [1000,1000], measured "
-                          "before every timed run",
-             "matmul_gflops_1000x1000x1000": timing.matmul_gflops(1000, 1000, 1000)}
+             "device": {"platform": first.platform, "kind": first.device_kind},
+             "matmul_precision": PRECISION.value,
+             "reference": "jitted float32 matmul [{}, {}] @ [{}, {}], measured before every "
+                          "timed run".format(reference_shape[0], reference_shape[1],
+                                             reference_shape[1], reference_shape[2]),
+             "matmul_gflops_1000x1000x1000": timing.matmul_gflops(1000, 1000, 1000),
+             f"matmul_gflops_step_shape_{batch}x1000x1000": timing.matmul_gflops(batch, 1000,
+                                                                                  1000)}
 
   idx = train.draw_batches(key, num_examples=60000, steps=steps, batch_size=batch)
   weights = [params[f"Dense_{i}"]["kernel"] for i in range(len(widths) - 1)]
@@ -101,7 +123,7 @@ def main(argv):
     return run
 
   def reference():
-    return timing.matmul_gflops(batch, 1000, 1000, runs=21)
+    return timing.matmul_gflops(*reference_shape, runs=21 if on_cpu else 7)
 
   half = masks_lib.weight_masks(params, 0.5)
   for name, fn in [("bare_jax_loop", run_bare), ("train", run_train(None)),
@@ -115,14 +137,16 @@ def main(argv):
                      "ratio_to_matmul": statistics.median(ratios),
                      "ratios": ratios}
 
-  print(f"reference: {figures['reference']}")
+  print(f"device: {first.device_kind} ({first.platform}); reference: {figures['reference']}")
   for name in ("bare_jax_loop", "train", "train_weight_masked"):
     f = figures[name]
     print(f"{name:20s} {f['gflops']:6.1f} GFLOP/s {f['steps_per_s']:6.1f} steps/s | matmul "
           f"{f['matmul_gflops']:6.1f} GFLOP/s | ratio {f['ratio_to_matmul']:.2f} (median of "
           f"{runs} runs of {steps} steps; {f['min_s']:.2f}-{f['max_s']:.2f} s)")
   print(f"(a square [1000,1000]@[1000,1000] matmul runs at "
-        f"{figures['matmul_gflops_1000x1000x1000']:.1f} GFLOP/s)")
+        f"{figures['matmul_gflops_1000x1000x1000']:.1f} GFLOP/s, the step's shape "
+        f"[{batch},1000]@[1000,1000] at "
+        f"{figures[f'matmul_gflops_step_shape_{batch}x1000x1000']:.1f} GFLOP/s)")
   if OUT.value:
     results.write_json(OUT.value, figures)
   logging.info("benchmark figures: %s", figures)

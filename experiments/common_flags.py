@@ -46,6 +46,13 @@ RETRAIN_STEPS = flags.DEFINE_integer(
 RETRAIN_BASE = flags.DEFINE_bool(
     "retrain_base", False, "Train new dense base nets even if <workdir>/cache/ holds matching "
     "ones (the new ones replace them in the cache).")
+MATMUL_PRECISIONS = ("default", "bfloat16", "tensorfloat32", "float32", "highest")
+MATMUL_PRECISION = flags.DEFINE_enum(
+    "matmul_precision", "default", list(MATMUL_PRECISIONS), "Precision of float32 matrix "
+    "products in training and timing (jax_default_matmul_precision): 'default' is the platform's "
+    "(full float32 on CPUs; TF32 on recent NVIDIA GPUs, bfloat16 passes on TPUs), 'float32' and "
+    "'highest' force full float32. Checks that two computations agree (study 4) always run at "
+    "'highest'.")
 COMPILATION_CACHE = flags.DEFINE_bool(
     "compilation_cache", True, "Keep compiled programs in JAX's persistent compilation cache "
     "under <workdir>/cache/xla/ (or $JAX_COMPILATION_CACHE_DIR if set), so that later runs and "
@@ -117,4 +124,5 @@ def config() -> dict[str, Any]:
       "retrain_base": RETRAIN_BASE.value,
       "fresh": FRESH.value,
       "compilation_cache": COMPILATION_CACHE.value,
+      "matmul_precision": MATMUL_PRECISION.value,
   }

@@ -10,7 +10,7 @@ function reading its flags. This module gives it the rest:
   `<workdir>/cache/units/`, so an interrupted study resumes where it stopped);
 - `outputs.payload` builds the results payload and `write_and_plot` writes it with its plots;
 - `main(run, config)`: the absl `main` of every entry point. It turns on JAX's persistent
-  compilation cache (`use_compilation_cache`), and turns SIGTERM into the same clean stop as
+  compilation cache (`use_compilation_cache`), sets `--matmul_precision`, and turns SIGTERM into the same clean stop as
   Ctrl-C (no half-written file is left: every write is atomic, and the units finished so far stay
   for the rerun).
 """
@@ -162,6 +162,21 @@ def use_compilation_cache(config: Config) -> str | None:
   return folder
 
 
+def use_matmul_precision(config: Config) -> str | None:
+  """Sets `jax_default_matmul_precision` for this process from `config["matmul_precision"]`.
+
+  "default" (or no setting) leaves the platform's default. Returns the precision set, or None.
+  """
+  precision = config.get("matmul_precision", "default")
+  if precision in (None, "default"):
+    return None
+  if precision not in common_flags.MATMUL_PRECISIONS:
+    raise ValueError(f"--matmul_precision must be one of {common_flags.MATMUL_PRECISIONS}, got "
+                     f"{precision!r}")
+  jax.config.update("jax_default_matmul_precision", precision)
+  return precision
+
+
 @contextlib.contextmanager
 def stop_cleanly_on_sigterm() -> Iterator[None]:
   """Within the block, SIGTERM raises `KeyboardInterrupt`, as Ctrl-C (SIGINT) does.
@@ -198,6 +213,7 @@ def main(run: Callable[..., Payload], config: Callable[[], Config], *,
     except ValueError as e:
       raise app.UsageError(str(e)) from e
     use_compilation_cache(cfg)
+    use_matmul_precision(cfg)
     with stop_cleanly_on_sigterm():
       try:
         mnist = data_lib.load_mnist(cfg["mnist_dir"])
