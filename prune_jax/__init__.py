@@ -5,3 +5,4 @@ from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax.report import sparsity_report
 from prune_jax.shrinking import expand, pad_units, shrink, shrunk_widths
 from prune_jax.groups import Group, Member, unit_groups
+from prune_jax.group_masks import dense_groups
