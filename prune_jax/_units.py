@@ -354,92 +354,119 @@ def _squeeze(a: Analysis, eqn: _trace.Eqn, ins: list[Val]) -> list[Val]:
 
 
 def _reshape(a: Analysis, eqn: _trace.Eqn, ins: list[Val]) -> list[Val]:
-  """Axes kept, merged (one of them may carry units) or split (none may); size-1 axes dropped
-  or added."""
+  """Axes kept, merged (one of them may carry units) or split (none may), size-1 axes added or
+  dropped (see `_reshape_blocks`)."""
   val = ins[0]
   in_shape, out_shape = _in_shape(a, eqn), _out_shape(eqn)
   if eqn.params.get("dimensions") is not None:
     return _unknown(a, eqn, ins)
   if in_shape == out_shape:
     return [val]
+  if not in_shape or not out_shape:  # to or from a scalar: size-1 axes only
+    for k in range(len(in_shape)):
+      a.spoil(val.ids[k], "`reshape` removes this size-1 axis")
+    return [Val(tuple(a.new_ids(1) for _ in out_shape),
+                tuple(np.array([val.allzero]) for _ in out_shape), val.allzero)]
   blocks = _reshape_blocks(in_shape, out_shape)
   if blocks is None:
     return _unknown(a, eqn, ins)
   reason = "`reshape` splits this axis, or merges it with another axis that may carry units"
   ids: list[Ids] = [None] * len(out_shape)
   zero: list[Zero] = [None] * len(out_shape)
-  for k, dim in enumerate(in_shape):
-    if _concrete(dim) and dim == 1:
-      a.spoil(val.ids[k], "`reshape` removes this size-1 axis")
-  for k, dim in enumerate(out_shape):
-    if _concrete(dim) and dim == 1:
-      ids[k], zero[k] = a.new_ids(1), np.array([val.allzero])
+
+  def dead(k: int) -> bool:
+    return val.ids[k] is None or all(a.reason(a.find(x)) for x in val.ids[k].tolist())
+
   for src, dst in blocks:
-    if len(src) == 1 and len(dst) == 1:
-      ids[dst[0]], zero[dst[0]] = val.ids[src[0]], val.zero[src[0]]
+    if len(src) == 1 and len(dst) == 1 and val.ids[src[0]] is None:  # a symbolic axis
+      ids[dst[0]], zero[dst[0]] = None, None
       continue
-    if len(dst) == 1:
-      # Merge: output position p holds input coordinates (i_1 … i_k), row-major. Only one of
-      # these axes may carry deletable classes; position p then belongs to its coordinate.
-      live = [k for k in src if not all(a.reason(a.find(x)) for x in val.ids[k].tolist())]
-      if len(live) <= 1:
-        d = dst[0]
-        if live:
-          grid = np.indices([in_shape[k] for k in src]).reshape(len(src), -1)
-          coord = grid[src.index(live[0])]
-          ids[d], zero[d] = val.ids[live[0]][coord], val.zero[live[0]][coord]
-        else:
-          ids[d] = a.new_ids(int(out_shape[d]))
-          a.spoil(ids[d], reason)
-          zero[d] = np.full(int(out_shape[d]), val.allzero, bool)
-        continue
-    for k in src:
-      a.spoil(val.ids[k], reason)
+    dst_real = [k for k in dst if out_shape[k] != 1]
+    if len(dst_real) > 1:  # a split: none of the input axes may carry units
+      for k in src:
+        a.spoil(val.ids[k], reason)
+      for k in dst:
+        ids[k] = a.new_ids(int(out_shape[k]))
+        a.spoil(ids[k], reason)
+        zero[k] = np.full(int(out_shape[k]), val.allzero, bool)
+      continue
+    # A merge (or one axis kept, with size-1 axes around it): output position p holds input
+    # coordinates (i_1 … i_k), row-major; p belongs to the one input axis that may carry units.
+    carrier = dst_real[0] if dst_real else dst[-1]
     for k in dst:
-      ids[k] = a.new_ids(int(out_shape[k]))
-      a.spoil(ids[k], reason)
-      zero[k] = np.full(int(out_shape[k]), val.allzero, bool)
+      if k != carrier:
+        ids[k], zero[k] = a.new_ids(1), np.array([val.allzero])
+    live = [k for k in src if in_shape[k] != 1 and not dead(k)]
+    if not live:
+      live = [k for k in src if not dead(k)][-1:]
+    for k in src:
+      if k not in live[:1] and not dead(k):
+        a.spoil(val.ids[k], reason)
+    if len(live) > 1 or not live:
+      ids[carrier] = a.new_ids(int(out_shape[carrier]))
+      a.spoil(ids[carrier], reason)
+      zero[carrier] = np.full(int(out_shape[carrier]), val.allzero, bool)
+      continue
+    grid = np.indices([int(in_shape[k]) for k in src]).reshape(len(src), -1)
+    coord = grid[src.index(live[0])]
+    ids[carrier], zero[carrier] = val.ids[live[0]][coord], val.zero[live[0]][coord]
   return [Val(tuple(ids), tuple(zero), val.allzero)]
 
 
 def _reshape_blocks(in_shape: tuple[Any, ...], out_shape: tuple[Any, ...]
                     ) -> list[tuple[list[int], list[int]]] | None:
-  """Consecutive (input axes, output axes) of equal size products, ignoring size-1 axes.
+  """Consecutive (input axes, output axes) of equal size products, each followed by the size-1
+  axes after it; None if there is no such partition. A symbolic dimension stands alone and must
+  equal its counterpart."""
+  def one(dim: Any) -> bool:
+    return _concrete(dim) and dim == 1
 
-  A symbolic dimension must stand alone and equal its counterpart. None if there is no such
-  partition.
-  """
-  src_axes = [k for k, d in enumerate(in_shape) if not (_concrete(d) and d == 1)]
-  dst_axes = [k for k, d in enumerate(out_shape) if not (_concrete(d) and d == 1)]
   blocks = []
   i = j = 0
-  while i < len(src_axes) and j < len(dst_axes):
-    x, y = in_shape[src_axes[i]], out_shape[dst_axes[j]]
-    if not (_concrete(x) and _concrete(y)):
-      if _concrete(x) or _concrete(y) or x != y:
+  n, m = len(in_shape), len(out_shape)
+  while i < n or j < m:
+    src, dst = [], []
+    if i < n and j < m and not (_concrete(in_shape[i]) and _concrete(out_shape[j])):
+      if _concrete(in_shape[i]) or _concrete(out_shape[j]) or in_shape[i] != out_shape[j]:
         return None
-      blocks.append(([src_axes[i]], [dst_axes[j]]))
+      src, dst = [i], [j]
       i, j = i + 1, j + 1
-      continue
-    src, dst = [src_axes[i]], [dst_axes[j]]
-    px, py = int(x), int(y)
-    i, j = i + 1, j + 1
-    while px != py:
-      if px < py:
-        if i == len(src_axes) or not _concrete(in_shape[src_axes[i]]):
+    else:
+      px = py = 1
+      if i < n:
+        px, src, i = int(in_shape[i]), [i], i + 1
+      if j < m:
+        if not _concrete(out_shape[j]):
           return None
-        px *= int(in_shape[src_axes[i]])
-        src.append(src_axes[i])
-        i += 1
-      else:
-        if j == len(dst_axes) or not _concrete(out_shape[dst_axes[j]]):
+        py, dst, j = int(out_shape[j]), [j], j + 1
+      while px != py:
+        if px < py and i < n and _concrete(in_shape[i]):
+          px, i = px * int(in_shape[i]), i + 1
+          src.append(i - 1)
+        elif py < px and j < m and _concrete(out_shape[j]):
+          py, j = py * int(out_shape[j]), j + 1
+          dst.append(j - 1)
+        else:
           return None
-        py *= int(out_shape[dst_axes[j]])
-        dst.append(dst_axes[j])
-        j += 1
+    while i < n and one(in_shape[i]):
+      src.append(i)
+      i += 1
+    while j < m and one(out_shape[j]):
+      dst.append(j)
+      j += 1
+    if not dst:
+      if any(not one(in_shape[k]) for k in src):
+        return None
+      if blocks:  # trailing size-1 input axes: they join the last block
+        blocks[-1][0].extend(src)
+        continue
+      return None
+    if not src:
+      if blocks:
+        blocks[-1][1].extend(dst)
+        continue
+      return None
     blocks.append((src, dst))
-  if i != len(src_axes) or j != len(dst_axes):
-    return None
   return blocks
 
 
