@@ -7,3 +7,4 @@ from prune_jax.shrinking import expand, pad_units, shrink, shrunk_widths
 from prune_jax.groups import Group, Member, unit_groups
 from prune_jax.group_masks import dense_groups
 from prune_jax.structured import ShrinkPlan, ShrunkApply, shrink_fn, shrink_opt_state, shrink_plan
+from prune_jax.exporting import load_shrunk, save_shrunk
