@@ -12,8 +12,10 @@ Example:
   >>> params = init_mlp(jax.random.key(0), MLP(hidden=(8, 6)))
   >>> groups = unit_groups(MLP(hidden=(8, 6)).apply, {"params": params}, jnp.ones((1, 784)))
   >>> masks = unit_masks(params, 0.5, groups=groups)
-  >>> masks["Dense_0"]["kernel"].all(axis=0).sum(), masks["Dense_1"]["kernel"].all(axis=1).sum()
-  (Array(4, dtype=int32), Array(4, dtype=int32))
+  >>> masks["Dense_0"]["kernel"].all(axis=0).sum()   # 4 of its 8 output columns kept
+  Array(4, dtype=int32)
+  >>> masks["Dense_1"]["kernel"].any(axis=1).sum()   # and the 4 matching input rows of the next
+  Array(4, dtype=int32)
 """
 
 import math
@@ -63,7 +65,7 @@ def group_unit_masks(params: Params, sparsity: Any, groups: Sequence[Group], *,
   _check_options(min_fraction, max_fraction, round_to, score)
   groups = _check_groups(groups)
   leaves = {leaf.path: leaf for leaf in _paths.leaves(params)}
-  chosen = [g for g in groups if g.prunable and g.size > 0]
+  chosen = [g for g in groups if g.prunable]
   if not chosen:
     names = ", ".join(f"{g.name} ({g.reason})" for g in groups[:3])
     raise ValueError(f"none of the {len(groups)} groups is prunable: {names}. See each group's "

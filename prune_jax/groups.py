@@ -21,7 +21,7 @@ Example:
   ...     x = x.reshape((x.shape[0], -1))          # a channel is 5 * 5 rows of Dense_0
   ...     return nn.Dense(3)(x)
   >>> x = jnp.ones((1, 5, 5, 2))
-  >>> variables = Net().init(jax.random.key(0), x)
+  >>> variables = jax.eval_shape(Net().init, jax.random.key(0), x)  # shapes are enough
   >>> conv, logits = unit_groups(Net().apply, variables, x)
   >>> conv.name, conv.size, conv.prunable
   ('params/Conv_0/kernel', 4, True)
@@ -141,7 +141,8 @@ def unit_groups(apply_fn: Callable[..., Any], params: Params, *example_args: Any
 
   Returns:
     The groups, ordered by their first producing kernel (natural path order), unprunable ones
-    included: plain NamedTuples of strings, ints and tuples (`Group.to_json()` for JSON).
+    included: plain NamedTuples of strings, ints and tuples (`Group.to_json()` for JSON,
+    `print(group)` for a summary).
 
   Raises:
     ValueError: if `apply_fn(params, *example_args)` cannot be traced (JAX's error quoted), or
@@ -166,11 +167,6 @@ def trace_groups(apply_fn: Callable[..., Any], params: Params, args: Sequence[An
   roots = analysis.roots()
   groups, unit_roots = _groups(analysis, roots)
   return Traced(program, analysis, groups, roots, unit_roots)
-
-
-def groups_to_json(groups: Sequence[Group]) -> list[dict[str, Any]]:
-  """The groups as JSON-able dicts (`Group.to_json` of each)."""
-  return [g.to_json() for g in groups]
 
 
 def _couple_outputs(a: _units.Analysis) -> None:

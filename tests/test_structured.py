@@ -68,6 +68,9 @@ def test_resnet_in_training_mode_shrinks_the_updated_batch_stats():
                                                  scope="global")
   logits, new_vars = small_apply(small, entry.x)
   assert new_vars["batch_stats"]["BatchNorm_0"]["mean"].shape == (2,)
+  # The plan shrinks the params collection alone too (as an optimizer holds it).
+  jax.tree.map(np.testing.assert_array_equal, small_apply.plan.shrink(entry.params["params"]),
+               small["params"])
   # Eval mode runs on the same shrunk tree, with a runner of its own.
   _, eval_apply = pj.shrink_fn(entry.apply_fn, entry.params, masks, entry.x)
   with jax.default_matmul_precision("highest"):
