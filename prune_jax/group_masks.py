@@ -52,7 +52,6 @@ class _Spec(NamedTuple):
   masked: tuple[tuple[_Slice, ...], ...]  # per group: the slices its mask covers
   shapes: tuple[tuple[int, ...], ...]     # per value
   scope: str
-  round_to: int
 
 
 def group_unit_masks(params: Params, sparsity: Any, groups: Sequence[Group], *,
@@ -111,12 +110,12 @@ def group_unit_masks(params: Params, sparsity: Any, groups: Sequence[Group], *,
     sizes.append(n)
   values = tuple(leaves[p].value for p in value_paths)
   spec = _Spec(tuple(sizes), tuple(scored), tuple(masked),
-               tuple(tuple(int(d) for d in v.shape) for v in values), scope, int(round_to))
+               tuple(tuple(int(d) for d in v.shape) for v in values), scope)
   if scope == "layer":
     counts = tuple(_num_pruned(sparsity, n, n) for n in sizes)
   else:
     counts = (_num_pruned(sparsity, sum(sizes), sum(hi)),)
-  bounds = (jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32))
+  bounds = (jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32), jnp.asarray(round_to, jnp.int32))
   masks = _group_masks(values, counts, bounds, spec=spec)
   return _mask_tree(params, dict(zip(value_paths, masks)))
 
@@ -242,14 +241,15 @@ def _check_groups(groups: Any) -> tuple[Group, ...]:
 
 @jax.jit(static_argnames=("spec",))
 def _group_masks(values: tuple[jax.Array, ...], counts: tuple[jax.Array, ...],
-                 bounds: tuple[jax.Array, jax.Array], *, spec: _Spec) -> tuple[jax.Array, ...]:
+                 bounds: tuple[jax.Array, jax.Array, jax.Array], *,
+                 spec: _Spec) -> tuple[jax.Array, ...]:
   """The mask of every value (member leaf), one compiled program; see `group_unit_masks`.
 
-  `bounds`: the fewest and most units each group may lose, `[groups]` int32 each (arguments,
-  not static, so that other bounds reuse the compiled program).
+  `bounds`: the fewest and most units each group may lose (`[groups]` int32 each) and
+  `round_to` (int32): arguments, not static, so that other bounds reuse the compiled program.
   """
   norms = [_unit_norms(values, slices, n) for slices, n in zip(spec.scored, spec.sizes)]
-  lo, hi = bounds
+  lo, hi, round_to = bounds
   if spec.scope == "layer":
     keys = [_int_keys(n) for n in norms]
     pruned = [jnp.clip(c, lo[g], hi[g]) for g, c in enumerate(counts)]
@@ -272,13 +272,13 @@ def _group_masks(values: tuple[jax.Array, ...], counts: tuple[jax.Array, ...],
     for n in spec.sizes:
       keeps.append(flat[start:start + n])
       start += n
-  if spec.round_to > 1:
-    rounded = []
-    for keep, k, n in zip(keeps, keys, spec.sizes):
-      kept = jnp.sum(keep, dtype=jnp.int32)
-      target = jnp.minimum(n, -(-kept // spec.round_to) * spec.round_to)
-      rounded.append(_keep_largest(k, n - target))
-    keeps = rounded
+  # Keep a multiple of round_to: the best-ranked units (with round_to = 1, the same units).
+  rounded = []
+  for keep, k, n in zip(keeps, keys, spec.sizes):
+    kept = jnp.sum(keep, dtype=jnp.int32)
+    target = jnp.minimum(n, -(-kept // round_to) * round_to)
+    rounded.append(jnp.where(target == kept, keep, _keep_largest(k, n - target)))
+  keeps = rounded
   masks: list[jax.Array | None] = [None] * len(values)
   for keep, slices in zip(keeps, spec.masked):
     for s in slices:

@@ -80,14 +80,16 @@ def test_resnet_in_training_mode_shrinks_the_updated_batch_stats():
 
 def test_lenet_shrunk_module_and_dense_chain_special_case():
   entry = zoo.lenet_linen()
-  small, small_apply, _ = shrink_and_compare(entry.apply_fn, entry.params, entry.x, 0.6)
+  masks = pj.unit_masks(entry.params, 0.5, groups=pj.unit_groups(entry.apply_fn, entry.params,
+                                                                  entry.x))
+  small, small_apply = pj.shrink_fn(entry.apply_fn, entry.params, masks, entry.x)
   model = pj.shrunk_model(pj.LeNet5(features=(3, 4), hidden=(10, 6), num_classes=5), small)
   assert (tuple(model.features), tuple(model.hidden)) == (
       tuple(small_apply.plan.widths()[f"params/Conv_{i}/kernel"] for i in (0, 1)),
       tuple(small_apply.plan.widths()[f"params/Dense_{i}/kernel"] for i in (0, 1)))
   with jax.default_matmul_precision("highest"):
-    np.testing.assert_allclose(model.apply(small, entry.x), small_apply(small, entry.x),
-                               rtol=1e-5, atol=1e-6)
+    assert_close(model.apply(small, entry.x),
+                 entry.apply_fn(pj.apply_masks(entry.params, masks), entry.x))
   # On an MLP, shrink_fn deletes what shrink deletes.
   mlp = zoo.bias_mlp()
   params = mlp.params["params"]
@@ -99,7 +101,7 @@ def test_lenet_shrunk_module_and_dense_chain_special_case():
   assert pj.shrunk_model(pj.MLP(hidden=(9, 7, 5)), small_params).hidden == (5, 3, 3)
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(c0=st.integers(1, 4), c1=st.integers(1, 4), h0=st.integers(1, 6), h1=st.integers(1, 6),
        sparsity=st.floats(0, 1), scope=st.sampled_from(["layer", "global"]))
 def test_random_lenets_shrink_exactly(c0, c1, h0, h1, sparsity, scope):
@@ -115,16 +117,16 @@ def test_whole_layers_pruned_away():
   assert small["params"]["Dense_1"]["kernel"].shape == (0, 0)
 
 
-@pytest.mark.parametrize("optimizer", [optax.adam(1e-2), optax.sgd(1e-2, momentum=0.9)],
-                         ids=["adam", "momentum"])
-def test_optimizer_state_shrinks_with_the_params(optimizer):
-  """One step on the shrunk net with the shrunk state = the same step on the masked net."""
-  entry = zoo.lenet_linen()
+def test_optimizer_state_shrinks_with_the_params():
+  """One Adam step on the shrunk net with the shrunk state = the same step on the masked net;
+  momentum's trace shrinks the same way."""
+  optimizer = optax.adam(1e-2)
+  entry = zoo.bias_mlp()
   params = entry.params["params"]
   fn = lambda p, x: entry.apply_fn({"params": p}, x)
   masks = pj.unit_masks(params, 0.5, groups=pj.unit_groups(fn, params, entry.x))
   small, small_apply = pj.shrink_fn(fn, params, masks, entry.x)
-  labels = jnp.array([1, 3])
+  labels = jnp.array([1, 0, 2, 1])
 
   def loss(apply, p):
     return optax.softmax_cross_entropy_with_integer_labels(apply(p, entry.x), labels).mean()
@@ -148,6 +150,12 @@ def test_optimizer_state_shrinks_with_the_params(optimizer):
     after_full = small_apply.plan.shrink(optax.apply_updates(params, updates))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                after_small, after_full)
+  momentum = optax.sgd(1e-2, momentum=0.9)
+  trace = jax.tree.map(lambda p: p + 1, params)
+  small_state = pj.shrink_opt_state(momentum, (optax.TraceState(trace), optax.EmptyState()),
+                                    params, small_apply.plan)
+  jax.tree.map(np.testing.assert_array_equal, small_state[0].trace,
+               small_apply.plan.shrink(trace))
 
 
 # --- masks that cannot be shrunk ------------------------------------------------------------
