@@ -427,8 +427,9 @@ def _rewrite(eqn: _trace.Eqn, analysis: Any, keep: Callable[[Any], Any],
     params["start_indices"], params["limit_indices"] = tuple(starts), tuple(limits)
   elif name == "split":
     axis = params["axis"]
-    params["sizes"] = tuple(int(keep(analysis.vals[v].ids[axis]).sum()) if v is not None else
-                            int(s) for v, s in zip(eqn.outs, params["sizes"]))
+    kept = keep(analysis.read(eqn.ins[0]).ids[axis])
+    bounds = np.cumsum([0, *params["sizes"]])
+    params["sizes"] = tuple(int(kept[lo:hi].sum()) for lo, hi in zip(bounds[:-1], bounds[1:]))
   elif name == "conv_general_dilated" and params["feature_group_count"] > 1:
     lhs_channels = eqn.params["dimension_numbers"].lhs_spec[1]
     kept = keep(analysis.read(eqn.ins[0]).ids[lhs_channels])

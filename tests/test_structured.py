@@ -218,3 +218,23 @@ def test_bad_calls(lenet):
     small_apply(entry.params, entry.x)
   with pytest.raises(ValueError, match="params/Conv_0/bias has shape .* but its groups expect 3"):
     small_apply.plan.shrink(small)
+
+
+def test_split_slice_and_reordered_concatenation():
+  """Units split apart, reordered by a concatenation and sliced: the slice bounds and split
+  sizes of the shrunk program are recomputed."""
+  def fn(p, x):
+    h = jax.nn.relu(x @ p["w0"] + p["b0"])
+    a, b = jnp.split(h, [3], axis=1)
+    return jnp.concatenate([b, 2 * a], axis=1)[:, 1:] @ p["w1"]
+  rng = np.random.default_rng(0)
+  params = {"w0": rng.normal(size=(4, 6)), "b0": rng.normal(size=6), "w1": rng.normal(size=(5, 2))}
+  params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
+  x = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  groups = pj.unit_groups(fn, params, x)
+  assert groups[0].members[2] == pj.Member("w1", 0, (4, 5, 0, 1, 2))  # unit 3 is sliced away
+  for s in (0.34, 0.5, 0.84):
+    masks = pj.unit_masks(params, s, groups=groups)
+    small, small_apply = pj.shrink_fn(fn, params, masks, x)
+    with jax.default_matmul_precision("highest"):
+      assert_close(small_apply(small, x), fn(pj.apply_masks(params, masks), x))
