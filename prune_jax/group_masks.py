@@ -115,7 +115,8 @@ def group_unit_masks(params: Params, sparsity: Any, groups: Sequence[Group], *,
     counts = tuple(_num_pruned(sparsity, n, n) for n in sizes)
   else:
     counts = (_num_pruned(sparsity, sum(sizes), sum(hi)),)
-  bounds = (jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32), jnp.asarray(round_to, jnp.int32))
+  bounds = (jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32),
+            jnp.asarray(round_to, jnp.int32))
   masks = _group_masks(values, counts, bounds, spec=spec)
   return _mask_tree(params, dict(zip(value_paths, masks)))
 

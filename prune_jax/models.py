@@ -1,4 +1,4 @@
-"""The models: the seed study's MLP and a LeNet-5-style CNN (Flax linen), and their shrunk clones."""
+"""The models: the seed study's MLP and a LeNet-5-style CNN (Flax linen); shrunk clones."""
 
 from collections.abc import Sequence
 from typing import Any
@@ -104,7 +104,8 @@ def shrunk_model(model: nn.Module, small_params: Any) -> nn.Module:
     TypeError: for another module class (run it with `shrink_fn`'s `small_apply` instead).
 
   Example:
-    >>> small = {"Dense_0": {"kernel": jnp.ones((784, 3))}, "Dense_1": {"kernel": jnp.ones((3, 10))}}
+    >>> small = {"Dense_0": {"kernel": jnp.ones((784, 3))},
+    ...          "Dense_1": {"kernel": jnp.ones((3, 10))}}
     >>> shrunk_model(MLP(hidden=(8,)), small).hidden
     (3,)
   """

@@ -456,4 +456,5 @@ def _shape_key(specs: Any) -> str:
 
 def _few(items: Any, limit: int = 5) -> str:
   items = [str(i) for i in items]
-  return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+  more = f" and {len(items) - limit} more" if len(items) > limit else ""
+  return ", ".join(items[:limit]) + more

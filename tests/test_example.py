@@ -58,8 +58,8 @@ def test_readme_structured_example_runs_as_written(capsys):
                                     "prune_jax.models"])
 def test_docstring_examples(module):
   globs = {"jax": jax, "jnp": jnp, "optax": optax, **{name: getattr(prune_jax, name) for name in (
-      "MLP", "init_mlp", "weight_masks", "unit_masks", "apply_masks", "shrink", "shrunk_widths", "expand", "pad_units",
-      "sparsity_report", "unit_groups", "dense_groups", "shrink_fn", "shrink_plan",
+      "MLP", "init_mlp", "weight_masks", "unit_masks", "apply_masks", "shrink", "shrunk_widths",
+      "expand", "pad_units", "sparsity_report", "unit_groups", "dense_groups", "shrink_fn", "shrink_plan",
       "shrink_opt_state", "save_shrunk", "load_shrunk", "shrunk_model", "LeNet5")}}
   result = doctest.testmod(sys.modules[module], extraglobs=globs,
                            optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -51,7 +51,8 @@ def test_groups_are_plain_printable_json_data():
   text = json.dumps([g.to_json() for g in groups])
   assert json.loads(text)[1]["members"][2]["index"] == list(zoo.at(5, 3, 8))
   assert "params/Conv_2/kernel axis 2: positions 3..7 of 8 -> units 0..4" in str(groups[1])
-  assert eval(repr(groups[0]), {"Group": pj.Group, "Member": pj.Member}) == groups[0]  # pylint: disable=eval-used
+  names = {"Group": pj.Group, "Member": pj.Member}
+  assert eval(repr(groups[0]), names) == groups[0]  # pylint: disable=eval-used
 
 
 # --- unprunable groups and their reasons ------------------------------------------------------
