@@ -101,8 +101,18 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
 
 
 def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
-               prunable: Prunable | None = None) -> Masks:
+               prunable: Prunable | None = None, groups: Any = None, min_fraction: float = 0.0,
+               max_fraction: float = 1.0, round_to: int = 1, score: str = "producers") -> Masks:
   """Masks whole units: the output columns of Dense kernels `[in, out]` with the smallest L2 norm.
+
+  With `groups=unit_groups(apply_fn, params, *example_args)`, any model's units: each prunable
+  group's units are scored by the L2 norm of their producing kernels' output slices (of all
+  their slices with `score="coupled"`), ranked and counted as below with each group standing for
+  a layer, and every member slice of a pruned unit is masked (its kernel slices, biases,
+  BatchNorm entries, the next kernel's input slices); see `prune_jax.group_masks`. `prunable`
+  then selects groups by their producing kernels (all must pass). Without `groups`, the Dense
+  layers below, exactly as before; `min_fraction`, `max_fraction` or `round_to` then apply to
+  them as one group per kernel (column and bias, not the next kernel's rows).
 
   A unit is an output column `kernel[:, j]` (for a kernel of more dimensions, the slice
   `kernel[..., j]` of its last axis). Its score is the L2 norm of that column; the bias is not
@@ -133,7 +143,16 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     scope: `"layer"` or `"global"`, see above.
     prunable: `prunable(path, leaf) -> bool` over kernels, as in `weight_masks` (same default:
       every 2-D `kernel` except the logits layer's). Biases follow their kernels; do not select
-      them.
+      them. With `groups`, default: every group that `unit_groups` found prunable.
+    groups: the groups of `unit_groups`, traced from `params` (or from the variables dict whose
+      params collection `params` is; members of other collections are then left out). Jittable:
+      the groups are static, the sparsity may be traced.
+    min_fraction, max_fraction: each group (layer) loses at least `ceil(min_fraction * n)` and
+      at most `floor(max_fraction * n)` of its `n` units, whatever the scope; with
+      `scope="global"`, at most `n - 1` as well.
+    round_to: each group keeps a multiple of `round_to` units (the count kept is rounded up,
+      capped at `n`), e.g. 8 or 128 for hardware tiles; this may prune less than asked.
+    score: "producers" (default) or "coupled", see above; only with groups or the bounds.
 
   Returns:
     A mask tree mirroring `params`: for each prunable kernel a bool array of its shape whose
@@ -142,8 +161,9 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
 
   Raises:
     ValueError: as `weight_masks`, plus a selected leaf with fewer than 2 dimensions, a selected
-      `bias`, or a bias whose shape is not `[out]`.
-    TypeError: as `weight_masks`.
+      `bias`, or a bias whose shape is not `[out]`; with `groups`: no prunable group, a member
+      leaf missing from `params` or of another shape, bad bounds or `round_to`.
+    TypeError: as `weight_masks`, or `groups` that are not `unit_groups`' result.
 
   Example:
     >>> params = {"Dense_0": {"kernel": jnp.array([[3.0, 0.1, 1.0], [4.0, 0.1, 1.0]]),
@@ -153,6 +173,14 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     >>> m["Dense_0"]["bias"]
     Array([ True, False,  True], dtype=bool)
   """
+  if groups is not None or (min_fraction, max_fraction, round_to, score) != (
+      0.0, 1.0, 1, "producers"):
+    from prune_jax import group_masks  # pylint: disable=g-import-not-at-top (it imports this)
+    if groups is None:
+      groups, prunable = group_masks.dense_groups(params, prunable), None
+    return group_masks.group_unit_masks(
+        params, sparsity, groups, scope=scope, prunable=prunable, min_fraction=min_fraction,
+        max_fraction=max_fraction, round_to=round_to, score=score)
   _check_scope(scope)
   _check_sparsity(sparsity)
   chosen = _select(params, prunable)

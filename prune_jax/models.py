@@ -1,6 +1,7 @@
-"""The multilayer perceptron of the seed study, as a Flax linen module."""
+"""The models: the seed study's MLP and a LeNet-5-style CNN (Flax linen); shrunk clones."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -57,3 +58,68 @@ class MLP(nn.Module):
 def init_mlp(key: jax.Array, model: MLP, input_dim: int = 784):
   """Returns the `params` dict of `model` for inputs of `input_dim` features."""
   return model.init(key, jnp.zeros((1, input_dim), jnp.float32))["params"]
+
+
+class LeNet5(nn.Module):
+  """A LeNet-5-style CNN: two blocks of 5x5 conv, ReLU, 2x2 max-pool, then three Dense layers.
+
+  Input `[batch, 28, 28, 1]` (MNIST), output logits `[batch, num_classes]`:
+  `Conv_0` (VALID) -> `[24, 24, c0]` -> pool `[12, 12, c0]` -> `Conv_1` -> `[8, 8, c1]` -> pool
+  `[4, 4, c1]` -> flatten `[16 * c1]` -> `Dense_0` -> `Dense_1` -> `Dense_2` (logits), ReLU between.
+
+  Attributes:
+    features: output channels of the two convolutions (the classic LeNet-5: 6, 16); any widths
+      >= 1, so that a shrunk tree runs in `shrunk_model(LeNet5(), small_params)`.
+    hidden: widths of the two hidden Dense layers (classic: 120, 84).
+    num_classes: width of the logits layer.
+  """
+
+  features: Sequence[int] = (6, 16)
+  hidden: Sequence[int] = (120, 84)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if len(self.features) != 2 or len(self.hidden) != 2:
+      raise ValueError(f"LeNet5 has two convolutions and two hidden Dense layers: features and "
+                       f"hidden need 2 widths each, got {tuple(self.features)}, "
+                       f"{tuple(self.hidden)}")
+    for width in self.features:
+      x = nn.Conv(int(width), (5, 5), padding="VALID")(x)
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(int(width))(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+def shrunk_model(model: nn.Module, small_params: Any) -> nn.Module:
+  """The module of `model`'s class whose widths match the shrunk `small_params`.
+
+  For the models shipped here: `MLP` (hidden widths from the Dense kernels) and `LeNet5`
+  (conv features and hidden widths); `small_params` is the `params` dict (or a variables dict
+  holding it) of a shrunk tree, e.g. from `prune_jax.shrink_fn`.
+
+  Raises:
+    TypeError: for another module class (run it with `shrink_fn`'s `small_apply` instead).
+
+  Example:
+    >>> small = {"Dense_0": {"kernel": jnp.ones((784, 3))},
+    ...          "Dense_1": {"kernel": jnp.ones((3, 10))}}
+    >>> shrunk_model(MLP(hidden=(8,)), small).hidden
+    (3,)
+  """
+  params = small_params.get("params", small_params) if isinstance(small_params, dict) else None
+  if isinstance(model, MLP) and params is not None:
+    names = sorted(params, key=lambda n: int(n.split("_")[1]))
+    return model.clone(hidden=tuple(int(params[n]["kernel"].shape[1]) for n in names[:-1]))
+  if isinstance(model, LeNet5) and params is not None:
+    return model.clone(features=tuple(int(params[f"Conv_{i}"]["kernel"].shape[-1]) for i in (0, 1)),
+                       hidden=tuple(int(params[f"Dense_{i}"]["kernel"].shape[1]) for i in (0, 1)))
+  raise TypeError(f"shrunk_model knows MLP and LeNet5 (with a params dict), got "
+                  f"{type(model).__name__}; run other models with small_apply from shrink_fn")
+
+
+def init_lenet5(key: jax.Array, model: LeNet5):
+  """Returns the `params` dict of `model` for `[batch, 28, 28, 1]` inputs."""
+  return model.init(key, jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]

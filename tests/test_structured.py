@@ -1,0 +1,240 @@
+"""Tests of prune_jax.structured: shrink_fn's model computes the masked model's outputs for the
+whole zoo; shrunk modules; the optimizer state; masks that are not unit masks are refused."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import prune_jax as pj
+import zoo
+
+TOL = 1e-4  # times the logit scale, at "highest" matmul precision
+
+
+def assert_close(small_out, masked_out, plan=None):
+  """The shrunk outputs equal the masked ones: logits to TOL x their scale; state outputs
+  (batch_stats) after deleting the same slices."""
+  small_leaves, masked_leaves = jax.tree.leaves(small_out), jax.tree.leaves(masked_out)
+  logits, want = np.asarray(small_leaves[0]), np.asarray(masked_leaves[0])
+  scale = np.abs(want).max()
+  assert scale > 0
+  np.testing.assert_allclose(logits, want, rtol=0, atol=TOL * scale)
+  if len(small_leaves) > 1:
+    expected = jax.tree.leaves(plan.shrink(masked_out[1]))
+    for a, b in zip(small_leaves[1:], expected):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  return float(np.abs(logits - want).max() / scale)
+
+
+def shrink_and_compare(fn, params, x, sparsity, *, scope="layer", other_batch=False):
+  groups = pj.unit_groups(fn, params, x)
+  masks = pj.unit_masks(params, sparsity, groups=groups, scope=scope)
+  small, small_apply = pj.shrink_fn(fn, params, masks, x)
+  masked = pj.apply_masks(params, masks)
+  with jax.default_matmul_precision("highest"):
+    assert_close(small_apply(small, x), fn(masked, x), small_apply.plan)
+    if other_batch:
+      x5 = jnp.concatenate([x, -x, x[:1]])[:5]
+      assert_close(small_apply(small, x5), fn(masked, x5), small_apply.plan)
+  return small, small_apply, masks
+
+
+@pytest.mark.parametrize("make", zoo.ZOO, ids=lambda f: f.__name__)
+def test_shrunk_zoo_computes_the_masked_outputs(make):
+  entry = make()
+  small, small_apply, _ = shrink_and_compare(entry.apply_fn, entry.params, entry.x, 0.5,
+                                             other_batch=make in (zoo.lenet_nnx, zoo.concat))
+  full = {pj._paths.path_str(k): v.shape  # pylint: disable=protected-access
+          for k, v in jax.tree_util.tree_flatten_with_path(entry.params)[0]}
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(small)[0]:
+    path = pj._paths.path_str(keypath)  # pylint: disable=protected-access
+    want = list(full[path])
+    for g, kept in zip(small_apply.plan.groups, small_apply.plan.kept):
+      for m in g.members:
+        if m.path == path:
+          want[m.axis] -= sum(1 for u in m.index if u >= 0 and u not in kept)
+    assert leaf.shape == tuple(want), path
+  assert sum(v.size for v in jax.tree.leaves(small)) < sum(
+      v.size for v in jax.tree.leaves(entry.params))
+
+
+def test_resnet_in_training_mode_shrinks_the_updated_batch_stats():
+  entry = zoo.resnet()
+  small, small_apply, masks = shrink_and_compare(entry.train_fn, entry.params, entry.x, 0.5,
+                                                 scope="global")
+  logits, new_vars = small_apply(small, entry.x)
+  assert new_vars["batch_stats"]["BatchNorm_0"]["mean"].shape == (2,)
+  # The plan shrinks the params collection alone too (as an optimizer holds it).
+  jax.tree.map(np.testing.assert_array_equal, small_apply.plan.shrink(entry.params["params"]),
+               small["params"])
+  # Eval mode runs on the same shrunk tree, with a runner of its own.
+  _, eval_apply = pj.shrink_fn(entry.apply_fn, entry.params, masks, entry.x)
+  with jax.default_matmul_precision("highest"):
+    assert_close(eval_apply(small, entry.x), entry.apply_fn(pj.apply_masks(entry.params, masks),
+                                                            entry.x))
+
+
+def test_lenet_shrunk_module_and_dense_chain_special_case():
+  entry = zoo.lenet_linen()
+  masks = pj.unit_masks(entry.params, 0.5, groups=pj.unit_groups(entry.apply_fn, entry.params,
+                                                                  entry.x))
+  small, small_apply = pj.shrink_fn(entry.apply_fn, entry.params, masks, entry.x)
+  model = pj.shrunk_model(pj.LeNet5(features=(3, 4), hidden=(10, 6), num_classes=5), small)
+  assert (tuple(model.features), tuple(model.hidden)) == (
+      tuple(small_apply.plan.widths()[f"params/Conv_{i}/kernel"] for i in (0, 1)),
+      tuple(small_apply.plan.widths()[f"params/Dense_{i}/kernel"] for i in (0, 1)))
+  with jax.default_matmul_precision("highest"):
+    assert_close(model.apply(small, entry.x),
+                 entry.apply_fn(pj.apply_masks(entry.params, masks), entry.x))
+  # On an MLP, shrink_fn deletes what shrink deletes.
+  mlp = zoo.bias_mlp()
+  params = mlp.params["params"]
+  fn = lambda p, x: mlp.apply_fn({"params": p}, x)
+  masks = pj.unit_masks(params, 0.5, groups=pj.unit_groups(fn, params, mlp.x))
+  small_params, _ = pj.shrink_fn(fn, params, masks, mlp.x)
+  old = pj.shrink(params, pj.unit_masks(params, 0.5))
+  jax.tree.map(np.testing.assert_array_equal, small_params, old)
+  assert pj.shrunk_model(pj.MLP(hidden=(9, 7, 5)), small_params).hidden == (5, 3, 3)
+
+
+@settings(max_examples=3, deadline=None)
+@given(c0=st.integers(1, 4), c1=st.integers(1, 4), h0=st.integers(1, 6), h1=st.integers(1, 6),
+       sparsity=st.floats(0, 1), scope=st.sampled_from(["layer", "global"]))
+def test_random_lenets_shrink_exactly(c0, c1, h0, h1, sparsity, scope):
+  model = pj.LeNet5(features=(c0, c1), hidden=(h0, h1), num_classes=3)
+  x = zoo._x((2, 28, 28, 1), seed=c0 + c1)  # pylint: disable=protected-access
+  params = zoo.init_variables(model, x)
+  shrink_and_compare(model.apply, params, x, sparsity, scope=scope)
+
+
+def test_whole_layers_pruned_away():
+  entry = zoo.bias_mlp()
+  small, small_apply, _ = shrink_and_compare(entry.apply_fn, entry.params, entry.x, 1.0)
+  assert small["params"]["Dense_1"]["kernel"].shape == (0, 0)
+
+
+def test_optimizer_state_shrinks_with_the_params():
+  """One Adam step on the shrunk net with the shrunk state = the same step on the masked net;
+  momentum's trace shrinks the same way."""
+  optimizer = optax.adam(1e-2)
+  entry = zoo.bias_mlp()
+  params = entry.params["params"]
+  fn = lambda p, x: entry.apply_fn({"params": p}, x)
+  masks = pj.unit_masks(params, 0.5, groups=pj.unit_groups(fn, params, entry.x))
+  small, small_apply = pj.shrink_fn(fn, params, masks, entry.x)
+  labels = jnp.array([1, 0, 2, 1])
+
+  def loss(apply, p):
+    return optax.softmax_cross_entropy_with_integer_labels(apply(p, entry.x), labels).mean()
+
+  full_grad = jax.jit(lambda p: pj.apply_masks(jax.grad(lambda q: loss(fn, q))(p), masks))
+  small_grad = jax.jit(jax.grad(lambda p: loss(small_apply, p)))
+  update = jax.jit(optimizer.update)
+  with jax.default_matmul_precision("highest"):
+    state = optimizer.init(params)
+    params = pj.apply_masks(params, masks)
+    for _ in range(2):  # the state holds history
+      updates, state = update(full_grad(params), state, params)
+      params = pj.apply_masks(optax.apply_updates(params, updates), masks)
+    small = small_apply.plan.shrink(params)
+    small_state = pj.shrink_opt_state(optimizer, state, params, small_apply.plan)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.shape(a), np.shape(b)),
+                 small_state, optimizer.init(small))
+    updates, _ = update(small_grad(small), small_state, small)
+    after_small = optax.apply_updates(small, updates)
+    updates, _ = update(full_grad(params), state, params)
+    after_full = small_apply.plan.shrink(optax.apply_updates(params, updates))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               after_small, after_full)
+  momentum = optax.sgd(1e-2, momentum=0.9)
+  trace = jax.tree.map(lambda p: p + 1, params)
+  small_state = pj.shrink_opt_state(momentum, (optax.TraceState(trace), optax.EmptyState()),
+                                    params, small_apply.plan)
+  jax.tree.map(np.testing.assert_array_equal, small_state[0].trace,
+               small_apply.plan.shrink(trace))
+
+
+# --- masks that cannot be shrunk ------------------------------------------------------------
+
+@pytest.fixture(name="lenet", scope="module")
+def fixture_lenet():
+  entry = zoo.lenet_linen()
+  groups = pj.unit_groups(entry.apply_fn, entry.params, entry.x)
+  return entry, pj.unit_masks(entry.params, 0.5, groups=groups)
+
+
+def with_mask(masks, module, leaf, value):
+  masks = jax.tree.map(lambda m: m, masks, is_leaf=lambda m: m is None)
+  masks["params"][module][leaf] = value
+  return masks
+
+
+def test_a_mask_that_cuts_a_group_in_half(lenet):
+  entry, masks = lenet
+  bad = with_mask(masks, "Conv_1", "bias", jnp.ones(4, bool))
+  with pytest.raises(ValueError, match=r"cut group params/Conv_1/kernel in half: unit \d is "
+                                       r"pruned in .* but params/Conv_1/bias keeps"):
+    pj.shrink_fn(entry.apply_fn, entry.params, bad, entry.x)
+  bad = with_mask(masks, "Conv_1", "bias", None)
+  with pytest.raises(ValueError, match="params/Conv_1/bias keeps its slice .*, no mask"):
+    pj.shrink_fn(entry.apply_fn, entry.params, bad, entry.x)
+
+
+def test_weight_masks_are_refused(lenet):
+  entry, _ = lenet
+  masks = pj.weight_masks(entry.params, 0.5, prunable=lambda p, leaf: p == "Conv_1/kernel")
+  with pytest.raises(ValueError, match="not part of a whole pruned unit"):
+    pj.shrink_fn(entry.apply_fn, entry.params, masks, entry.x)
+
+
+def test_pruning_an_unprunable_group_is_refused(lenet):
+  entry, masks = lenet
+  bad = with_mask(masks, "Dense_2", "bias", jnp.array([True, False, True, True, True]))
+  with pytest.raises(ValueError, match=r"prune units 1 of group params/Dense_2/kernel, which is "
+                                       r"not prunable: it reaches output"):
+    pj.shrink_fn(entry.apply_fn, entry.params, bad, entry.x)
+
+
+def test_a_mask_on_a_leaf_no_group_slices():
+  params = {"scale": jnp.ones(3), "w": jnp.ones((3, 2))}
+  fn = lambda p, x: (x * p["scale"]) @ p["w"]
+  masks = {"scale": jnp.array([True, False, True]), "w": None}
+  with pytest.raises(ValueError, match="the mask of scale prunes entries, but no unit group"):
+    pj.shrink_fn(fn, params, masks, jnp.ones((1, 3)))
+
+
+def test_bad_calls(lenet):
+  entry, masks = lenet
+  with pytest.raises(ValueError, match="mask tree does not match"):
+    pj.shrink_fn(entry.apply_fn, entry.params, masks["params"], entry.x)
+  with pytest.raises(TypeError, match="traced"):
+    jax.jit(lambda m: pj.shrink_fn(entry.apply_fn, entry.params, m, entry.x)[0])(masks)
+  small, small_apply = pj.shrink_fn(entry.apply_fn, entry.params, masks, entry.x)
+  with pytest.raises(ValueError, match="small_apply takes the params shrink_fn returned"):
+    small_apply(entry.params, entry.x)
+  with pytest.raises(ValueError, match="params/Conv_0/bias has shape .* but its groups expect 3"):
+    small_apply.plan.shrink(small)
+
+
+def test_split_slice_and_reordered_concatenation():
+  """Units split apart, reordered by a concatenation and sliced: the slice bounds and split
+  sizes of the shrunk program are recomputed."""
+  def fn(p, x):
+    h = jax.nn.relu(x @ p["w0"] + p["b0"])
+    a, b = jnp.split(h, [3], axis=1)
+    return jnp.concatenate([b, 2 * a], axis=1)[:, 1:] @ p["w1"]
+  rng = np.random.default_rng(0)
+  params = {"w0": rng.normal(size=(4, 6)), "b0": rng.normal(size=6), "w1": rng.normal(size=(5, 2))}
+  params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
+  x = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  groups = pj.unit_groups(fn, params, x)
+  assert groups[0].members[2] == pj.Member("w1", 0, (4, 5, 0, 1, 2))  # unit 3 is sliced away
+  for s in (0.34, 0.5, 0.84):
+    masks = pj.unit_masks(params, s, groups=groups)
+    small, small_apply = pj.shrink_fn(fn, params, masks, x)
+    with jax.default_matmul_precision("highest"):
+      assert_close(small_apply(small, x), fn(pj.apply_masks(params, masks), x))
