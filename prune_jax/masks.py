@@ -1,4 +1,4 @@
-"""Magnitude pruning masks over Flax parameter pytrees: which weights or units to remove.
+"""Pruning masks over Flax parameter pytrees: which weights or units to remove.
 
 A mask tree mirrors the tree it was built from (a linen `params` dict, or a whole variables dict
 `{"params": ...}`): every leaf is either a boolean array of the leaf's full shape, True = keep,
@@ -8,6 +8,10 @@ All three functions are pure and jittable, and the two mask builders can be `jax
 vector of sparsities: the ranking of the weights does not depend on the sparsity, so XLA computes
 it once and only a threshold comparison runs per level. For the same params, the mask at a higher
 sparsity is contained in the mask at a lower one (nested).
+
+The weights are ranked by a criterion (`criterion=`: magnitude by default, random, SNIP saliency
+or a function of your own; `prune_jax.criteria`) and the pruned count is allocated across layers
+by `scope=` (`"layer"`, `"global"`, or `"erk"`: `prune_jax.allocation`).
 
 Example:
   >>> params = init_mlp(jax.random.key(0), MLP(hidden=(64, 32)))
@@ -24,25 +28,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prune_jax import _paths
+from prune_jax import _paths, allocation, criteria
 
 Params = Any
 Masks = Any
 Sparsity = float | jax.Array
 Prunable = Callable[[str, jax.Array], bool]
-Scope = Literal["layer", "global"]
+Scope = Literal["layer", "global", "erk"]
+Criterion = criteria.Criterion
 
 _SCOPES = ("layer", "global")
+_WEIGHT_SCOPES = ("layer", "global", "erk")
 
 
 def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
-                 prunable: Prunable | None = None) -> Masks:
-  """Masks the smallest-magnitude weights: exactly `round(sparsity * n)` of them.
+                 prunable: Prunable | None = None, criterion: Criterion = "magnitude",
+                 key: jax.Array | None = None, grads: Params | None = None) -> Masks:
+  """Masks the lowest-scoring weights (by default the smallest `|w|`): exactly `round(sparsity * n)`.
 
   With `scope="layer"` (the seed's definition), each prunable leaf of `n` entries loses its
   `round(sparsity * n)` entries of smallest `|w|`. With `scope="global"`, all prunable leaves are
   pooled (`n` = their total size) and the smallest `|w|` of the pool are pruned, so layers end up
-  with different sparsities.
+  with different sparsities. With `scope="erk"` (Evci et al. 2020), the pool's
+  `round(sparsity * n)` pruned weights are allocated to the layers by the Erdős-Rényi-Kernel rule
+  (density of a `[n_in, n_out]` layer proportional to `(n_in + n_out) / (n_in * n_out)`, layers
+  that would exceed density 1 kept dense; `prune_jax.allocation`), and each layer then loses its
+  lowest-scoring weights. The total is exact; the per-layer counts are rounded by largest
+  remainder, so ERK masks are nested across sparsities only up to one weight per layer.
+
+  Criteria (`criterion=`, scores higher = kept; `prune_jax.criteria`): `"magnitude"` `|w|`;
+  `"random"` uniform scores from `key` (reproducible: a leaf's scores depend on the key, its path
+  and shape only); `"saliency"` `|w * g|` with `g` from `grads` (SNIP, Lee et al. 2019: the
+  gradient of the loss on a batch at initialisation); or a function `criterion(path, w, g)`
+  returning scores of `w`'s shape (`g` is `None` without `grads`), e.g.
+  `lambda path, w, g: -w * g` for movement pruning.
 
   Counting: `round` rounds half to even. A Python `float`/`int` sparsity gives
   `round(sparsity * n)` computed in float64 (Python's `round`); an array sparsity (numpy/jax
@@ -50,7 +69,7 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   precision (float32 by default; exact for `n < 2**24`), so a concrete and a traced float32 value
   prune the same weights.
 
-  Ties are broken deterministically by position: among equal `|w|`, the entry with the lower
+  Ties are broken deterministically by position: among equal scores, the entry with the lower
   flat (row-major) index is pruned first; with `scope="global"` the pool is the concatenation of
   the prunable leaves in layer order (see `prunable`), so an earlier layer loses a tied weight
   first. Because this order does not depend on `sparsity`, masks are nested across sparsities.
@@ -59,21 +78,27 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     params: a linen `params` dict or a variables dict `{"params": ...}`; leaves are arrays.
     sparsity: the fraction of weights to prune, in [0, 1]. Checked when concrete; a traced value
       (under `jit`/`vmap`) is not checked but clipped to [0, 1], and NaN prunes nothing.
-    scope: `"layer"` or `"global"`, see above.
+    scope: `"layer"`, `"global"` or `"erk"`, see above.
     prunable: `prunable(path, leaf) -> bool` selects the leaves to prune, given the path relative
       to the params collection (e.g. `"Dense_1/kernel"`) and the array. Default: every 2-D leaf
       named `kernel` except the last one (the logits layer, which the seed never prunes). Leaves
       are ordered by path with digit runs compared as numbers (`Dense_10` after `Dense_9`).
       Leaves of other collections of a variables dict (e.g. `batch_stats`) are never pruned.
+    criterion: `"magnitude"`, `"random"`, `"saliency"` or a function, see above.
+    key: a `jax.random` key, needed by `"random"`.
+    grads: gradients, a tree like `params` (e.g. `jax.grad(loss)(params)`), needed by
+      `"saliency"` and passed to a function criterion; ignored by the others.
 
   Returns:
     A mask tree mirroring `params`: bool arrays of the leaves' shapes (True = keep) for prunable
     leaves, `None` elsewhere.
 
   Raises:
-    ValueError: a concrete sparsity outside [0, 1] or NaN, an unknown scope, a `prunable` that
-      matches nothing, or NaN/inf in a (concrete) prunable leaf, naming its path.
-    TypeError: a sparsity that is not a real scalar, or a `prunable` that is not callable.
+    ValueError: a concrete sparsity outside [0, 1] or NaN, an unknown scope or criterion, a
+      `prunable` that matches nothing, NaN/inf in a (concrete) prunable leaf, naming its path,
+      `"random"` without a key, `"saliency"` without grads, or grads that do not match params.
+    TypeError: a sparsity that is not a real scalar, a `prunable` that is not callable, or a
+      key that is not a `jax.random` key.
 
   Example:
     >>> params = {"Dense_0": {"kernel": jnp.array([[0.3, -0.1], [0.2, 0.4]])},
@@ -83,25 +108,36 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
            [False,  True]], dtype=bool)
     >>> weight_masks(params, 0.5)["Dense_1"]["kernel"] is None  # logits layer kept
     True
+    >>> grads = {"Dense_0": {"kernel": jnp.array([[0.1, 1.0], [1.0, 0.1]])},
+    ...          "Dense_1": {"kernel": jnp.zeros((2, 3))}}
+    >>> weight_masks(params, 0.5, criterion="saliency", grads=grads)["Dense_0"]["kernel"]
+    Array([[False,  True],
+           [ True, False]], dtype=bool)
   """
-  _check_scope(scope)
+  _check_scope(scope, _WEIGHT_SCOPES)
   _check_sparsity(sparsity)
+  criteria.check_criterion(criterion, key=key)
   chosen = _select(params, prunable)
   for leaf in chosen:
     _check_finite(leaf)
-  values = tuple(leaf.value for leaf in chosen)
+  values = criteria.weight_scores(chosen, criterion=criterion, key=key, grads=grads)
   if scope == "layer":
     counts = tuple(_num_pruned(sparsity, v.size, v.size) for v in values)
   else:
     total = sum(v.size for v in values)
     counts = (_num_pruned(sparsity, total, total),)
+  if scope == "erk":
+    counts = allocation.erk_pruned_counts([v.shape for v in values], counts[0])
+    scope = "layer"
   keeps = _weight_keeps(values, counts, scope=scope)
   keep = {leaf.path: k for leaf, k in zip(chosen, keeps)}
   return _mask_tree(params, keep)
 
 
 def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
-               prunable: Prunable | None = None) -> Masks:
+               prunable: Prunable | None = None,
+               criterion: Literal["magnitude", "random"] = "magnitude",
+               key: jax.Array | None = None) -> Masks:
   """Masks whole units: the output columns of Dense kernels `[in, out]` with the smallest L2 norm.
 
   A unit is an output column `kernel[:, j]` (for a kernel of more dimensions, the slice
@@ -122,6 +158,10 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   layers: the top-scoring unit of every layer is never pruned, so no layer loses all its units,
   and sparsity 1.0 keeps exactly one unit per layer.
 
+  With `criterion="random"`, each unit gets a uniform score drawn from `key` instead of its norm
+  (as in `weight_masks`: reproducible from the key, nested across sparsities); `scope="global"`
+  then ranks those scores, normalised per layer as above.
+
   Counting (`round` half to even, Python float vs array sparsity) and tie-breaking (the lower
   column index, and with `scope="global"` the earlier layer, is pruned first) are as in
   `weight_masks`; the masks are nested across sparsities.
@@ -134,6 +174,8 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     prunable: `prunable(path, leaf) -> bool` over kernels, as in `weight_masks` (same default:
       every 2-D `kernel` except the logits layer's). Biases follow their kernels; do not select
       them.
+    criterion: `"magnitude"` (the column's L2 norm) or `"random"`.
+    key: a `jax.random` key, needed by `"random"`.
 
   Returns:
     A mask tree mirroring `params`: for each prunable kernel a bool array of its shape whose
@@ -142,7 +184,7 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
 
   Raises:
     ValueError: as `weight_masks`, plus a selected leaf with fewer than 2 dimensions, a selected
-      `bias`, or a bias whose shape is not `[out]`.
+      `bias`, a bias whose shape is not `[out]`, or `scope="erk"` (an allocation of weights).
     TypeError: as `weight_masks`.
 
   Example:
@@ -155,6 +197,7 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   """
   _check_scope(scope)
   _check_sparsity(sparsity)
+  criteria.check_criterion(criterion, units=True, key=key)
   chosen = _select(params, prunable)
   everything = {leaf.path: leaf for leaf in _paths.leaves(params)}
   layers = []
@@ -182,7 +225,8 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     total = sum(k.shape[-1] for k in kernels)
     nonempty = sum(1 for k in kernels if k.shape[-1])
     counts = (_num_pruned(sparsity, total, total - nonempty),)
-  keeps, kernel_masks = _unit_keeps(kernels, counts, scope=scope)
+  scores = criteria.unit_scores([leaf for leaf, _ in layers], criterion=criterion, key=key)
+  keeps, kernel_masks = _unit_keeps(kernels, scores, counts, scope=scope)
   masks = {}
   for (kernel, bias), keep, kernel_mask in zip(layers, keeps, kernel_masks):
     masks[kernel.path] = kernel_mask
@@ -222,10 +266,12 @@ def apply_masks(params: Params, masks: Masks) -> Params:
   return jax.tree_util.tree_map_with_path(lambda kp, _: new[_paths.path_str(kp)], params)
 
 
-def _check_scope(scope: str) -> None:
-  if scope not in _SCOPES:
+def _check_scope(scope: str, allowed: tuple[str, ...] = _SCOPES) -> None:
+  if scope not in allowed:
+    erk = (", or 'erk' (allocate across layers by fan-in and fan-out)" if "erk" in allowed
+           else "" if scope != "erk" else "; 'erk' allocates weights, use weight_masks")
     raise ValueError(f"scope must be 'layer' (prune each layer by the same fraction) or 'global' "
-                     f"(rank all prunable layers together), got {scope!r}")
+                     f"(rank all prunable layers together){erk}, got {scope!r}")
 
 
 def _check_sparsity(sparsity: Any) -> None:
@@ -292,32 +338,35 @@ def _where_kept(values: tuple[jax.Array, ...], masks: tuple[jax.Array | None, ..
 
 
 @jax.jit(static_argnames=("scope",))
-def _weight_keeps(values: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
+def _weight_keeps(scores: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
                   scope: str) -> tuple[jax.Array, ...]:
-  """Keep masks of `values`' shapes, pruning `counts` smallest |w| per leaf or (global) pooled.
+  """Keep masks of `scores`' shapes, pruning the `counts` lowest scores per leaf or (global)
+  pooled.
 
   Jitted as a whole so that a call compiles one program (not one per operation and shape), and
   its sorts, which do not depend on `counts`, are computed once under `vmap` over sparsities.
   """
   if scope == "layer":
-    return tuple(_keep_largest(_int_keys(jnp.abs(v)), k) for v, k in zip(values, counts))
-  dtype = jnp.result_type(*(v.dtype for v in values))
-  pool = jnp.concatenate([jnp.abs(v).astype(dtype).ravel() for v in values])
-  return _split(_keep_largest(_int_keys(pool), counts[0]), [v.shape for v in values])
+    return tuple(_keep_largest(_int_keys(s), k) for s, k in zip(scores, counts))
+  dtype = jnp.result_type(*(s.dtype for s in scores))
+  pool = jnp.concatenate([s.astype(dtype).ravel() for s in scores])
+  return _split(_keep_largest(_int_keys(pool), counts[0]), [s.shape for s in scores])
 
 
 @jax.jit(static_argnames=("scope",))
-def _unit_keeps(kernels: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
+def _unit_keeps(kernels: tuple[jax.Array, ...], scores: tuple[jax.Array, ...] | None,
+                counts: tuple[jax.Array, ...], *,
                 scope: str) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """Keep masks `[out]` of the units (last-axis slices) of `kernels`, and the same broadcast to
-  the kernels' shapes; see `unit_masks`."""
-  keeps = _unit_keep_vectors(kernels, counts, scope=scope)
+  the kernels' shapes; see `unit_masks`. The units are ranked by `scores` (`[out]` per kernel,
+  non-negative) or, when `None`, by their column norms."""
+  keeps = _unit_keep_vectors(kernels, scores, counts, scope=scope)
   return keeps, tuple(jnp.broadcast_to(keep, k.shape) for keep, k in zip(keeps, kernels))
 
 
-def _unit_keep_vectors(kernels: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
-                       scope: str) -> tuple[jax.Array, ...]:
-  norms = [_column_norms(k) for k in kernels]
+def _unit_keep_vectors(kernels: tuple[jax.Array, ...], scores: tuple[jax.Array, ...] | None,
+                       counts: tuple[jax.Array, ...], *, scope: str) -> tuple[jax.Array, ...]:
+  norms = [_column_norms(k) for k in kernels] if scores is None else list(scores)
   if scope == "layer":
     return tuple(_keep_largest(_int_keys(n), k) for n, k in zip(norms, counts))
   scores, protect = [], []
@@ -348,16 +397,19 @@ def _column_norms(kernel: jax.Array) -> jax.Array:
 
 
 def _int_keys(scores: jax.Array) -> jax.Array:
-  """Integer sort keys with the order of the non-negative `scores` (floats: their bit patterns).
+  """Integer sort keys with the order of `scores` (floats: their bit patterns, made monotone).
 
-  Sorting integers is several times faster than sorting floats on CPU, and the bit pattern of a
-  non-negative IEEE float is monotone in its value.
+  Sorting integers is several times faster than sorting floats on CPU. The bit pattern of a
+  non-negative IEEE float is monotone in its value (so magnitudes keep their plain bit patterns);
+  a negative float's pattern is a negative integer whose other 31 (63) bits grow with `|x|`, so
+  flipping them makes the order monotone over all reals (-inf lowest, -0.0 just below +0.0).
   """
   if jnp.issubdtype(scores.dtype, jnp.floating):
     if scores.dtype.itemsize < 4:
       scores = scores.astype(jnp.float32)
     int_dtype = jnp.int64 if scores.dtype.itemsize == 8 else jnp.int32
-    return jax.lax.bitcast_convert_type(scores, int_dtype)
+    bits = jax.lax.bitcast_convert_type(scores, int_dtype)
+    return jnp.where(bits < 0, bits ^ jnp.iinfo(int_dtype).max, bits)
   return scores
 
 
