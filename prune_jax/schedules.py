@@ -159,7 +159,7 @@ def iterative_sparsity(fraction: Sparsity, rounds: int, *, start: int = 0,
 
   Round `j = 1, ..., rounds` happens at step `start + (j - 1) * every`, after which the sparsity
   is `1 - (1 - fraction) ** j` (e.g. fraction 0.2: 20%, 36%, 48.8%, ...), as in iterative
-  magnitude pruning (Frankle & Carbin 2019), here without rewinding (see `prune_jax.imp`).
+  magnitude pruning (Frankle & Carbin 2019), here without rewinding (see `prune_jax.rewinding`).
 
   Args:
     fraction: `p`, the fraction of the remaining weights pruned per round, in [0, 1].
