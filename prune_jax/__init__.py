@@ -1,6 +1,11 @@
-"""prune_jax: magnitude pruning of Flax MLPs, as pure functions over parameter pytrees."""
+"""prune_jax: pruning of Flax networks, as pure functions over parameter pytrees."""
 
-from prune_jax.models import MLP, init_mlp
+from prune_jax.allocation import erk_densities
+from prune_jax.rewinding import IMPResult, imp, imp_sparsities
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
+from prune_jax.models import MLP, init_mlp
+from prune_jax.pruner import PruningState, current_masks, pruning, stack_axes
 from prune_jax.report import sparsity_report
+from prune_jax.schedules import (Schedule, iterative_sparsity, one_shot_sparsity,
+                                 polynomial_sparsity)
 from prune_jax.shrinking import expand, pad_units, shrink, shrunk_widths

@@ -26,8 +26,9 @@ Example:
   >>> tx = pruning(optax.sgd(0.1), polynomial_sparsity(0.9, start=0, end=20, every=5))
   >>> state = tx.init(params)
   >>> grads = jax.tree.map(jnp.ones_like, params)
+  >>> update = jax.jit(tx.update)
   >>> for _ in range(21):
-  ...   updates, state = tx.update(grads, state, params)
+  ...   updates, state = update(grads, state, params)
   ...   params = optax.apply_updates(params, updates)
   >>> int(jnp.sum(params["Dense_0"]["kernel"] == 0)), params["Dense_0"]["kernel"].size  # 90%
   (230, 256)
@@ -167,8 +168,12 @@ def pruning(tx: optax.GradientTransformation,
         new = build(params, schedule(state.count), updates, current)
         return new, _zero_pruned(inner_tx, inner, new)
 
-      current, inner = jax.lax.cond(schedule.is_update(state.count), rebuild,
-                                    lambda current, inner: (current, inner), current, inner)
+      due = schedule.is_update(state.count)
+      if isinstance(due, jax.core.Tracer):
+        current, inner = jax.lax.cond(due, rebuild, lambda current, inner: (current, inner),
+                                      current, inner)
+      elif due:  # called eagerly: no cond to compile at every call
+        current, inner = rebuild(current, inner)
     grads = masks_lib.apply_masks(updates, current)
     new_updates, inner = inner_tx.update(grads, inner, params, **extra_args)
     new_updates = jax.tree.map(_land_on_zero, new_updates, params, current)
