@@ -46,7 +46,8 @@ def check_criterion(criterion: Criterion, *, units: bool = False, key: Any = Non
                      f"{'' if units else 'a function (path, w, g) -> scores, '}got "
                      f"{criterion!r}{extra}")
   if criterion == "random" and key is None:
-    raise ValueError("criterion 'random' draws its scores from a key: pass key=jax.random.key(seed)")
+    raise ValueError("criterion 'random' draws its scores from a key: pass "
+                     "key=jax.random.key(seed)")
   if key is not None:
     _check_key(key)
 

@@ -44,7 +44,7 @@ _WEIGHT_SCOPES = ("layer", "global", "erk")
 def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
                  prunable: Prunable | None = None, criterion: Criterion = "magnitude",
                  key: jax.Array | None = None, grads: Params | None = None) -> Masks:
-  """Masks the lowest-scoring weights (by default the smallest `|w|`): exactly `round(sparsity * n)`.
+  """Masks the lowest-scoring weights (default: smallest `|w|`): exactly `round(sparsity * n)`.
 
   With `scope="layer"` (the seed's definition), each prunable leaf of `n` entries loses its
   `round(sparsity * n)` entries of smallest `|w|`. With `scope="global"`, all prunable leaves are
@@ -61,7 +61,7 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   and shape only); `"saliency"` `|w * g|` with `g` from `grads` (SNIP, Lee et al. 2019: the
   gradient of the loss on a batch at initialisation); or a function `criterion(path, w, g)`
   returning scores of `w`'s shape (`g` is `None` without `grads`), e.g.
-  `lambda path, w, g: -w * g` for movement pruning.
+  `lambda path, w, g: -w * g` (a first-order movement score).
 
   Counting: `round` rounds half to even. A Python `float`/`int` sparsity gives
   `round(sparsity * n)` computed in float64 (Python's `round`); an array sparsity (numpy/jax
@@ -114,22 +114,31 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     Array([[False,  True],
            [ True, False]], dtype=bool)
   """
+  return _weight_masks(params, sparsity, scope=scope, prunable=prunable, criterion=criterion,
+                       key=key, grads=grads)
+
+
+def _weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope, prunable: Prunable | None,
+                  criterion: Criterion, key: jax.Array | None, grads: Params | None,
+                  select: bool = False) -> Masks:
+  """`weight_masks`; `select=True` finds each threshold by bisection instead of a sort (the same
+  masks, about 3x faster for one sparsity, much slower under `vmap` over many): the pruner's."""
   _check_scope(scope, _WEIGHT_SCOPES)
   _check_sparsity(sparsity)
   criteria.check_criterion(criterion, key=key)
   chosen = _select(params, prunable)
   for leaf in chosen:
     _check_finite(leaf)
-  values = criteria.weight_scores(chosen, criterion=criterion, key=key, grads=grads)
+  scores = criteria.weight_scores(chosen, criterion=criterion, key=key, grads=grads)
   if scope == "layer":
-    counts = tuple(_num_pruned(sparsity, v.size, v.size) for v in values)
+    counts = tuple(_num_pruned(sparsity, s.size, s.size) for s in scores)
   else:
-    total = sum(v.size for v in values)
+    total = sum(s.size for s in scores)
     counts = (_num_pruned(sparsity, total, total),)
   if scope == "erk":
-    counts = allocation.erk_pruned_counts([v.shape for v in values], counts[0])
+    counts = allocation.erk_pruned_counts([s.shape for s in scores], counts[0])
     scope = "layer"
-  keeps = _weight_keeps(values, counts, scope=scope)
+  keeps = _weight_keeps(scores, counts, scope=scope, select=select)
   keep = {leaf.path: k for leaf, k in zip(chosen, keeps)}
   return _mask_tree(params, keep)
 
@@ -337,9 +346,9 @@ def _where_kept(values: tuple[jax.Array, ...], masks: tuple[jax.Array | None, ..
                for v, m in zip(values, masks))
 
 
-@jax.jit(static_argnames=("scope",))
+@jax.jit(static_argnames=("scope", "select"))
 def _weight_keeps(scores: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
-                  scope: str) -> tuple[jax.Array, ...]:
+                  scope: str, select: bool = False) -> tuple[jax.Array, ...]:
   """Keep masks of `scores`' shapes, pruning the `counts` lowest scores per leaf or (global)
   pooled.
 
@@ -347,10 +356,11 @@ def _weight_keeps(scores: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], 
   its sorts, which do not depend on `counts`, are computed once under `vmap` over sparsities.
   """
   if scope == "layer":
-    return tuple(_keep_largest(_int_keys(s), k) for s, k in zip(scores, counts))
+    return tuple(_keep_largest(_int_keys(s), k, select=select) for s, k in zip(scores, counts))
   dtype = jnp.result_type(*(s.dtype for s in scores))
   pool = jnp.concatenate([s.astype(dtype).ravel() for s in scores])
-  return _split(_keep_largest(_int_keys(pool), counts[0]), [s.shape for s in scores])
+  return _split(_keep_largest(_int_keys(pool), counts[0], select=select),
+                [s.shape for s in scores])
 
 
 @jax.jit(static_argnames=("scope",))
@@ -428,23 +438,50 @@ def _num_pruned(sparsity: Sparsity, n: int, max_pruned: int) -> jax.Array:
   return jnp.where(jnp.isnan(k), 0, jnp.clip(k, 0, max_pruned)).astype(jnp.int32)
 
 
-def _keep_largest(keys: jax.Array, k: jax.Array) -> jax.Array:
+def _keep_largest(keys: jax.Array, k: jax.Array, *, select: bool = False) -> jax.Array:
   """Bool mask of `keys`' shape: False on the `k` smallest keys, ties broken by flat index.
 
   Sorting `keys` does not depend on `k`, so under `vmap` over `k` it runs once. With `t` the k-th
   smallest key, every key `< t` is pruned, and of the keys `== t` the first `k - #(< t)` by index:
   exactly the first `k` entries of a stable argsort, without sorting the indices along (sorting
-  bare integer keys is several times faster).
+  bare integer keys is several times faster). `select=True` finds `t` by bisection instead
+  (`_kth_smallest`).
   """
   if keys.size == 0:
     return jnp.ones(keys.shape, bool)
   flat = keys.ravel()
-  threshold = jnp.sort(flat)[jnp.maximum(k - 1, 0)]
+  if select and flat.dtype in (jnp.int32, jnp.int64):
+    threshold = _kth_smallest(flat, jnp.maximum(k, 1))
+  else:
+    threshold = jnp.sort(flat)[jnp.maximum(k - 1, 0)]
   below = flat < threshold
   tied = flat == threshold
   quota = k - jnp.sum(below, dtype=jnp.int32)
   prune = below | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= quota))
   return (~prune).reshape(keys.shape)
+
+
+def _kth_smallest(flat: jax.Array, k: jax.Array) -> jax.Array:
+  """The `k`-th smallest (1-based) of the signed integers `flat`, by bisection on their value.
+
+  One counting pass per bit (32 for int32) instead of a sort: on a CPU about 3x faster than
+  `jnp.sort` for a million keys, but each pass depends on `k`, so under `vmap` over `k` it is
+  repeated per level. Works on the keys mapped monotonically to unsigned integers (sign bit
+  flipped), so that `lo + (hi - lo) // 2` cannot overflow.
+  """
+  bits = flat.dtype.itemsize * 8
+  unsigned = jnp.uint32 if bits == 32 else jnp.uint64
+  sign = jnp.asarray(1 << (bits - 1), unsigned)
+  u = jax.lax.bitcast_convert_type(flat, unsigned) ^ sign
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(u <= mid, dtype=jnp.int32) >= k
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  lo, _ = jax.lax.fori_loop(0, bits, halve, (jnp.zeros((), unsigned), ~jnp.zeros((), unsigned)))
+  return jax.lax.bitcast_convert_type(lo ^ sign, flat.dtype)
 
 
 def _mask_tree(params: Params, masks_by_path: dict[str, jax.Array]) -> Masks:

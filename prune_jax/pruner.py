@@ -14,8 +14,10 @@ the current masks and the step. At every step it
    arithmetic), with no call needed after the step, and stay so.
 
 Weight masks only grow: a rebuild ranks the weights already pruned below all others, so a pruned
-weight never comes back (as long as the schedule's sparsity does not fall). Without a schedule the
-masks given are kept fixed (`pruning(tx, masks=masks)`, what `prune_jax.train` uses).
+weight never comes back (as long as the schedule's sparsity does not fall). Unit masks grow the
+same way in practice: a pruned unit's column is zero, so its norm ranks it first (only a kept
+unit whose column is exactly zero too could take its place, by the lower index). Without a
+schedule the masks given are kept fixed (`pruning(tx, masks=masks)`, what `prune_jax.train` uses).
 
 It jits, runs inside `lax.scan`, and vmaps over a stack of nets: vmap `init`/`update` with
 `stack_axes(state)` as in/out axes, which keeps the step count unbatched, so that the rebuild stays
@@ -116,10 +118,12 @@ def pruning(tx: optax.GradientTransformation,
     True
   """
   if kind not in KINDS:
-    raise ValueError(f"kind must be 'weight' (single weights) or 'unit' (whole units), got {kind!r}")
+    raise ValueError(f"kind must be 'weight' (single weights) or 'unit' (whole units), got "
+                     f"{kind!r}")
   criteria.check_criterion(criterion, units=kind == "unit", key=key)
-  masks_lib._check_scope(scope, masks_lib._WEIGHT_SCOPES if kind == "weight"  # pylint: disable=protected-access
-                         else masks_lib._SCOPES)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  scopes = masks_lib._WEIGHT_SCOPES if kind == "weight" else masks_lib._SCOPES
+  masks_lib._check_scope(scope, scopes)  # pylint: disable=protected-access
   if schedule is None:
     if every is not None:
       raise ValueError("every= sets when a schedule rebuilds the masks, but no schedule was given")
@@ -135,9 +139,11 @@ def pruning(tx: optax.GradientTransformation,
     if kind == "unit":
       return masks_lib.unit_masks(params, sparsity, scope=scope, prunable=prunable,
                                   criterion=criterion, key=key)
-    return masks_lib.weight_masks(params, sparsity, scope=scope, prunable=prunable,
-                                  criterion=criteria.keep_pruned(criterion, previous, key=key),
-                                  grads=grads)
+    # One sparsity per rebuild: the bisection threshold beats a sort (same masks).
+    return masks_lib._weight_masks(  # pylint: disable=protected-access
+        params, sparsity, scope=scope, prunable=prunable,
+        criterion=criteria.keep_pruned(criterion, previous, key=key), key=None, grads=grads,
+        select=True)
 
   def init(params: Params) -> PruningState:
     # The masks' structure (which leaves are pruned) without ranking anything.
@@ -224,7 +230,8 @@ def stack_axes(state: optax.OptState) -> Any:
     A prefix tree of `state` for `jax.vmap`'s `in_axes` / `out_axes`.
 
   Example:
-    >>> stacked = {"Dense_0": {"kernel": jnp.ones((3, 4, 2))}, "Dense_1": {"kernel": jnp.ones((3, 2, 1))}}
+    >>> stacked = {"Dense_0": {"kernel": jnp.ones((3, 4, 2))},        # 3 nets
+    ...            "Dense_1": {"kernel": jnp.ones((3, 2, 1))}}
     >>> tx = pruning(optax.sgd(0.1), one_shot_sparsity(0.5))
     >>> axes = stack_axes(jax.eval_shape(tx.init, jax.tree.map(lambda a: a[0], stacked)))
     >>> state = jax.vmap(tx.init, out_axes=axes)(stacked)

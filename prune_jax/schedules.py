@@ -128,9 +128,10 @@ def polynomial_sparsity(final: Sparsity, *, start: int, end: int, every: int,
     raise ValueError(f"the schedule ends before it starts: end={end} < start={start}; pass an "
                      "end at or after the start")
   if (end - start) % every:
+    below = start + (end - start) // every * every
     raise ValueError(f"end - start = {end - start} is not a multiple of every={every}: the masks "
-                     f"are updated at start, start + every, ..., end; e.g. end="
-                     f"{start + (end - start) // every * every} or {start + -(-(end - start) // every) * every}")
+                     f"are updated at start, start + every, ..., end; e.g. end={below} or "
+                     f"{below + every}")
   if not isinstance(power, numbers.Real) or not power > 0:
     raise ValueError(f"power must be a positive number (3 for Zhu & Gupta's cubic), got {power!r}")
   if _concrete(initial) and _concrete(final) and float(initial) > float(final):

@@ -1,4 +1,5 @@
-"""Tests of prune_jax.rewinding (IMP): rounds, rewinding, nested global masks, the step budget, errors."""
+"""Tests of prune_jax.rewinding (IMP): rounds, rewinding, nested global masks, the step budget and
+errors."""
 
 import jax
 import jax.numpy as jnp

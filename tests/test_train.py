@@ -170,6 +170,7 @@ def test_train_with_a_pruner_prunes_on_schedule_and_returns_the_masks(toy_data):
     np.testing.assert_array_equal(stats.masks[f"Dense_{i}"]["kernel"], hidden[i] != 0)
 
 
+@jax.default_matmul_precision("highest")  # compare at full float32 (no TF32 on GPUs)
 def test_train_many_with_per_net_pruner_args_matches_a_loop_of_train(toy_data):
   x, y = toy_data
   params = init_mlp(jax.random.key(10), SMALL)
