@@ -101,25 +101,24 @@ def test_exact_zeros_and_zero_optimizer_state_through_50_steps(name):
   assert int(state.count) == 50
 
 
-@jax.default_matmul_precision("highest")  # compare at full float32 (no TF32 on GPUs)
 def test_lax_scan_gives_the_python_loop_result():
   params = init_mlp(jax.random.key(3), SMALL, IN)
   tx = pruner.pruning(optax.sgd(0.1, momentum=0.9), SCHEDULE)
-  x, y = _data()
+  x, y = (a[:20] for a in _data())  # rebuilds at steps 5 and 15
+  batches = [(x[t], y[t]) for t in range(20)]
   step = _step_fn(SMALL, tx)
-  (scanned, scan_state), _ = jax.jit(lambda c, b: jax.lax.scan(step, c, b))(
-      (params, tx.init(params)), (x, y))
-  looped, state = params, tx.init(params)
-  jitted = jax.jit(step)
-  for t in range(x.shape[0]):
-    (looped, state), _ = jitted((looped, state), (x[t], y[t]))
+  start = (params, tx.init(params))
+  with jax.default_matmul_precision("highest"):  # compare at full float32 (no TF32 on GPUs)
+    (scanned, scan_state), _ = jax.jit(lambda c, b: jax.lax.scan(step, c, b))(start, (x, y))
+    (looped, state), jitted = start, jax.jit(step)
+    for batch in batches:
+      (looped, state), _ = jitted((looped, state), batch)
   jax.tree.map(np.testing.assert_array_equal, pruner.current_masks(scan_state),
                pruner.current_masks(state))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), scanned,
                looped)
 
 
-@jax.default_matmul_precision("highest")
 def test_vmap_over_a_stack_of_nets_with_different_final_sparsities():
   finals = jnp.array([0.5, 0.8, 0.95])
   params = init_mlp(jax.random.key(4), SMALL, IN)
@@ -157,11 +156,13 @@ def test_vmap_over_a_stack_of_nets_with_different_final_sparsities():
   batches = (x[:25], y[:25])
   jaxpr = str(jax.make_jaxpr(run_stack)(finals, stacked, batches))
   assert "cond[" in jaxpr, "the rebuild must stay a lax.cond under vmap"
-  out, states = jax.jit(run_stack)(finals, stacked, batches)
+  train_one = jax.jit(train)
+  with jax.default_matmul_precision("highest"):  # compare at full float32 (no TF32 on GPUs)
+    out, states = jax.jit(run_stack)(finals, stacked, batches)
+    singles = [train_one(final, params, batches) for final in finals]
   assert states.count.shape == ()
   masks = pruner.current_masks(states)
-  for i, final in enumerate(finals):
-    single, single_state = jax.jit(train)(final, params, batches)
+  for i, (final, (single, single_state)) in enumerate(zip(finals, singles)):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[i], b), masks,
                  pruner.current_masks(single_state))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6), out,
@@ -204,13 +205,13 @@ def test_snip_and_random_criteria_in_the_pruner_match_weight_masks():
   grads = jax.tree.map(lambda w: jnp.cos(w * 50), params)
   snip = pruner.pruning(optax.sgd(0.1), one_shot_sparsity(0.9), criterion="saliency",
                         scope="global")
-  _, state = jax.jit(snip.update)(grads, snip.init(params), params)
+  _, state = snip.update(grads, snip.init(params), params)
   jax.tree.map(np.testing.assert_array_equal, pruner.current_masks(state),
                weight_masks(params, 0.9, scope="global", criterion="saliency", grads=grads))
   key = jax.random.key(8)
   rand = pruner.pruning(optax.sgd(0.1), one_shot_sparsity(0.6), criterion="random", key=key,
                         scope="erk")
-  _, state = jax.jit(rand.update)(grads, rand.init(params), params)
+  _, state = rand.update(grads, rand.init(params), params)
   jax.tree.map(np.testing.assert_array_equal, pruner.current_masks(state),
                weight_masks(params, 0.6, scope="erk", criterion="random", key=key))
 
