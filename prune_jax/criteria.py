@@ -1,4 +1,6 @@
-"""Pruning criteria: a score per weight (or per unit), higher = more worth keeping (private).
+"""Pruning criteria: a score per weight (or per unit), higher = more worth keeping.
+
+Used by `prune_jax.masks`, not re-exported: choose a criterion with `criterion=`.
 
 `weight_masks` and `unit_masks` (`prune_jax.masks`) take `criterion=`, one of
 
@@ -42,9 +44,8 @@ def check_criterion(criterion: Criterion, *, units: bool = False, key: Any = Non
     what = "unit_masks" if units else "weight_masks"
     extra = (" ('saliency' scores single weights: use weight_masks)"
              if units and criterion == "saliency" else "")
-    raise ValueError(f"{what}: criterion must be one of {names} or "
-                     f"{'' if units else 'a function (path, w, g) -> scores, '}got "
-                     f"{criterion!r}{extra}")
+    choices = f"one of {names}" + ("" if units else " or a function (path, w, g) -> scores")
+    raise ValueError(f"{what}: criterion must be {choices}, got {criterion!r}{extra}")
   if criterion == "random" and key is None:
     raise ValueError("criterion 'random' draws its scores from a key: pass "
                      "key=jax.random.key(seed)")
