@@ -235,7 +235,7 @@ def stack_axes(state: optax.OptState) -> Any:
     >>> tx = pruning(optax.sgd(0.1), one_shot_sparsity(0.5))
     >>> axes = stack_axes(jax.eval_shape(tx.init, jax.tree.map(lambda a: a[0], stacked)))
     >>> state = jax.vmap(tx.init, out_axes=axes)(stacked)
-    >>> step = jax.vmap(tx.update, in_axes=(0, axes, 0), out_axes=(0, axes))
+    >>> step = jax.jit(jax.vmap(tx.update, in_axes=(0, axes, 0), out_axes=(0, axes)))
     >>> updates, state = step(stacked, state, stacked)
     >>> state.count.shape, current_masks(state)["Dense_0"]["kernel"].shape
     ((), (3, 4, 2))
