@@ -53,6 +53,26 @@ MATMUL_PRECISION = flags.DEFINE_enum(
     "(full float32 on CPUs; TF32 on recent NVIDIA GPUs, bfloat16 passes on TPUs), 'float32' and "
     "'highest' force full float32. Checks that two computations agree (study 4) always run at "
     "'highest'.")
+DEVICES = flags.DEFINE_integer(
+    "devices", None, "How many devices train a study's grid of same-shaped nets (seeds x levels "
+    "x methods), as one stack sharded over them. Default: all the devices present (of every "
+    "process, with --num_processes). On one CPU device the grid is trained net by net, which is "
+    "faster there.", lower_bound=1)
+COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, to join several processes with "
+    "jax.distributed (also --num_processes and --process_id). Under SLURM or Open MPI, leave "
+    "the three unset and pass --distributed: JAX reads them from the environment.")
+NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "The number of processes joined by jax.distributed.", lower_bound=1)
+PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, --num_processes); process 0 writes the "
+    "results, the others write nothing.", lower_bound=0)
+DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join the processes of a SLURM or Open MPI job with "
+    "jax.distributed.initialize(), which reads the cluster's environment.")
+COORDINATOR_TIMEOUT = flags.DEFINE_integer(
+    "coordinator_timeout", 60, "Seconds to wait for all processes to join before failing.",
+    lower_bound=1)
 COMPILATION_CACHE = flags.DEFINE_bool(
     "compilation_cache", True, "Keep compiled programs in JAX's persistent compilation cache "
     "under <workdir>/cache/xla/ (or $JAX_COMPILATION_CACHE_DIR if set), so that later runs and "
@@ -125,4 +145,10 @@ def config() -> dict[str, Any]:
       "fresh": FRESH.value,
       "compilation_cache": COMPILATION_CACHE.value,
       "matmul_precision": MATMUL_PRECISION.value,
+      "devices": DEVICES.value,
+      "coordinator_address": COORDINATOR_ADDRESS.value,
+      "num_processes": NUM_PROCESSES.value,
+      "process_id": PROCESS_ID.value,
+      "distributed": DISTRIBUTED.value,
+      "coordinator_timeout": COORDINATOR_TIMEOUT.value,
   }

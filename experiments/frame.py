@@ -9,7 +9,8 @@ function reading its flags. This module gives it the rest:
   with the study's other finished units (`units`: a `prune_jax.store.Store` under
   `<workdir>/cache/units/`, so an interrupted study resumes where it stopped);
 - `outputs.payload` builds the results payload and `write_and_plot` writes it with its plots;
-- `main(run, config)`: the absl `main` of every entry point. It turns on JAX's persistent
+- `main(run, config)`: the absl `main` of every entry point. It joins the processes of a
+  multi-process run (`join_processes`; process 0 alone writes), turns on JAX's persistent
   compilation cache (`use_compilation_cache`), sets `--matmul_precision`, and turns SIGTERM into the same clean stop as
   Ctrl-C (no half-written file is left: every write is atomic, and the units finished so far stay
   for the rerun).
@@ -162,6 +163,48 @@ def use_compilation_cache(config: Config) -> str | None:
   return folder
 
 
+def join_processes(config: Config) -> int:
+  """Joins the processes of a multi-process run with `jax.distributed.initialize`, if asked.
+
+  Asked by `--coordinator_address`, `--num_processes` and `--process_id` together (e.g. two
+  processes on one machine: `--coordinator_address=localhost:12355 --num_processes=2
+  --process_id=0`, and `--process_id=1` in the other), or by `--distributed` under SLURM or Open
+  MPI (JAX reads the job's environment). Must run before any computation.
+
+  Returns:
+    The number of processes (1 when not asked).
+
+  Raises:
+    ValueError: for an incomplete or inconsistent set of flags.
+    RuntimeError: if the processes do not all join within `--coordinator_timeout` seconds,
+      naming the coordinator's address.
+  """
+  address = config.get("coordinator_address")
+  count, index = config.get("num_processes"), config.get("process_id")
+  explicit = [v is not None for v in (address, count, index)]
+  if not any(explicit) and not config.get("distributed"):
+    return 1
+  if any(explicit) and not all(explicit):
+    raise ValueError("--coordinator_address, --num_processes and --process_id go together "
+                     "(e.g. --coordinator_address=localhost:12355 --num_processes=2 "
+                     "--process_id=0); under SLURM or Open MPI pass --distributed instead")
+  if all(explicit) and not 0 <= index < count:
+    raise ValueError(f"--process_id must be in [0, --num_processes={count}), got {index}")
+  timeout = int(config.get("coordinator_timeout") or 60)
+  try:
+    jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                               process_id=index, initialization_timeout=timeout)
+  except Exception as e:  # XlaRuntimeError, RuntimeError, ValueError from cluster detection
+    where = f"the coordinator at {address}" if address else "the cluster's coordinator"
+    raise RuntimeError(f"could not join {count or 'the'} processes through {where} within "
+                       f"{timeout} s ({type(e).__name__}: {str(e).splitlines()[0][:300]}); start "
+                       "every process with the same --coordinator_address (process 0's "
+                       "host:port, reachable from the others) and --num_processes") from e
+  logging.info("process %d of %d joined; %d devices in all, %d here", jax.process_index(),
+               jax.process_count(), jax.device_count(), jax.local_device_count())
+  return jax.process_count()
+
+
 def use_matmul_precision(config: Config) -> str | None:
   """Sets `jax_default_matmul_precision` for this process from `config["matmul_precision"]`.
 
@@ -212,12 +255,18 @@ def main(run: Callable[..., Payload], config: Callable[[], Config], *,
       cfg = config()
     except ValueError as e:
       raise app.UsageError(str(e)) from e
+    try:
+      join_processes(cfg)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
     use_compilation_cache(cfg)
     use_matmul_precision(cfg)
     with stop_cleanly_on_sigterm():
       try:
         mnist = data_lib.load_mnist(cfg["mnist_dir"])
-        write(run(cfg, mnist), cfg["workdir"])
+        payload = run(cfg, mnist)
+        if jax.process_index() == 0:  # the others computed the same; they write nothing
+          write(payload, cfg["workdir"])
       except KeyboardInterrupt:
         logging.warning("interrupted: the units finished so far are kept under %s; rerun the "
                         "same command to continue (--fresh to start over)",

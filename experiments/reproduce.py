@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 from absl import app, logging
 
 from experiments import base_nets, common_flags, frame, recovery, report, shrink, sweep
@@ -121,22 +122,29 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
   bases, _ = frame.load_bases(config, mnist, store=store)
   progress.finish(next(phases))
 
+  writer = jax.process_index() == 0  # with several processes, process 0 writes for all
   payloads = {}
   payloads["sweep"] = sweep.run_sweep(config, mnist, bases=bases, store=store)
-  frame.write_and_plot(payloads["sweep"], workdir)
+  if writer:
+    frame.write_and_plot(payloads["sweep"], workdir)
   progress.finish(next(phases))
 
   for mode in ("weight", "unit"):
     payload = recovery.run_recovery({**config, "mode": mode, "retrain_steps": steps[mode]}, mnist,
                                     bases=bases, store=store)
     payloads[payload["study"]] = payload
-    frame.write_and_plot(payload, workdir)
+    if writer:
+      frame.write_and_plot(payload, workdir)
     progress.finish(next(phases))
 
   payloads["shrink"] = shrink.run_shrink({**config, **shrink_config}, mnist, bases=bases,
                                          store=store)
-  shrink.write_outputs(payloads["shrink"], workdir)
+  if writer:
+    shrink.write_outputs(payloads["shrink"], workdir)
   progress.finish(next(phases))
+  path = os.path.join(workdir, "REPORT.md")
+  if not writer:
+    return path
 
   # The payloads as written (with versions and machine), so REPORT.md matches the JSON files.
   written = report.load_payloads(workdir)
@@ -144,7 +152,6 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
                              phases=progress.done, total_seconds=progress.elapsed,
                              workdir=workdir, units={"loaded": store.loaded,
                                                      "computed": store.computed})
-  path = os.path.join(workdir, "REPORT.md")
   results.write_text(path, text)
   progress.finish(next(phases))
   return path

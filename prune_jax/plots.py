@@ -166,6 +166,60 @@ def plot_recovery(payload: Payload, folder: str) -> list[str]:
   return [_save(fig, os.path.join(folder, f"{payload['study']}.png"))]
 
 
+def plot_methods(payload: Payload, folder: str) -> list[str]:
+  """Study 5: every method's accuracy against the sparsity, beside the dense net trained for the
+  same steps and the random floor; writes `<study>.png`.
+
+  Panels: the full 0-100% scale, and a zoom on the top (`METHODS_ZOOM` below the dense net),
+  where the methods that keep up with the dense net differ.
+
+  Args:
+    payload: a `methods_weight` or `methods_unit` payload: one curve per method, `random*`
+      curves and `dense_same_budget`; `config.budget_steps`.
+    folder: output folder.
+
+  Returns:
+    `[<folder>/<study>.png]`.
+  """
+  levels = payload["sparsities"]
+  curves = payload["curves"]
+  kind = payload["study"].partition("_")[2]
+  dense = curves.get("dense_same_budget")
+  names = [n for n in curves if n != "dense_same_budget"]
+  colors = plt.get_cmap("tab10")(np.linspace(0, 1, 10))
+  styles, k = {}, 0
+  for name in names:
+    if name.startswith("random"):
+      styles[name] = dict(color="0.55", marker="x", linestyle="--")
+    else:
+      styles[name] = dict(color=colors[k % 10], marker="os^vD<>ph*"[k % 10])
+      k += 1
+  fig, axes = plt.subplots(1, 2, figsize=(14.0, 6.2), layout="constrained",
+                           gridspec_kw=dict(width_ratios=(3, 2)))
+  top = dense["mean"][0] if dense else max(max(c["mean"]) for c in curves.values())
+  zoom = (max(0.0, np.floor(top - _METHODS_ZOOM)), min(100.0, np.ceil(top + 0.5)))
+  for ax in axes:
+    if dense:
+      _dense_line(ax, dense, label=f"dense, the same {dense.get('steps', '?')} steps")
+    for name in names:
+      steps = curves[name].get("steps")
+      _curve(ax, levels, curves[name], name=name,
+             label=name + (f" ({steps} steps)" if steps else ""), style=styles[name])
+  what = "weights of the hidden kernels" if kind == "weight" else "units of each hidden layer"
+  _accuracy_axes(axes[0], levels, xlabel=f"sparsity k (%): k% of the {what} pruned", note=True)
+  _accuracy_axes(axes[1], levels, xlabel="sparsity k (%)", ylim=zoom, narrow=True)
+  axes[1].set_title(f"zoom on {zoom[0]:g}-{zoom[1]:g}% accuracy", fontsize=10)
+  budget = payload.get("config", {}).get("budget_steps", "?")
+  _titles(fig, axes[0], f"Pruning while training ({kind}s): every method, masks kept, "
+          f"a budget of {budget} steps after the base net", payload)
+  _legend(fig, axes[0])
+  return [_save(fig, os.path.join(folder, f"{payload['study']}.png"))]
+
+
+# The zoomed panel of study 5 shows this many points below the dense net.
+_METHODS_ZOOM = 8.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------------
@@ -209,11 +263,11 @@ def _accuracy_axes(ax: plt.Axes, levels: Sequence[float], *, xlabel: str,
 
 
 def _curve(ax: plt.Axes, levels: Sequence[float], curve: dict[str, Any], *, name: str,
-           label: str) -> None:
+           label: str, style: dict[str, Any] | None = None) -> None:
   """One curve: its mean with a marker at each level; with several seeds, a +-std band (clipped
   to 0-100%) and each seed's value as a faint dot, so that a bimodal level (a seed that failed
-  to train) shows as such rather than as a wide band alone."""
-  style = dict(_STYLE.get(name, {}))
+  to train) shows as such rather than as a wide band alone. `style` overrides `_STYLE[name]`."""
+  style = dict(style or _STYLE.get(name, {}))
   style.setdefault("marker", "o")
   mean, std = np.asarray(curve["mean"]), np.asarray(curve["std"])
   per_seed = np.asarray(curve["per_seed"])

@@ -6,6 +6,10 @@ JSON-able dict of everything that determines its result (the seed, the level, th
 protocol, the data's checksums...), and nothing else, so that changing a setting invalidates
 exactly the units it affects. Its result is a JSON-able dict, optionally with a param tree.
 
+With several processes joined by `jax.distributed`, process 0 alone reads and writes the files,
+and what it finds is broadcast to the others, so that every process takes the same path through
+a study (which the collective computations of a sharded grid need) without a shared filesystem.
+
 Each unit is written atomically (`prune_jax.results`) when it finishes, as
 `<folder>/<kind>/<hash of the key>.json` (and `.msgpack` for its tree). The JSON file holds the
 key and the SHA-256 of the result and of the tree's bytes, so a truncated, corrupt or foreign
@@ -23,6 +27,7 @@ Example:
 import hashlib
 import json
 import os
+import pickle
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -30,6 +35,7 @@ import flax.serialization
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from prune_jax import results
 
@@ -88,6 +94,26 @@ class Store:
     reported as absent.
     """
     json_path, tree_path = self._paths(kind, key)
+    found = None
+    if jax.process_index() == 0:
+      found = self._read(json_path, tree_path, key)
+    found = _from_process_0(found)
+    if found is None:
+      return None
+    record, blob = found
+    try:
+      tree = None if blob is None else _restore(blob, template)
+    except (ValueError, KeyError, TypeError) as e:
+      logging.warning("stored unit %s is unusable (%s); recomputing it", json_path, e)
+      if jax.process_index() == 0:
+        self._remove(json_path, tree_path)
+      return None
+    self.loaded += 1
+    return Unit(record["value"], tree)
+
+  def _read(self, json_path: str, tree_path: str,
+            key: Key) -> tuple[dict[str, Any], bytes | None] | None:
+    """The checked record and tree bytes of a unit's files, or None (a bad file is removed)."""
     if self.fresh and json_path not in self._written:
       return None
     if not os.path.exists(json_path):
@@ -97,22 +123,19 @@ class Store:
         record = json.loads(f.read())
       if record.get("key") != json.loads(_canonical(key)):
         raise ValueError("it holds another key")
-      value = record["value"]
-      if _sha256(_canonical(value)) != record["value_sha256"]:
+      if _sha256(_canonical(record["value"])) != record["value_sha256"]:
         raise ValueError("its result does not match its checksum")
-      tree = None
+      blob = None
       if record.get("tree_sha256") is not None:
         with open(tree_path, "rb") as f:
           blob = f.read()
         if _sha256(blob) != record["tree_sha256"]:
           raise ValueError(f"{tree_path} does not match its checksum")
-        tree = _restore(blob, template)
     except (OSError, ValueError, KeyError, TypeError) as e:
       logging.warning("stored unit %s is unusable (%s); recomputing it", json_path, e)
       self._remove(json_path, tree_path)
       return None
-    self.loaded += 1
-    return Unit(value, tree)
+    return record, blob
 
   def put(self, kind: str, key: Key, value: Mapping[str, Any], tree: Params | None = None) -> None:
     """Stores a finished unit atomically: the tree first, then the JSON that vouches for it.
@@ -123,12 +146,14 @@ class Store:
     json_path, tree_path = self._paths(kind, key)
     record = {"kind": kind, "key": json.loads(_canonical(key)), "value": dict(value),
               "value_sha256": _sha256(_canonical(value)), "tree_sha256": None}
+    self._written.add(json_path)
+    if jax.process_index() != 0:  # process 0 writes for every process
+      return
     if tree is not None:
       blob = flax.serialization.to_bytes(jax.tree.map(np.asarray, tree))
       results.write_bytes(tree_path, blob)
       record["tree_sha256"] = _sha256(blob)
     results.write_json(json_path, record)
-    self._written.add(json_path)
     logging.info("stored unit %s/%s", kind, os.path.basename(json_path)[:-len(".json")])
 
   def tree_path(self, kind: str, key: Key) -> str:
@@ -136,9 +161,12 @@ class Store:
     return self._paths(kind, key)[1]
 
   def contains(self, kind: str, key: Key) -> bool:
-    """Whether a file for the unit exists (and would be read: not under `fresh`); unchecked."""
+    """Whether a file for the unit exists (and would be read: not under `fresh`); unchecked.
+
+    With several processes, process 0's answer."""
     json_path, _ = self._paths(kind, key)
-    return os.path.exists(json_path) and (not self.fresh or json_path in self._written)
+    here = os.path.exists(json_path) and (not self.fresh or json_path in self._written)
+    return bool(_from_process_0(here if jax.process_index() == 0 else None))
 
   def get_or_compute(self, kind: str, key: Key,
                      compute: Callable[[], tuple[dict[str, Any], Params | None]], *,
@@ -164,6 +192,17 @@ class Store:
         os.remove(path)
       except FileNotFoundError:
         pass
+
+
+def _from_process_0(obj: Any) -> Any:
+  """`obj` as process 0 has it, on every process (pickled bytes broadcast; `obj` elsewhere is
+  ignored). With one process, `obj` itself."""
+  if jax.process_count() == 1:
+    return obj
+  blob = pickle.dumps(obj) if jax.process_index() == 0 else b""
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(len(blob))))
+  data = np.frombuffer(blob, np.uint8) if jax.process_index() == 0 else np.zeros(size, np.uint8)
+  return pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(data)).tobytes())
 
 
 def _canonical(obj: Any) -> bytes:

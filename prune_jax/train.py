@@ -38,8 +38,47 @@ SEED_BATCH_SIZE = 100
 SEED_LEARNING_RATE = 0.1
 
 
-def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-  """Returns the optax optimizer `name` ("sgd", "momentum" with 0.9, or "adam")."""
+class CosineDecay(NamedTuple):
+  """A learning rate that decays from `peak` to `peak * final_fraction` along a half cosine over
+  `steps` optimizer steps, then stays there (`optax.cosine_decay_schedule`).
+
+  A hashable value, so that training programs compiled for it are reused by equal ones; pass it
+  as `learning_rate` to `train`, `train_many` or `make_optimizer`.
+
+  Example:
+    >>> lr = CosineDecay(0.1, steps=1000)
+    >>> float(lr(0)), round(float(lr(500)), 6), float(lr(2000))
+    (0.1, 0.05, 0.0)
+  """
+  peak: float
+  steps: int
+  final_fraction: float = 0.0
+
+  def __call__(self, count: jax.Array) -> jax.Array:
+    return optax.cosine_decay_schedule(self.peak, self.steps, self.final_fraction)(count)
+
+
+LearningRate = float | CosineDecay
+
+
+def _check_learning_rate(learning_rate: LearningRate) -> None:
+  if isinstance(learning_rate, CosineDecay):
+    if (not learning_rate.peak > 0 or not math.isfinite(learning_rate.peak)
+        or learning_rate.steps < 1 or not 0 <= learning_rate.final_fraction <= 1):
+      raise ValueError(f"a CosineDecay needs peak > 0, steps >= 1 and final_fraction in [0, 1], "
+                       f"got {learning_rate}")
+    return
+  if (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float))
+      or not learning_rate > 0 or not math.isfinite(learning_rate)):
+    raise ValueError(f"learning_rate must be a positive number or a CosineDecay, got "
+                     f"{learning_rate!r}")
+
+
+def make_optimizer(name: str, learning_rate: LearningRate) -> optax.GradientTransformation:
+  """Returns the optax optimizer `name` ("sgd", "momentum" with 0.9, or "adam").
+
+  `learning_rate`: a positive number, or a `CosineDecay` schedule.
+  """
   if name == "sgd":
     return optax.sgd(learning_rate)
   if name == "momentum":
@@ -154,8 +193,7 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
     raise ValueError(f"steps must be >= 0, got {steps}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if not learning_rate > 0 or not math.isfinite(learning_rate):
-    raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
+  _check_learning_rate(learning_rate)
   if pruner is not None and not callable(pruner):
     raise TypeError(f"pruner must be a function (tx, masks=..., **pruner_args) -> transformation, "
                     f"e.g. functools.partial(prune_jax.pruning, schedule=...), got {pruner!r}")
@@ -163,7 +201,9 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
   labels = jnp.asarray(labels)
   pruner_args = jax.tree.map(jnp.asarray, dict(pruner_args or {}))
   pruned = masks is not None
-  static = dict(model=model, optimizer=optimizer, learning_rate=float(learning_rate),
+  if not isinstance(learning_rate, CosineDecay):
+    learning_rate = float(learning_rate)
+  static = dict(model=model, optimizer=optimizer, learning_rate=learning_rate,
                 pruned=pruned, pruner=pruner)
 
   def init(p, m, args):
@@ -209,7 +249,7 @@ def _final_masks(opt_state: optax.OptState) -> Masks | None:
 
 def train(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array, *,
           key: jax.Array, steps: int = SEED_STEPS, batch_size: int = SEED_BATCH_SIZE,
-          learning_rate: float = SEED_LEARNING_RATE, optimizer: str = "sgd",
+          learning_rate: LearningRate = SEED_LEARNING_RATE, optimizer: str = "sgd",
           masks: Masks | None = None, log_every: int = 500, name: str = "train",
           pruner: Pruner | None = None,
           pruner_args: dict[str, Any] | None = None) -> tuple[Params, TrainStats]:
@@ -221,6 +261,7 @@ def train(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array
     images: float32 `[N, features]`; labels: int32 `[N]`.
     key: draws the batch order (`draw_batches`); the same key gives bit-identical results.
     steps, batch_size, learning_rate, optimizer: the protocol; defaults are the seed's.
+      `learning_rate` may be a `CosineDecay` schedule (counted from this call's first step).
     masks: a mask tree from `weight_masks`/`unit_masks` (True = keep), applied to `params`
       first and kept fixed (`pruning(tx, masks=masks)`): pruned weights stay exactly zero. `None`
       trains every weight (the seed's retraining, which lets pruned weights grow back). With
@@ -252,7 +293,8 @@ def train(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array
 
 def train_many(model: nn.Module, params: Params, masks: Masks | None, images: jax.Array,
                labels: jax.Array, *, key: jax.Array, steps: int,
-               batch_size: int = SEED_BATCH_SIZE, learning_rate: float = SEED_LEARNING_RATE,
+               batch_size: int = SEED_BATCH_SIZE,
+               learning_rate: LearningRate = SEED_LEARNING_RATE,
                optimizer: str = "sgd", log_every: int = 500, name: str = "train",
                pruner: Pruner | None = None,
                pruner_args: dict[str, Any] | None = None) -> tuple[Params, TrainStats]:
