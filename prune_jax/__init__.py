@@ -1,8 +1,13 @@
-"""prune_jax: magnitude pruning of Flax models, as pure functions over parameter pytrees."""
+"""prune_jax: pruning of Flax models, as pure functions over parameter pytrees."""
 
-from prune_jax.models import MLP, LeNet5, init_lenet5, init_mlp, shrunk_model
+from prune_jax.allocation import erk_densities
+from prune_jax.rewinding import IMPResult, imp, imp_sparsities
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
+from prune_jax.models import MLP, LeNet5, init_lenet5, init_mlp, shrunk_model
+from prune_jax.pruner import PruningState, current_masks, pruning, stack_axes
 from prune_jax.report import sparsity_report
+from prune_jax.schedules import (Schedule, iterative_sparsity, one_shot_sparsity,
+                                 polynomial_sparsity)
 from prune_jax.shrinking import expand, pad_units, shrink, shrunk_widths
 from prune_jax.groups import Group, Member, unit_groups
 from prune_jax.group_masks import dense_groups

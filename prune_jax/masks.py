@@ -1,4 +1,4 @@
-"""Magnitude pruning masks over Flax parameter pytrees: which weights or units to remove.
+"""Pruning masks over Flax parameter pytrees: which weights or units to remove.
 
 A mask tree mirrors the tree it was built from (a linen `params` dict, or a whole variables dict
 `{"params": ...}`): every leaf is either a boolean array of the leaf's full shape, True = keep,
@@ -8,6 +8,10 @@ All three functions are pure and jittable, and the two mask builders can be `jax
 vector of sparsities: the ranking of the weights does not depend on the sparsity, so XLA computes
 it once and only a threshold comparison runs per level. For the same params, the mask at a higher
 sparsity is contained in the mask at a lower one (nested).
+
+The weights are ranked by a criterion (`criterion=`: magnitude by default, random, SNIP saliency
+or a function of your own; `prune_jax.criteria`) and the pruned count is allocated across layers
+by `scope=` (`"layer"`, `"global"`, or `"erk"`: `prune_jax.allocation`).
 
 Example:
   >>> params = init_mlp(jax.random.key(0), MLP(hidden=(64, 32)))
@@ -24,25 +28,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prune_jax import _paths
+from prune_jax import _paths, allocation, criteria
 
 Params = Any
 Masks = Any
 Sparsity = float | jax.Array
 Prunable = Callable[[str, jax.Array], bool]
-Scope = Literal["layer", "global"]
+Scope = Literal["layer", "global", "erk"]
+Criterion = criteria.Criterion
 
 _SCOPES = ("layer", "global")
+_WEIGHT_SCOPES = ("layer", "global", "erk")
 
 
 def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
-                 prunable: Prunable | None = None) -> Masks:
-  """Masks the smallest-magnitude weights: exactly `round(sparsity * n)` of them.
+                 prunable: Prunable | None = None, criterion: Criterion = "magnitude",
+                 key: jax.Array | None = None, grads: Params | None = None) -> Masks:
+  """Masks the lowest-scoring weights (default: smallest `|w|`): exactly `round(sparsity * n)`.
 
   With `scope="layer"` (the seed's definition), each prunable leaf of `n` entries loses its
   `round(sparsity * n)` entries of smallest `|w|`. With `scope="global"`, all prunable leaves are
   pooled (`n` = their total size) and the smallest `|w|` of the pool are pruned, so layers end up
-  with different sparsities.
+  with different sparsities. With `scope="erk"` (Evci et al. 2020), the pool's
+  `round(sparsity * n)` pruned weights are allocated to the layers by the Erdős-Rényi-Kernel rule
+  (density of a `[n_in, n_out]` layer proportional to `(n_in + n_out) / (n_in * n_out)`, layers
+  that would exceed density 1 kept dense; `prune_jax.allocation`), and each layer then loses its
+  lowest-scoring weights. The total is exact; the per-layer counts are rounded by largest
+  remainder, so ERK masks are nested across sparsities only up to one weight per layer.
+
+  Criteria (`criterion=`, scores higher = kept; `prune_jax.criteria`): `"magnitude"` `|w|`;
+  `"random"` uniform scores from `key` (reproducible: a leaf's scores depend on the key, its path
+  and shape only); `"saliency"` `|w * g|` with `g` from `grads` (SNIP, Lee et al. 2019: the
+  gradient of the loss on a batch at initialisation); or a function `criterion(path, w, g)`
+  returning scores of `w`'s shape (`g` is `None` without `grads`), e.g.
+  `lambda path, w, g: -w * g` (a first-order movement score).
 
   Counting: `round` rounds half to even. A Python `float`/`int` sparsity gives
   `round(sparsity * n)` computed in float64 (Python's `round`); an array sparsity (numpy/jax
@@ -50,7 +69,7 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   precision (float32 by default; exact for `n < 2**24`), so a concrete and a traced float32 value
   prune the same weights.
 
-  Ties are broken deterministically by position: among equal `|w|`, the entry with the lower
+  Ties are broken deterministically by position: among equal scores, the entry with the lower
   flat (row-major) index is pruned first; with `scope="global"` the pool is the concatenation of
   the prunable leaves in layer order (see `prunable`), so an earlier layer loses a tied weight
   first. Because this order does not depend on `sparsity`, masks are nested across sparsities.
@@ -59,21 +78,27 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     params: a linen `params` dict or a variables dict `{"params": ...}`; leaves are arrays.
     sparsity: the fraction of weights to prune, in [0, 1]. Checked when concrete; a traced value
       (under `jit`/`vmap`) is not checked but clipped to [0, 1], and NaN prunes nothing.
-    scope: `"layer"` or `"global"`, see above.
+    scope: `"layer"`, `"global"` or `"erk"`, see above.
     prunable: `prunable(path, leaf) -> bool` selects the leaves to prune, given the path relative
       to the params collection (e.g. `"Dense_1/kernel"`) and the array. Default: every 2-D leaf
       named `kernel` except the last one (the logits layer, which the seed never prunes). Leaves
       are ordered by path with digit runs compared as numbers (`Dense_10` after `Dense_9`).
       Leaves of other collections of a variables dict (e.g. `batch_stats`) are never pruned.
+    criterion: `"magnitude"`, `"random"`, `"saliency"` or a function, see above.
+    key: a `jax.random` key, needed by `"random"`.
+    grads: gradients, a tree like `params` (e.g. `jax.grad(loss)(params)`), needed by
+      `"saliency"` and passed to a function criterion; ignored by the others.
 
   Returns:
     A mask tree mirroring `params`: bool arrays of the leaves' shapes (True = keep) for prunable
     leaves, `None` elsewhere.
 
   Raises:
-    ValueError: a concrete sparsity outside [0, 1] or NaN, an unknown scope, a `prunable` that
-      matches nothing, or NaN/inf in a (concrete) prunable leaf, naming its path.
-    TypeError: a sparsity that is not a real scalar, or a `prunable` that is not callable.
+    ValueError: a concrete sparsity outside [0, 1] or NaN, an unknown scope or criterion, a
+      `prunable` that matches nothing, NaN/inf in a (concrete) prunable leaf, naming its path,
+      `"random"` without a key, `"saliency"` without grads, or grads that do not match params.
+    TypeError: a sparsity that is not a real scalar, a `prunable` that is not callable, or a
+      key that is not a `jax.random` key.
 
   Example:
     >>> params = {"Dense_0": {"kernel": jnp.array([[0.3, -0.1], [0.2, 0.4]])},
@@ -83,25 +108,45 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
            [False,  True]], dtype=bool)
     >>> weight_masks(params, 0.5)["Dense_1"]["kernel"] is None  # logits layer kept
     True
+    >>> grads = {"Dense_0": {"kernel": jnp.array([[0.1, 1.0], [1.0, 0.1]])},
+    ...          "Dense_1": {"kernel": jnp.zeros((2, 3))}}
+    >>> weight_masks(params, 0.5, criterion="saliency", grads=grads)["Dense_0"]["kernel"]
+    Array([[False,  True],
+           [ True, False]], dtype=bool)
   """
-  _check_scope(scope)
+  return _weight_masks(params, sparsity, scope=scope, prunable=prunable, criterion=criterion,
+                       key=key, grads=grads)
+
+
+def _weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope, prunable: Prunable | None,
+                  criterion: Criterion, key: jax.Array | None, grads: Params | None,
+                  select: bool = False) -> Masks:
+  """`weight_masks`; `select=True` finds each threshold by bisection instead of a sort (the same
+  masks, about 3x faster for one sparsity, much slower under `vmap` over many): the pruner's."""
+  _check_scope(scope, _WEIGHT_SCOPES)
   _check_sparsity(sparsity)
+  criteria.check_criterion(criterion, key=key)
   chosen = _select(params, prunable)
   for leaf in chosen:
     _check_finite(leaf)
-  values = tuple(leaf.value for leaf in chosen)
+  scores = criteria.weight_scores(chosen, criterion=criterion, key=key, grads=grads)
   if scope == "layer":
-    counts = tuple(_num_pruned(sparsity, v.size, v.size) for v in values)
+    counts = tuple(_num_pruned(sparsity, s.size, s.size) for s in scores)
   else:
-    total = sum(v.size for v in values)
+    total = sum(s.size for s in scores)
     counts = (_num_pruned(sparsity, total, total),)
-  keeps = _weight_keeps(values, counts, scope=scope)
+  if scope == "erk":
+    counts = allocation.erk_pruned_counts([s.shape for s in scores], counts[0])
+    scope = "layer"
+  keeps = _weight_keeps(scores, counts, scope=scope, select=select)
   keep = {leaf.path: k for leaf, k in zip(chosen, keeps)}
   return _mask_tree(params, keep)
 
 
 def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
-               prunable: Prunable | None = None, groups: Any = None, min_fraction: float = 0.0,
+               prunable: Prunable | None = None,
+               criterion: Literal["magnitude", "random"] = "magnitude",
+               key: jax.Array | None = None, groups: Any = None, min_fraction: float = 0.0,
                max_fraction: float = 1.0, round_to: int = 1, score: str = "producers") -> Masks:
   """Masks whole units: the output columns of Dense kernels `[in, out]` with the smallest L2 norm.
 
@@ -132,6 +177,10 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   layers: the top-scoring unit of every layer is never pruned, so no layer loses all its units,
   and sparsity 1.0 keeps exactly one unit per layer.
 
+  With `criterion="random"`, each unit gets a uniform score drawn from `key` instead of its norm
+  (as in `weight_masks`: reproducible from the key, nested across sparsities); `scope="global"`
+  then ranks those scores, normalised per layer as above.
+
   Counting (`round` half to even, Python float vs array sparsity) and tie-breaking (the lower
   column index, and with `scope="global"` the earlier layer, is pruned first) are as in
   `weight_masks`; the masks are nested across sparsities.
@@ -144,6 +193,9 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     prunable: `prunable(path, leaf) -> bool` over kernels, as in `weight_masks` (same default:
       every 2-D `kernel` except the logits layer's). Biases follow their kernels; do not select
       them. With `groups`, default: every group that `unit_groups` found prunable.
+    criterion: `"magnitude"` (the column's L2 norm) or `"random"` (not with `groups` or the
+      bounds below).
+    key: a `jax.random` key, needed by `"random"`.
     groups: the groups of `unit_groups`, traced from `params` (or from the variables dict whose
       params collection `params` is; members of other collections are then left out). Jittable:
       the groups are static, the sparsity may be traced.
@@ -161,8 +213,9 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
 
   Raises:
     ValueError: as `weight_masks`, plus a selected leaf with fewer than 2 dimensions, a selected
-      `bias`, or a bias whose shape is not `[out]`; with `groups`: no prunable group, a member
-      leaf missing from `params` or of another shape, bad bounds or `round_to`.
+      `bias`, a bias whose shape is not `[out]`, or `scope="erk"` (an allocation of weights);
+      with `groups`: no prunable group, a member leaf missing from `params` or of another shape,
+      bad bounds or `round_to`, or `criterion="random"`.
     TypeError: as `weight_masks`, or `groups` that are not `unit_groups`' result.
 
   Example:
@@ -175,6 +228,10 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   """
   if groups is not None or (min_fraction, max_fraction, round_to, score) != (
       0.0, 1.0, 1, "producers"):
+    if criterion != "magnitude":
+      raise ValueError(f"criterion={criterion!r} works on a Dense chain without groups or "
+                       "bounds; with groups, units are scored by the L2 norm of their slices "
+                       "(criterion='magnitude')")
     from prune_jax import group_masks  # pylint: disable=g-import-not-at-top (it imports this)
     if groups is None:
       groups, prunable = group_masks.dense_groups(params, prunable), None
@@ -183,6 +240,7 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
         max_fraction=max_fraction, round_to=round_to, score=score)
   _check_scope(scope)
   _check_sparsity(sparsity)
+  criteria.check_criterion(criterion, units=True, key=key)
   chosen = _select(params, prunable)
   everything = {leaf.path: leaf for leaf in _paths.leaves(params)}
   layers = []
@@ -210,7 +268,8 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     total = sum(k.shape[-1] for k in kernels)
     nonempty = sum(1 for k in kernels if k.shape[-1])
     counts = (_num_pruned(sparsity, total, total - nonempty),)
-  keeps, kernel_masks = _unit_keeps(kernels, counts, scope=scope)
+  scores = criteria.unit_scores([leaf for leaf, _ in layers], criterion=criterion, key=key)
+  keeps, kernel_masks = _unit_keeps(kernels, scores, counts, scope=scope)
   masks = {}
   for (kernel, bias), keep, kernel_mask in zip(layers, keeps, kernel_masks):
     masks[kernel.path] = kernel_mask
@@ -250,10 +309,12 @@ def apply_masks(params: Params, masks: Masks) -> Params:
   return jax.tree_util.tree_map_with_path(lambda kp, _: new[_paths.path_str(kp)], params)
 
 
-def _check_scope(scope: str) -> None:
-  if scope not in _SCOPES:
+def _check_scope(scope: str, allowed: tuple[str, ...] = _SCOPES) -> None:
+  if scope not in allowed:
+    erk = (", or 'erk' (allocate across layers by fan-in and fan-out)" if "erk" in allowed
+           else "" if scope != "erk" else "; 'erk' allocates weights, use weight_masks")
     raise ValueError(f"scope must be 'layer' (prune each layer by the same fraction) or 'global' "
-                     f"(rank all prunable layers together), got {scope!r}")
+                     f"(rank all prunable layers together){erk}, got {scope!r}")
 
 
 def _check_sparsity(sparsity: Any) -> None:
@@ -319,33 +380,37 @@ def _where_kept(values: tuple[jax.Array, ...], masks: tuple[jax.Array | None, ..
                for v, m in zip(values, masks))
 
 
-@jax.jit(static_argnames=("scope",))
-def _weight_keeps(values: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
-                  scope: str) -> tuple[jax.Array, ...]:
-  """Keep masks of `values`' shapes, pruning `counts` smallest |w| per leaf or (global) pooled.
+@jax.jit(static_argnames=("scope", "select"))
+def _weight_keeps(scores: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
+                  scope: str, select: bool = False) -> tuple[jax.Array, ...]:
+  """Keep masks of `scores`' shapes, pruning the `counts` lowest scores per leaf or (global)
+  pooled.
 
   Jitted as a whole so that a call compiles one program (not one per operation and shape), and
   its sorts, which do not depend on `counts`, are computed once under `vmap` over sparsities.
   """
   if scope == "layer":
-    return tuple(_keep_largest(_int_keys(jnp.abs(v)), k) for v, k in zip(values, counts))
-  dtype = jnp.result_type(*(v.dtype for v in values))
-  pool = jnp.concatenate([jnp.abs(v).astype(dtype).ravel() for v in values])
-  return _split(_keep_largest(_int_keys(pool), counts[0]), [v.shape for v in values])
+    return tuple(_keep_largest(_int_keys(s), k, select=select) for s, k in zip(scores, counts))
+  dtype = jnp.result_type(*(s.dtype for s in scores))
+  pool = jnp.concatenate([s.astype(dtype).ravel() for s in scores])
+  return _split(_keep_largest(_int_keys(pool), counts[0], select=select),
+                [s.shape for s in scores])
 
 
 @jax.jit(static_argnames=("scope",))
-def _unit_keeps(kernels: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
+def _unit_keeps(kernels: tuple[jax.Array, ...], scores: tuple[jax.Array, ...] | None,
+                counts: tuple[jax.Array, ...], *,
                 scope: str) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """Keep masks `[out]` of the units (last-axis slices) of `kernels`, and the same broadcast to
-  the kernels' shapes; see `unit_masks`."""
-  keeps = _unit_keep_vectors(kernels, counts, scope=scope)
+  the kernels' shapes; see `unit_masks`. The units are ranked by `scores` (`[out]` per kernel,
+  non-negative) or, when `None`, by their column norms."""
+  keeps = _unit_keep_vectors(kernels, scores, counts, scope=scope)
   return keeps, tuple(jnp.broadcast_to(keep, k.shape) for keep, k in zip(keeps, kernels))
 
 
-def _unit_keep_vectors(kernels: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
-                       scope: str) -> tuple[jax.Array, ...]:
-  norms = [_column_norms(k) for k in kernels]
+def _unit_keep_vectors(kernels: tuple[jax.Array, ...], scores: tuple[jax.Array, ...] | None,
+                       counts: tuple[jax.Array, ...], *, scope: str) -> tuple[jax.Array, ...]:
+  norms = [_column_norms(k) for k in kernels] if scores is None else list(scores)
   if scope == "layer":
     return tuple(_keep_largest(_int_keys(n), k) for n, k in zip(norms, counts))
   scores, protect = [], []
@@ -376,16 +441,19 @@ def _column_norms(kernel: jax.Array) -> jax.Array:
 
 
 def _int_keys(scores: jax.Array) -> jax.Array:
-  """Integer sort keys with the order of the non-negative `scores` (floats: their bit patterns).
+  """Integer sort keys with the order of `scores` (floats: their bit patterns, made monotone).
 
-  Sorting integers is several times faster than sorting floats on CPU, and the bit pattern of a
-  non-negative IEEE float is monotone in its value.
+  Sorting integers is several times faster than sorting floats on CPU. The bit pattern of a
+  non-negative IEEE float is monotone in its value (so magnitudes keep their plain bit patterns);
+  a negative float's pattern is a negative integer whose other 31 (63) bits grow with `|x|`, so
+  flipping them makes the order monotone over all reals (-inf lowest, -0.0 just below +0.0).
   """
   if jnp.issubdtype(scores.dtype, jnp.floating):
     if scores.dtype.itemsize < 4:
       scores = scores.astype(jnp.float32)
     int_dtype = jnp.int64 if scores.dtype.itemsize == 8 else jnp.int32
-    return jax.lax.bitcast_convert_type(scores, int_dtype)
+    bits = jax.lax.bitcast_convert_type(scores, int_dtype)
+    return jnp.where(bits < 0, bits ^ jnp.iinfo(int_dtype).max, bits)
   return scores
 
 
@@ -404,23 +472,50 @@ def _num_pruned(sparsity: Sparsity, n: int, max_pruned: int) -> jax.Array:
   return jnp.where(jnp.isnan(k), 0, jnp.clip(k, 0, max_pruned)).astype(jnp.int32)
 
 
-def _keep_largest(keys: jax.Array, k: jax.Array) -> jax.Array:
+def _keep_largest(keys: jax.Array, k: jax.Array, *, select: bool = False) -> jax.Array:
   """Bool mask of `keys`' shape: False on the `k` smallest keys, ties broken by flat index.
 
   Sorting `keys` does not depend on `k`, so under `vmap` over `k` it runs once. With `t` the k-th
   smallest key, every key `< t` is pruned, and of the keys `== t` the first `k - #(< t)` by index:
   exactly the first `k` entries of a stable argsort, without sorting the indices along (sorting
-  bare integer keys is several times faster).
+  bare integer keys is several times faster). `select=True` finds `t` by bisection instead
+  (`_kth_smallest`).
   """
   if keys.size == 0:
     return jnp.ones(keys.shape, bool)
   flat = keys.ravel()
-  threshold = jnp.sort(flat)[jnp.maximum(k - 1, 0)]
+  if select and flat.dtype in (jnp.int32, jnp.int64):
+    threshold = _kth_smallest(flat, jnp.maximum(k, 1))
+  else:
+    threshold = jnp.sort(flat)[jnp.maximum(k - 1, 0)]
   below = flat < threshold
   tied = flat == threshold
   quota = k - jnp.sum(below, dtype=jnp.int32)
   prune = below | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= quota))
   return (~prune).reshape(keys.shape)
+
+
+def _kth_smallest(flat: jax.Array, k: jax.Array) -> jax.Array:
+  """The `k`-th smallest (1-based) of the signed integers `flat`, by bisection on their value.
+
+  One counting pass per bit (32 for int32) instead of a sort: on a CPU about 3x faster than
+  `jnp.sort` for a million keys, but each pass depends on `k`, so under `vmap` over `k` it is
+  repeated per level. Works on the keys mapped monotonically to unsigned integers (sign bit
+  flipped), so that `lo + (hi - lo) // 2` cannot overflow.
+  """
+  bits = flat.dtype.itemsize * 8
+  unsigned = jnp.uint32 if bits == 32 else jnp.uint64
+  sign = jnp.asarray(1 << (bits - 1), unsigned)
+  u = jax.lax.bitcast_convert_type(flat, unsigned) ^ sign
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(u <= mid, dtype=jnp.int32) >= k
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  lo, _ = jax.lax.fori_loop(0, bits, halve, (jnp.zeros((), unsigned), ~jnp.zeros((), unsigned)))
+  return jax.lax.bitcast_convert_type(lo ^ sign, flat.dtype)
 
 
 def _mask_tree(params: Params, masks_by_path: dict[str, jax.Array]) -> Masks:

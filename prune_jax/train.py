@@ -1,11 +1,14 @@
-"""Jitted training and evaluation of an MLP, optionally with pruning masks kept fixed.
+"""Jitted training and evaluation of an MLP, optionally pruned: masks kept fixed, or a schedule.
 
 The seed's protocol is the default: softmax cross-entropy, plain SGD at learning rate 0.1, batches
 of 100 drawn at random, 2000 steps. Many steps run inside one compiled `lax.scan` over batch indices
 drawn in advance, so Python and data feeding cost nothing next to the matrix products.
 
-With masks, pruned weights stay exactly zero: the gradients are masked before the optimizer sees
-them (so its state stays zero there too) and the updates are masked after it.
+Masks are kept by the optax transformation `prune_jax.pruner.pruning` wrapped around the
+optimizer: the gradients are masked before the optimizer sees them (so its state stays zero there
+too) and a pruned weight's update is `-w`, so pruned weights are exactly zero after every step.
+Fixed masks (`masks=`) are `pruning(tx, masks=masks)`; any other pruning (a schedule, a criterion)
+comes in as `pruner=`, a function that wraps the optimizer.
 """
 
 import functools
@@ -23,9 +26,11 @@ from absl import logging
 
 from prune_jax import timing
 from prune_jax.masks import apply_masks
+from prune_jax.pruner import PruningState, pruning, stack_axes
 
 Params = Any
 Masks = Any
+Pruner = Callable[..., optax.GradientTransformationExtraArgs]
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SEED_STEPS = 2000
@@ -67,14 +72,23 @@ def draw_batches(key: jax.Array, *, num_examples: int, steps: int, batch_size: i
   return jnp.concatenate(orders).reshape(-1, batch_size)[:steps].astype(jnp.int32)
 
 
-def _mask_or_identity(tree: Params, masks: Masks | None) -> Params:
-  return tree if masks is None else apply_masks(tree, masks)
+def _transformation(optimizer: str, learning_rate: float, pruned: bool, pruner: Pruner | None,
+                    masks: Masks | None, pruner_args: dict[str, Any]):
+  """The optimizer, wrapped by `pruning` (fixed `masks`) or by `pruner` when given.
 
-
-def _train_steps(params, opt_state, masks, images, labels, batch_indices, *, model, optimizer,
-                 learning_rate):
-  """Runs one SGD step per row of `batch_indices [steps, batch]` inside a `lax.scan`."""
+  `masks` only seed the pruner's state at `init`; inside the compiled steps they are the state's.
+  """
   tx = make_optimizer(optimizer, learning_rate)
+  if pruner is not None:
+    return pruner(tx, masks=masks, **pruner_args)
+  return pruning(tx, masks=masks) if pruned else tx
+
+
+def _train_steps(params, opt_state, pruner_args, images, labels, batch_indices, *, model,
+                 optimizer, learning_rate, pruned, pruner):
+  """Runs one optimizer step per row of `batch_indices [steps, batch]` inside a `lax.scan`."""
+  masks = opt_state.masks if isinstance(opt_state, PruningState) else None
+  tx = _transformation(optimizer, learning_rate, pruned, pruner, masks, pruner_args)
 
   def loss_fn(p, x, y):
     return cross_entropy(model.apply({"params": p}, x), y)
@@ -82,16 +96,15 @@ def _train_steps(params, opt_state, masks, images, labels, batch_indices, *, mod
   def step(carry, idx):
     p, state = carry
     loss, grads = jax.value_and_grad(loss_fn)(p, images[idx], labels[idx])
-    grads = _mask_or_identity(grads, masks)
     updates, state = tx.update(grads, state, p)
-    p = optax.apply_updates(p, _mask_or_identity(updates, masks))
+    p = optax.apply_updates(p, updates)
     return (p, state), loss
 
   (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), batch_indices)
   return params, opt_state, losses
 
 
-_STATIC = ("model", "optimizer", "learning_rate")
+_STATIC = ("model", "optimizer", "learning_rate", "pruned", "pruner")
 _train_steps_jit = jax.jit(_train_steps, static_argnames=_STATIC, donate_argnums=(0, 1))
 
 
@@ -104,8 +117,17 @@ def _over_nets(fn: Callable[..., Any], in_axes: tuple[int | None, ...]) -> Calla
   return many
 
 
-_train_steps_vmap_jit = jax.jit(_over_nets(_train_steps, (0, 0, 0, None, None, None)),
-                                static_argnames=_STATIC, donate_argnums=(0, 1))
+def _train_steps_many(params, opt_state, pruner_args, images, labels, batch_indices, **static):
+  """`_train_steps` vmapped over a stack of nets, sharing the pruner's step count."""
+  axes = stack_axes(opt_state)
+  return jax.vmap(functools.partial(_train_steps, **static),
+                  in_axes=(0, axes, 0, None, None, None),
+                  out_axes=(0, axes, 0))(params, opt_state, pruner_args, images, labels,
+                                         batch_indices)
+
+
+_train_steps_vmap_jit = jax.jit(_train_steps_many, static_argnames=_STATIC,
+                                donate_argnums=(0, 1))
 
 
 class TrainStats(NamedTuple):
@@ -116,15 +138,17 @@ class TrainStats(NamedTuple):
     seconds: wall time of the steps, compilation excluded.
     compile_seconds: time spent compiling (0 when the program was already compiled).
     steps_per_second: `steps / seconds`.
+    masks: the masks at the end (stacked for `train_many`), `None` when nothing was pruned.
   """
   losses: np.ndarray
   seconds: float
   compile_seconds: float
   steps_per_second: float
+  masks: Masks | None = None
 
 
 def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_rate, optimizer,
-         model, log_every, name):
+         model, log_every, name, pruner, pruner_args):
   """Shared driver of `train` and `train_many`: chunks, compiles, logs and checks the loss."""
   if steps < 0:
     raise ValueError(f"steps must be >= 0, got {steps}")
@@ -132,26 +156,37 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if not learning_rate > 0 or not math.isfinite(learning_rate):
     raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
+  if pruner is not None and not callable(pruner):
+    raise TypeError(f"pruner must be a function (tx, masks=..., **pruner_args) -> transformation, "
+                    f"e.g. functools.partial(prune_jax.pruning, schedule=...), got {pruner!r}")
   images = jnp.asarray(images)
   labels = jnp.asarray(labels)
-  tx = make_optimizer(optimizer, learning_rate)
-  init = tx.init if fn is _train_steps_jit else jax.vmap(tx.init)
-  # Copy so that donation never consumes the caller's arrays.
+  pruner_args = jax.tree.map(jnp.asarray, dict(pruner_args or {}))
+  pruned = masks is not None
+  static = dict(model=model, optimizer=optimizer, learning_rate=float(learning_rate),
+                pruned=pruned, pruner=pruner)
+
+  def init(p, m, args):
+    return _transformation(optimizer, learning_rate, pruned, pruner, m, args).init(p)
+
+  if fn is not _train_steps_jit:
+    one = jax.eval_shape(init, *jax.tree.map(lambda a: a[0], (params, masks, pruner_args)))
+    init = jax.vmap(init, out_axes=stack_axes(one))
+  # Copy so that donation never consumes the caller's arrays (the state holds the masks given).
   params = jax.tree.map(jnp.array, params)
-  opt_state = init(params)
-  static = dict(model=model, optimizer=optimizer, learning_rate=float(learning_rate))
+  opt_state = jax.tree.map(jnp.array, init(params, masks, pruner_args))
   if steps == 0:
-    return params, TrainStats(np.zeros((0,), np.float32), 0.0, 0.0, 0.0)
+    return params, TrainStats(np.zeros((0,), np.float32), 0.0, 0.0, 0.0, _final_masks(opt_state))
   batches = draw_batches(key, num_examples=images.shape[0], steps=steps, batch_size=batch_size)
   chunk = min(steps, log_every) if log_every else steps
   losses, seconds, compile_seconds, done = [], 0.0, 0.0, 0
   while done < steps:
     idx = batches[done:done + chunk]
-    exe, secs = timing.compile_once(fn, (params, opt_state, masks, images, labels, idx),
+    exe, secs = timing.compile_once(fn, (params, opt_state, pruner_args, images, labels, idx),
                                     static)
     compile_seconds += secs
     start = time.perf_counter()
-    params, opt_state, chunk_losses = exe(params, opt_state, masks, images, labels, idx)
+    params, opt_state, chunk_losses = exe(params, opt_state, pruner_args, images, labels, idx)
     chunk_losses = np.asarray(chunk_losses)  # blocks until the chunk is done
     seconds += time.perf_counter() - start
     done += idx.shape[0]
@@ -163,14 +198,21 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
       logging.info("%s: step %d/%d  loss %.4f  %.0f steps/s", name, done, steps,
                    float(np.mean(chunk_losses[..., -min(100, chunk):])), done / seconds)
   losses = np.concatenate(losses, axis=-1)
-  return params, TrainStats(losses, seconds, compile_seconds, steps / seconds)
+  return params, TrainStats(losses, seconds, compile_seconds, steps / seconds,
+                            _final_masks(opt_state))
+
+
+def _final_masks(opt_state: optax.OptState) -> Masks | None:
+  """The pruner's masks at the end of training, or `None` when nothing was pruned."""
+  return opt_state.masks if isinstance(opt_state, PruningState) else None
 
 
 def train(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array, *,
           key: jax.Array, steps: int = SEED_STEPS, batch_size: int = SEED_BATCH_SIZE,
           learning_rate: float = SEED_LEARNING_RATE, optimizer: str = "sgd",
-          masks: Masks | None = None, log_every: int = 500,
-          name: str = "train") -> tuple[Params, TrainStats]:
+          masks: Masks | None = None, log_every: int = 500, name: str = "train",
+          pruner: Pruner | None = None,
+          pruner_args: dict[str, Any] | None = None) -> tuple[Params, TrainStats]:
   """Trains `params` of `model` with minibatch `optimizer` steps; returns new params and stats.
 
   Args:
@@ -179,27 +221,41 @@ def train(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array
     images: float32 `[N, features]`; labels: int32 `[N]`.
     key: draws the batch order (`draw_batches`); the same key gives bit-identical results.
     steps, batch_size, learning_rate, optimizer: the protocol; defaults are the seed's.
-    masks: a mask tree from `weight_masks`/`unit_masks` (True = keep). Masked gradients and
-      updates keep pruned weights exactly zero, provided `params` are already masked. `None`
-      trains every weight (the seed's retraining, which lets pruned weights grow back).
+    masks: a mask tree from `weight_masks`/`unit_masks` (True = keep), applied to `params`
+      first and kept fixed (`pruning(tx, masks=masks)`): pruned weights stay exactly zero. `None`
+      trains every weight (the seed's retraining, which lets pruned weights grow back). With
+      `pruner`, the masks it starts from.
     log_every: steps per compiled chunk and per progress line (0: one chunk, no logging).
     name: prefix of the progress lines.
+    pruner: prunes while training: `pruner(tx, masks=masks, **pruner_args)` wraps the optimizer,
+      e.g. `functools.partial(prune_jax.pruning, schedule=polynomial_sparsity(...),
+      scope="global")`. It is a static argument of the compiled steps: pass the same function
+      object again to reuse the compilation. The final masks are in the returned stats.
+    pruner_args: keyword arguments of `pruner` that are arrays (e.g. a final sparsity), passed as
+      arguments of the compiled steps, not baked into them.
 
   Raises:
     FloatingPointError: if the loss becomes NaN or infinite.
+
+  Example:
+    >>> sched = polynomial_sparsity(0.9, start=0, end=1000, every=100)     # doctest: +SKIP
+    >>> params, stats = train(model, params, x, y, key=key, steps=1500,   # doctest: +SKIP
+    ...                       pruner=functools.partial(pruning, schedule=sched))
   """
   if masks is not None:
     params = apply_masks(params, masks)  # also checks that the mask tree matches
   return _run(_train_steps_jit, params, masks, images, labels, key=key, steps=steps,
               batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
-              model=model, log_every=log_every, name=name)
+              model=model, log_every=log_every, name=name, pruner=pruner,
+              pruner_args=pruner_args)
 
 
 def train_many(model: nn.Module, params: Params, masks: Masks | None, images: jax.Array,
                labels: jax.Array, *, key: jax.Array, steps: int,
                batch_size: int = SEED_BATCH_SIZE, learning_rate: float = SEED_LEARNING_RATE,
-               optimizer: str = "sgd", log_every: int = 500,
-               name: str = "train") -> tuple[Params, TrainStats]:
+               optimizer: str = "sgd", log_every: int = 500, name: str = "train",
+               pruner: Pruner | None = None,
+               pruner_args: dict[str, Any] | None = None) -> tuple[Params, TrainStats]:
   """`train` for a stack of nets at once: every leaf of `params` and `masks` has a leading axis.
 
   All nets see the same batches (common random numbers, so that differences between them come
@@ -207,12 +263,18 @@ def train_many(model: nn.Module, params: Params, masks: Masks | None, images: ja
   usually slower than a loop over `train` (ten nets' weights do not fit in cache together; on 2
   cores it measured about 1.5x slower for the seed's network); it pays where one net is too
   small to keep the machine busy.
+
+  With `pruner`, every net gets `pruner(tx, masks=masks[i], **pruner_args[i])`: `pruner_args`
+  leaves have the leading axis too, e.g. `{"final": jnp.array([0.9, 0.95, 0.99])}` for
+  `pruner=lambda tx, masks, final: pruning(tx, polynomial_sparsity(final, ...), masks=masks)`.
+  The nets share one step count (`stack_axes`), so mask rebuilds stay one `lax.cond`.
   """
   if masks is not None:
     params = jax.vmap(apply_masks)(params, masks)
   return _run(_train_steps_vmap_jit, params, masks, images, labels, key=key, steps=steps,
               batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
-              model=model, log_every=log_every, name=name)
+              model=model, log_every=log_every, name=name, pruner=pruner,
+              pruner_args=pruner_args)
 
 
 class Evaluation(NamedTuple):

@@ -1,5 +1,5 @@
-"""The README's "prune your own Flax model" examples, run exactly as written; and the docstring
-examples of the library modules."""
+"""The README's examples ("Prune your own Flax model", "Prune while you train"), run exactly as
+written; and the docstring examples of the library modules."""
 
 import doctest
 import pathlib
@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -16,13 +17,13 @@ import prune_jax
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _readme_example(k: int = 0) -> str:
-  """The `k`-th python code block under the README heading "Prune your own Flax model"."""
+def _readme_example(heading: str = "Prune your own Flax model", k: int = 0) -> str:
+  """The `k`-th python code block under the README heading `## <heading>`."""
   text = README.read_text()
-  section = text[text.index("## Prune your own Flax model"):]
+  section = text[text.index(f"## {heading}"):]
   section = section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
   blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
-  assert len(blocks) > k, f"README: no python block {k} under 'Prune your own Flax model'"
+  assert len(blocks) > k, f"README: no python block {k} under '{heading}'"
   return blocks[k]
 
 
@@ -39,7 +40,7 @@ def test_readme_example_runs_as_written(capsys):
 def test_readme_structured_example_runs_as_written(capsys):
   """The second block: a linen CNN and an NNX model, groups, masks, shrink, export, reload."""
   namespace = {"__name__": "readme_structured_example"}
-  exec(compile(_readme_example(1), "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  exec(compile(_readme_example(k=1), "README.md", "exec"), namespace)  # pylint: disable=exec-used
   out = capsys.readouterr().out.splitlines()
   assert out[0] == ("[('params/Conv_0/kernel', 16, True), ('params/Conv_1/kernel', 32, True), "
                     "('params/Dense_0/kernel', 10, False)]")
@@ -52,15 +53,38 @@ def test_readme_structured_example_runs_as_written(capsys):
       widths["params/Conv_0/kernel"],)
 
 
+def test_readme_prune_while_you_train_example_runs_as_written(capsys):
+  namespace = {"__name__": "readme_example"}
+  code = _readme_example("Prune while you train")
+  exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  params, masks = namespace["params"], namespace["masks"]
+  printed = capsys.readouterr().out
+  assert printed.startswith("{'Dense_0': ") and "'Dense_2': 0.0}" in printed
+  hidden = [params[f"Dense_{i}"]["kernel"] for i in range(2)]
+  # 95% of the two hidden kernels, ranked globally: exact count, and the masks are the zeros.
+  assert sum(int((k == 0).sum()) for k in hidden) == round(0.95 * sum(k.size for k in hidden))
+  for i in range(2):
+    np.testing.assert_array_equal(masks[f"Dense_{i}"]["kernel"], hidden[i] != 0)
+  assert masks["Dense_2"]["kernel"] is None
+  assert isinstance(namespace["tx"], optax.GradientTransformationExtraArgs)
+  x, y = namespace["x"], namespace["y"]
+  logits = namespace["model"].apply({"params": params}, x)
+  assert float(jnp.mean(jnp.argmax(logits, -1) == y)) > 0.5  # chance is 0.1
+
+
 @pytest.mark.parametrize("module", ["prune_jax.masks", "prune_jax.shrinking", "prune_jax.report",
                                     "prune_jax.groups", "prune_jax.group_masks",
                                     "prune_jax.structured", "prune_jax.exporting",
-                                    "prune_jax.models"])
+                                    "prune_jax.models", "prune_jax.schedules",
+                                    "prune_jax.allocation", "prune_jax.pruner",
+                                    "prune_jax.rewinding"])
 def test_docstring_examples(module):
   globs = {"jax": jax, "jnp": jnp, "optax": optax, **{name: getattr(prune_jax, name) for name in (
       "MLP", "init_mlp", "weight_masks", "unit_masks", "apply_masks", "shrink", "shrunk_widths",
-      "expand", "pad_units", "sparsity_report", "unit_groups", "dense_groups", "shrink_fn", "shrink_plan",
-      "shrink_opt_state", "save_shrunk", "load_shrunk", "shrunk_model", "LeNet5")}}
+      "expand", "pad_units", "sparsity_report", "unit_groups", "dense_groups", "shrink_fn",
+      "shrink_plan", "shrink_opt_state", "save_shrunk", "load_shrunk", "shrunk_model", "LeNet5",
+      "polynomial_sparsity", "one_shot_sparsity", "iterative_sparsity", "erk_densities",
+      "pruning", "current_masks", "stack_axes", "imp", "imp_sparsities")}}
   result = doctest.testmod(sys.modules[module], extraglobs=globs,
                            optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prune_jax import masks as masks_lib
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from _trees import random_params
 
@@ -468,3 +469,25 @@ def test_apply_masks_shape_and_dtype_errors():
     apply_masks(NET, floats)
   with pytest.raises(TypeError, match="mask for Dense_0/kernel is a bool"):
     apply_masks(NET, {**masks, "Dense_0": {**masks["Dense_0"], "kernel": True}})
+
+
+@jax.jit
+def _both_thresholds(keys, k):
+  return (masks_lib._keep_largest(keys, k, select=True),  # pylint: disable=protected-access
+          masks_lib._keep_largest(keys, k))  # pylint: disable=protected-access
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), size=st.sampled_from([1, 7, 300]), k=st.integers(0, 300),
+       grid=st.sampled_from([0.0, 0.5]))
+def test_bisection_threshold_gives_the_sorted_threshold_masks(seed, size, k, grid):
+  """The pruner's `select=True` path (bisection) prunes exactly what the sort path prunes."""
+  rng = np.random.default_rng(seed)
+  scores = rng.normal(size=size).astype(np.float32)
+  if grid:  # many ties, and negative scores (the pruner's -inf for pruned weights)
+    scores = np.round(scores / grid) * grid
+    scores[rng.random(size) < 0.2] = -np.inf
+  keys = masks_lib._int_keys(jnp.asarray(scores))  # pylint: disable=protected-access
+  selected, sorted_ = _both_thresholds(keys, jnp.int32(min(k, size)))
+  np.testing.assert_array_equal(selected, sorted_)
+  assert int((~selected).sum()) == min(k, size)

@@ -8,6 +8,8 @@ import pytest
 from prune_jax import train
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax.models import MLP, init_mlp
+from prune_jax.pruner import pruning
+from prune_jax.schedules import polynomial_sparsity
 
 SMALL = MLP(hidden=(32, 16))
 
@@ -149,3 +151,40 @@ def test_small_mlp_learns_mnist(mnist):
                               key=jax.random.key(1), steps=600, log_every=200)
   assert stats.losses[-50:].mean() < stats.losses[:50].mean() / 3
   assert float(train.evaluate(model, params, mnist.test_images, mnist.test_labels).accuracy) > 0.9
+
+
+def _gradual(tx, masks, final):
+  return pruning(tx, polynomial_sparsity(final, start=0, end=20, every=10), masks=masks,
+                 scope="global")
+
+
+def test_train_with_a_pruner_prunes_on_schedule_and_returns_the_masks(toy_data):
+  x, y = toy_data
+  params = init_mlp(jax.random.key(9), SMALL)
+  out, stats = train.train(SMALL, params, x, y, key=jax.random.key(1), steps=30, batch_size=32,
+                           pruner=_gradual, pruner_args={"final": 0.9}, log_every=15)
+  hidden = [out[f"Dense_{i}"]["kernel"] for i in range(2)]
+  assert sum(int((k == 0).sum()) for k in hidden) == round(0.9 * sum(k.size for k in hidden))
+  assert _zeros_kept(out, stats.masks)
+  for i in range(2):
+    np.testing.assert_array_equal(stats.masks[f"Dense_{i}"]["kernel"], hidden[i] != 0)
+
+
+@jax.default_matmul_precision("highest")  # compare at full float32 (no TF32 on GPUs)
+def test_train_many_with_per_net_pruner_args_matches_a_loop_of_train(toy_data):
+  x, y = toy_data
+  params = init_mlp(jax.random.key(10), SMALL)
+  finals = jnp.array([0.5, 0.95])
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+  many, stats = train.train_many(SMALL, stacked, None, x, y, key=jax.random.key(2), steps=25,
+                                 batch_size=32, pruner=_gradual, pruner_args={"final": finals},
+                                 log_every=0)
+  assert stats.masks["Dense_0"]["kernel"].shape == (2, 784, 32)
+  for i in range(2):
+    one, one_stats = train.train(SMALL, params, x, y, key=jax.random.key(2), steps=25,
+                                 batch_size=32, pruner=_gradual,
+                                 pruner_args={"final": finals[i]}, log_every=0)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[i], b), stats.masks,
+                 one_stats.masks)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
+      np.testing.assert_allclose(a, b[i], rtol=1e-5, atol=1e-6)
