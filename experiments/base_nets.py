@@ -3,12 +3,15 @@
 A base net is a unit of the store (`prune_jax.store`, `<workdir>/cache/units/base/`) keyed by
 everything that determines the trained weights (seed, protocol, architecture, the MNIST files'
 checksums and the jax/flax versions), so a study with other settings never picks up a wrong net.
-A file that does not load or does not check out is retrained.
+A file that does not load or does not check out is retrained. The model is the seed's MLP unless
+a study passes another (study 6: `LeNet5`), which is part of the key.
 """
 
+import dataclasses
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import logging
@@ -16,9 +19,11 @@ from absl import logging
 from prune_jax import data as data_lib
 from prune_jax import store as store_lib
 from prune_jax import train
-from prune_jax.models import MLP, init_mlp
+from prune_jax.models import MLP
 
 Params = Any
+# MNIST images as the models take them: flat rows of 28 * 28 pixels.
+INPUT_FEATURES = 784
 
 
 def base_model() -> MLP:
@@ -40,11 +45,32 @@ def retrain_key(seed: int) -> jax.Array:
   return jax.random.fold_in(seed_keys(seed)[1], 1)
 
 
-def base_key(config: dict[str, Any], seed: int, model: MLP | None = None) -> dict[str, Any]:
+def model_key(model: nn.Module) -> dict[str, Any]:
+  """The architecture part of a base net's key: the model's class and attributes.
+
+  The seed's `MLP` keeps the key it always had (no class name), so stored MLP nets stay valid.
+  """
+  if isinstance(model, MLP):
+    return {"hidden": list(model.hidden), "num_classes": model.num_classes,
+            "use_bias": model.use_bias, "initializer": model.initializer}
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.init and f.name not in ("parent", "name")}
+  return {"class": type(model).__name__,
+          **{k: list(v) if isinstance(v, (tuple, list)) else v for k, v in fields.items()}}
+
+
+def init_params(key: jax.Array, model: nn.Module) -> Params:
+  """The initial `params` of `model` for flat MNIST rows `[1, 784]` (`init_mlp` for the MLP)."""
+  return model.init(key, jnp.zeros((1, INPUT_FEATURES), jnp.float32))["params"]
+
+
+def base_key(config: dict[str, Any], seed: int, model: nn.Module | None = None
+             ) -> dict[str, Any]:
   """Everything that determines the base net of `seed`: the unit key of its training.
 
-  Every other unit's key starts with it. It names the platform (CPU, GPU...) and the matmul
-  precision, since the same program computes other floats on another backend or precision.
+  Every other unit's key starts with it. It names the model (`model_key`), the platform (CPU,
+  GPU...) and the matmul precision, since the same program computes other floats on another
+  backend or precision.
   """
   model = model or base_model()
   return {
@@ -53,8 +79,7 @@ def base_key(config: dict[str, Any], seed: int, model: MLP | None = None) -> dic
       "batch_size": config["batch_size"],
       "learning_rate": config["learning_rate"],
       "optimizer": config["optimizer"],
-      "model": {"hidden": list(model.hidden), "num_classes": model.num_classes,
-                "use_bias": model.use_bias, "initializer": model.initializer},
+      "model": model_key(model),
       "mnist": data_lib.OFFICIAL_SHA256,
       "jax": jax.__version__,
       "flax": flax.__version__,
@@ -63,26 +88,28 @@ def base_key(config: dict[str, Any], seed: int, model: MLP | None = None) -> dic
   }
 
 
-def cache_key(config: dict[str, Any], seed: int, model: MLP | None = None) -> str:
+def cache_key(config: dict[str, Any], seed: int, model: nn.Module | None = None) -> str:
   """A short hash of everything that determines the base net of `seed` (its file name)."""
   return store_lib.key_hash(base_key(config, seed, model))
 
 
 def train_base(config: dict[str, Any], seed: int, mnist: data_lib.MNIST,
-               model: MLP | None = None) -> tuple[Params, train.TrainStats]:
-  """Trains the dense base net of `seed` with the protocol in `config`."""
+               model: nn.Module | None = None) -> tuple[Params, train.TrainStats]:
+  """Trains the dense base net of `seed` (default: the seed's MLP) with the protocol in
+  `config`."""
   model = model or base_model()
   init_key, batch_key = seed_keys(seed)
-  return train.train(model, init_mlp(init_key, model), mnist.train_images, mnist.train_labels,
+  return train.train(model, init_params(init_key, model), mnist.train_images, mnist.train_labels,
                      key=batch_key, steps=config["train_steps"],
                      batch_size=config["batch_size"], learning_rate=config["learning_rate"],
                      optimizer=config["optimizer"], name=f"base net, seed {seed}")
 
 
 def load_or_train(config: dict[str, Any], seed: int, mnist: data_lib.MNIST, *,
-                  retrain: bool = False, model: MLP | None = None,
+                  retrain: bool = False, model: nn.Module | None = None,
                   store: store_lib.Store) -> tuple[Params, dict]:
-  """Returns the base net of `seed` from the store, training and storing it if needed.
+  """Returns the base net of `seed` (of `model`, default the seed's MLP) from the store,
+  training and storing it if needed.
 
   The net is the unit `"base"` keyed by `base_key`; a stored file that does not check out
   (truncated, corrupt, other shapes, not finite) is retrained.
@@ -93,7 +120,7 @@ def load_or_train(config: dict[str, Any], seed: int, mnist: data_lib.MNIST, *,
   """
   model = model or base_model()
   key = base_key(config, seed, model)
-  template = jax.eval_shape(lambda: init_mlp(jax.random.key(0), model))  # shapes only
+  template = jax.eval_shape(lambda: init_params(jax.random.key(0), model))  # shapes only
   trained = []
 
   def train_now():

@@ -5,6 +5,7 @@ line, into a plain dict that the studies take and save into their `results.json`
 """
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from absl import flags
@@ -77,6 +78,21 @@ COMPILATION_CACHE = flags.DEFINE_bool(
     "compilation_cache", True, "Keep compiled programs in JAX's persistent compilation cache "
     "under <workdir>/cache/xla/ (or $JAX_COMPILATION_CACHE_DIR if set), so that later runs and "
     "other studies skip compiling them; --nocompilation_cache to compile everything anew.")
+# Inference timing (studies 4 and 6); each study reads them into its own config.
+DEFAULT_EVAL_BATCHES = ("1", "100", "10000")
+DEFAULT_TIMING_PRECISION = 0.02
+EVAL_BATCHES = flags.DEFINE_list(
+    "eval_batches", list(DEFAULT_EVAL_BATCHES), "Comma-separated batch sizes at which inference "
+    "is timed, each in [1, 10000] (10000: the whole test set).")
+TIMING_RUNS = flags.DEFINE_integer(
+    "timing_runs", 7, "The most timed runs per net and batch size, after a warm-up (see "
+    "--timing_precision); the median, min and max are reported. A run is one call, or for fast "
+    "calls the mean of back-to-back calls filling 20 ms.", lower_bound=1)
+TIMING_PRECISION = flags.DEFINE_float(
+    "timing_precision", DEFAULT_TIMING_PRECISION, "Stop timing a batch size once every median "
+    "is known to this relative standard error (after at least 3 runs; at most --timing_runs): "
+    "a quiet machine needs fewer runs, a noisy one gets more. 0: always --timing_runs runs.",
+    lower_bound=0.0, upper_bound=0.5)
 FRESH = flags.DEFINE_bool(
     "fresh", False, "Recompute everything. By default every finished unit of work (a base net, "
     "a seed and level of a study, a timing table) is kept under <workdir>/cache/units/ as it "
@@ -108,6 +124,27 @@ def _parse_sparsities(values: list[str]) -> list[float]:
   return [int(s) if s.is_integer() else s for s in levels]
 
 
+def parse_eval_batches(values: Sequence[str | int], *, max_batch: int | None = None,
+                       flag: str = "eval_batches") -> list[int]:
+  """`--{flag}` as distinct increasing positive ints, each at most `max_batch`.
+
+  Raises:
+    ValueError: naming the flag and the bad value.
+  """
+  try:
+    batches = [int(v) for v in values]
+  except (TypeError, ValueError):
+    raise ValueError(f"--{flag} must be comma-separated integers, e.g. 1,100,10000; got "
+                     f"{','.join(str(v) for v in values)!r}") from None
+  limit = max_batch if max_batch is not None else 10000
+  if not batches or any(b < 1 or b > limit for b in batches):
+    raise ValueError(f"--{flag} must be batch sizes in [1, {limit}] (the test set has "
+                     f"{limit} images), got {','.join(str(v) for v in values)!r}")
+  if len(set(batches)) != len(batches):
+    raise ValueError(f"--{flag} has a repeated size: {','.join(str(v) for v in values)!r}")
+  return sorted(batches)
+
+
 def validator(parse):
   """An absl flag validator from `parse`, whose ValueError message becomes the flag's error."""
 
@@ -122,6 +159,7 @@ def validator(parse):
 
 flags.register_validator("seeds", validator(_parse_seeds))
 flags.register_validator("sparsities", validator(_parse_sparsities))
+flags.register_validator("eval_batches", validator(parse_eval_batches))
 flags.register_validator("learning_rate", lambda lr: lr > 0 and math.isfinite(lr),
                          "--learning_rate must be a positive finite number")
 
@@ -129,7 +167,8 @@ flags.register_validator("learning_rate", lambda lr: lr > 0 and math.isfinite(lr
 def config() -> dict[str, Any]:
   """The shared flags as a JSON-ready dict (sparsities in percent, seeds as ints).
 
-  `--retrain_steps` is not in it: each study reads it with its own default.
+  `--retrain_steps` and the timing flags are not in it: the studies that use them read them
+  into their own configs.
   """
   return {
       "workdir": WORKDIR.value,

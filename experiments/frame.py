@@ -82,7 +82,8 @@ def fractions(levels_percent: Sequence[float]) -> jax.Array:
 
 
 def load_bases(config: Config, mnist: data_lib.MNIST, bases: dict[int, Params] | None = None, *,
-               store: store_lib.Store | None = None) -> tuple[dict[int, Params], dict[str, Any]]:
+               store: store_lib.Store | None = None,
+               model: nn.Module | None = None) -> tuple[dict[int, Params], dict[str, Any]]:
   """The dense base net of every seed of `config`: from `bases`, the store, or trained now.
 
   Args:
@@ -92,6 +93,7 @@ def load_bases(config: Config, mnist: data_lib.MNIST, bases: dict[int, Params] |
       missing from it are loaded from the store or trained (`base_nets.load_or_train`, which
       `retrain_base` forces to train).
     store: the store of finished units (default: `units(config)`).
+    model: the architecture (default: the seed's MLP, `base_nets.base_model()`).
 
   Returns:
     `(params by seed, info by seed as a str)`, info saying whether each net was cached, given
@@ -105,7 +107,8 @@ def load_bases(config: Config, mnist: data_lib.MNIST, bases: dict[int, Params] |
       info[str(seed)] = {"source": "given", "train_seconds": 0.0}
       continue
     params[seed], found = base_nets.load_or_train(
-        config, seed, mnist, retrain=bool(config.get("retrain_base", False)), store=store)
+        config, seed, mnist, retrain=bool(config.get("retrain_base", False)), store=store,
+        model=model)
     info[str(seed)] = {"source": "cache" if found["cached"] else "trained", **found}
   return params, info
 

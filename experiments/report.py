@@ -16,8 +16,10 @@ from prune_jax import results
 Payload = dict[str, Any]
 
 STUDY_ORDER = ("sweep", "recovery_weight", "recovery_unit", "shrink")
+OPTIONAL_STUDIES = ("conv",)  # in the report when their results exist (reproduce --conv)
 PLOTS = {"sweep": "sweep/sweep.png", "recovery_weight": "recovery_weight/recovery_weight.png",
-         "recovery_unit": "recovery_unit/recovery_unit.png", "shrink": "shrink/shrink.png"}
+         "recovery_unit": "recovery_unit/recovery_unit.png", "shrink": "shrink/shrink.png",
+         "conv": "conv/conv.png"}
 
 
 def mean_std(curve: Mapping[str, Any], i: int, *, digits: int = 1) -> str:
@@ -162,6 +164,42 @@ def shrink_section(payload: Payload) -> list[str]:
   return lines + [""]
 
 
+def conv_section(payload: Payload) -> list[str]:
+  """Study 6: the channel-pruned CNN's widths, accuracy, and speed-ups beside the MAC ratio."""
+  c = payload["curves"]
+  timing = payload["timing"]
+  batches = list(timing["before_retraining"])
+  rows = []
+  for i, level in enumerate(payload["sparsities"]):
+    at = {b: timing["before_retraining"][b][i] for b in batches}
+    big = at[batches[-1]]
+    rows.append([f"{level:g}", "-".join(map(str, big["widths"])),
+                 f"{c['before_retraining']['measured_sparsity'][i]:.1f}",
+                 mean_std(c["before_retraining"], i, digits=2),
+                 mean_std(c["after_retraining"], i, digits=2), f"{big['macs_ratio']:.1f}",
+                 *[f"{at[b]['speedup']:.2f}" for b in batches],
+                 f"{big['speedup_vs_macs_ratio']:.2f}"])
+  check, export = payload["retraining_check"], payload["export"]
+  return [
+      "## 6. Channel pruning of a CNN", "",
+      f"{_spread_note(payload)}; {payload['model']['description']}, dense "
+      f"{mean_std(c['dense'], 0, digits=2)}. The channels (convolutions) and units (Dense) of "
+      "lowest L2 norm of each layer are deleted with everything coupled to them (groups traced "
+      "from the jaxpr; the logits never), then the shrunk net is retrained "
+      f"{payload['config']['retrain_steps']} steps, the same computation as masked retraining "
+      f"({check['steps']} steps both ways differ by {check['max_abs_diff']:.2g} in the logits). "
+      "Shrunk and masked logits differ by at most "
+      f"{payload['equivalence']['max_abs_diff']:.2g} (\"highest\" precision); the "
+      f"{export['sparsity']:g}% net reloaded from `{export['file']}` by `load_shrunk` by "
+      f"{export['max_abs_diff']:.2g}. Speed-ups: dense / shrunk median time, seed "
+      f"{timing['timed_seed']}'s nets before retraining, on {_device(timing)}; multiply-adds "
+      "(MACs) counted in the jaxpr.", "",
+      *_table(["sparsity %", "widths", "units deleted %", "before retraining",
+               f"after {payload['config']['retrain_steps']} steps", "MAC ratio",
+               *[f"speed-up, batch {b}" for b in batches],
+               f"speed-up / MAC ratio (batch {batches[-1]})"], rows), ""]
+
+
 def _device(timing: Mapping[str, Any]) -> str:
   device = timing.get("device") or timing.get("reference", {}).get("device")
   if isinstance(device, Mapping):
@@ -170,7 +208,7 @@ def _device(timing: Mapping[str, Any]) -> str:
 
 
 SECTIONS = {"sweep": sweep_section, "recovery_weight": recovery_section,
-            "recovery_unit": recovery_section, "shrink": shrink_section}
+            "recovery_unit": recovery_section, "shrink": shrink_section, "conv": conv_section}
 
 
 def build_report(payloads: Mapping[str, Payload], *, command: str = "",
@@ -198,7 +236,7 @@ def build_report(payloads: Mapping[str, Payload], *, command: str = "",
   if phases:
     lines += ["", *_table(["phase", "seconds"], [[name, f"{secs:.1f}"] for name, secs in phases])]
   lines += ["", "Config: " + ", ".join(f"`{k}={v}`" for k, v in sorted(config.items())), ""]
-  for study in STUDY_ORDER:
+  for study in (*STUDY_ORDER, *OPTIONAL_STUDIES):
     if study in payloads:
       lines += SECTIONS[study](payloads[study])
       plot = PLOTS[study]
@@ -210,7 +248,7 @@ def build_report(payloads: Mapping[str, Payload], *, command: str = "",
 def load_payloads(workdir: str) -> dict[str, Payload]:
   """The `results.json` payloads of the studies found under `workdir`, by study name."""
   found = {}
-  for study in STUDY_ORDER:
+  for study in (*STUDY_ORDER, *OPTIONAL_STUDIES):
     path = os.path.join(workdir, study, "results.json")
     if os.path.exists(path):
       found[study] = results.read_json(path)

@@ -3,6 +3,7 @@ r"""All four studies in one process, sharing data, base nets and compiled progra
     python -m experiments.reproduce                  # 1 seed, the seed's budgets
     python -m experiments.reproduce --seeds=0,1,2    # mean ± std everywhere
     python -m experiments.reproduce --regrow         # also retrain without the masks, as the seed
+    python -m experiments.reproduce --conv           # and study 6: channel pruning of a CNN
 
 Writes `<workdir>/{sweep,recovery_weight,recovery_unit,shrink}/` (results.json, CSV, PNG) and
 `<workdir>/REPORT.md`. Study 4 reuses the shrunk nets that study 3 retrained (the same nets,
@@ -24,9 +25,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-from absl import app, logging
+from absl import app, flags, logging
 
-from experiments import base_nets, common_flags, frame, recovery, report, shrink, sweep
+from experiments import base_nets, common_flags, conv, frame, recovery, report, shrink, sweep
 from prune_jax import data as data_lib
 from prune_jax import results
 
@@ -36,6 +37,12 @@ _FORWARD_10K = 10000 / 100 / 3          # one test-set evaluation
 _SHRINK_TIMING_PER_LEVEL = 800          # the forward passes timed per level, at 3 batch sizes
 _COMPILE = 40                           # one compilation, roughly
 _STEP_SECONDS = 0.006                   # a full-net step on 2 cores, before any is measured
+_CNN_STEP = 3                           # one LeNet-5 step (study 6), shrunk ones about half
+_CNN_TIMING = 3000                      # study 6's timing of 6 levels at 3 batch sizes
+
+CONV = flags.DEFINE_bool(
+    "conv", False, "Also run study 6 (channel pruning of a LeNet-5 CNN, experiments.conv, with "
+    "its own default --sparsities unless given) and add its section to REPORT.md.")
 
 
 def macs_fraction(sparsity_percent: float, hidden: Sequence[int] = (1000, 1000, 500, 200)) -> float:
@@ -80,14 +87,15 @@ class Progress:
 
 
 def phase_costs(config: dict[str, Any], *, steps: dict[str, int], cached: int,
-                share_retrained: bool) -> dict[str, float]:
+                share_retrained: bool,
+                conv_config: dict[str, Any] | None = None) -> dict[str, float]:
   """The estimated cost of each phase in full-net training steps (see `Progress`)."""
   seeds, levels = len(config["seeds"]), config["sparsities"]
   unit = sum(macs_fraction(s) for s in levels) * steps["unit"] + _COMPILE * len(levels)
   shrink_cost = len(levels) * (_SHRINK_TIMING_PER_LEVEL + 3 * _COMPILE)
   if not share_retrained:
     shrink_cost += unit * seeds
-  return {
+  costs = {
       "load MNIST": 5,
       "base nets": (seeds - cached) * config["train_steps"] + _COMPILE,
       "study 1: sweep": seeds * 2 * len(levels) * _FORWARD_10K + 2 * _COMPILE,
@@ -96,15 +104,21 @@ def phase_costs(config: dict[str, Any], *, steps: dict[str, int], cached: int,
       "study 3: recovery after unit pruning":
           seeds * unit + (seeds * len(levels) * steps["unit"] if config["regrow"] else 0),
       "study 4: shrink and time": shrink_cost,
-      "report": 5,
   }
+  if conv_config is not None:
+    cnn_steps = conv_config["train_steps"] + len(conv_config["sparsities"]) * conv_config[
+        "retrain_steps"] / 2
+    costs["study 6: channel pruning of a CNN"] = seeds * cnn_steps * _CNN_STEP + _CNN_TIMING
+  costs["report"] = 5
+  return costs
 
 
 def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str = "",
-        mnist: data_lib.MNIST | None = None) -> str:
+        mnist: data_lib.MNIST | None = None, conv_config: dict[str, Any] | None = None) -> str:
   """Runs the four studies and writes every result file and REPORT.md; returns REPORT.md's path.
 
-  `mnist`: the data, if already loaded (else loaded here, as the first phase).
+  `mnist`: the data, if already loaded (else loaded here, as the first phase). `conv_config`:
+  also run study 6 with this config (`conv.conv_config()`).
   """
   workdir = config["workdir"]
   frame.check_config(config)
@@ -114,7 +128,8 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
   store = frame.units(config)
   cached = 0 if config["retrain_base"] else sum(
       store.contains("base", base_nets.base_key(config, s)) for s in config["seeds"])
-  progress = Progress(phase_costs(config, steps=steps, cached=cached, share_retrained=share))
+  progress = Progress(phase_costs(config, steps=steps, cached=cached, share_retrained=share,
+                                  conv_config=conv_config))
   phases = iter(progress.costs)
 
   mnist = mnist or data_lib.load_mnist(config["mnist_dir"])
@@ -142,6 +157,13 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
   if writer:
     shrink.write_outputs(payloads["shrink"], workdir)
   progress.finish(next(phases))
+
+  if conv_config is not None:
+    payloads["conv"] = conv.run_conv(conv_config, mnist, store=store)
+    if writer:
+      conv.write_outputs(payloads["conv"], workdir)
+    progress.finish(next(phases))
+
   path = os.path.join(workdir, "REPORT.md")
   if not writer:
     return path
@@ -167,14 +189,16 @@ def reproduce_config() -> dict[str, Any]:
     # anew at every batch size: within the reproduction, time them at one batch size (100).
     shrink_config["weight_sparse_batches"] = [max(
         [b for b in shrink_config["eval_batches"] if b <= 100] or shrink_config["eval_batches"][:1])]
-  return {**config, "shrink": shrink_config}
+  return {**config, "shrink": shrink_config, "conv": conv.conv_config() if CONV.value else None}
 
 
 def _run_and_report(config: dict[str, Any], mnist: data_lib.MNIST) -> str:
   command = "python -m experiments.reproduce " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   config = dict(config)
   shrink_config = config.pop("shrink")
-  return run(config, shrink_config, command=command.strip(), mnist=mnist)
+  conv_config = config.pop("conv")
+  return run(config, shrink_config, command=command.strip(), mnist=mnist,
+             conv_config=conv_config)
 
 
 def _print_path(path: str, workdir: str) -> str:

@@ -55,24 +55,17 @@ Masks = Any
 STUDY = "shrink"
 # The seed's retraining budget after unit pruning (study 3 uses the same).
 SEED_RETRAIN_STEPS = 1000
-DEFAULT_EVAL_BATCHES = ("1", "100", "10000")
-DEFAULT_TIMING_PRECISION = 0.02
+# The inference timing flags, shared with study 6 (experiments/conv.py).
+DEFAULT_EVAL_BATCHES = common_flags.DEFAULT_EVAL_BATCHES
+DEFAULT_TIMING_PRECISION = common_flags.DEFAULT_TIMING_PRECISION
+EVAL_BATCHES = common_flags.EVAL_BATCHES
+TIMING_RUNS = common_flags.TIMING_RUNS
+TIMING_PRECISION = common_flags.TIMING_PRECISION
+parse_eval_batches = common_flags.parse_eval_batches
 
 KEEP_LAST_HIDDEN = flags.DEFINE_bool(
     "keep_last_hidden", False, "Keep hidden layer 4 (Dense_3) whole, as the seed did; by "
     "default every hidden layer shrinks.")
-EVAL_BATCHES = flags.DEFINE_list(
-    "eval_batches", list(DEFAULT_EVAL_BATCHES), "Comma-separated batch sizes at which inference "
-    "is timed, each in [1, 10000] (10000: the whole test set).")
-TIMING_RUNS = flags.DEFINE_integer(
-    "timing_runs", 7, "The most timed runs per net and batch size, after a warm-up (see "
-    "--timing_precision); the median, min and max are reported. A run is one call, or for fast "
-    "calls the mean of back-to-back calls filling 20 ms.", lower_bound=1)
-TIMING_PRECISION = flags.DEFINE_float(
-    "timing_precision", DEFAULT_TIMING_PRECISION, "Stop timing a batch size once every median "
-    "is known to this relative standard error (after at least 3 runs; at most --timing_runs): "
-    "a quiet machine needs fewer runs, a noisy one gets more. 0: always --timing_runs runs.",
-    lower_bound=0.0, upper_bound=0.5)
 PAD_MULTIPLE = flags.DEFINE_integer(
     "pad_multiple", 16, "Pad the shrunk net's hidden widths with zero units to a multiple of "
     "this before timing it (exact; 16 float32 fill one AVX-512 register); 1 = no padding.",
@@ -90,27 +83,6 @@ WEIGHT_SPARSE_FORMATS = flags.DEFINE_list(
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-def parse_eval_batches(values: Sequence[str | int], *, max_batch: int | None = None,
-                       flag: str = "eval_batches") -> list[int]:
-  """`--{flag}` as distinct increasing positive ints, each at most `max_batch`.
-
-  Raises:
-    ValueError: naming the flag and the bad value.
-  """
-  try:
-    batches = [int(v) for v in values]
-  except (TypeError, ValueError):
-    raise ValueError(f"--{flag} must be comma-separated integers, e.g. 1,100,10000; got "
-                     f"{','.join(str(v) for v in values)!r}") from None
-  limit = max_batch if max_batch is not None else 10000
-  if not batches or any(b < 1 or b > limit for b in batches):
-    raise ValueError(f"--{flag} must be batch sizes in [1, {limit}] (the test set has "
-                     f"{limit} images), got {','.join(str(v) for v in values)!r}")
-  if len(set(batches)) != len(batches):
-    raise ValueError(f"--{flag} has a repeated size: {','.join(str(v) for v in values)!r}")
-  return sorted(batches)
-
-
 def parse_formats(values: Sequence[str]) -> list[str]:
   """`--weight_sparse_formats` as a list of known formats (possibly empty)."""
   formats = [v.strip().lower() for v in values if v.strip()]
@@ -121,7 +93,6 @@ def parse_formats(values: Sequence[str]) -> list[str]:
   return formats
 
 
-flags.register_validator("eval_batches", common_flags.validator(parse_eval_batches))
 flags.register_validator("weight_sparse_formats", common_flags.validator(parse_formats))
 flags.register_validator(
     "weight_sparse_batches", lambda values: not values or common_flags.validator(

@@ -1,5 +1,8 @@
 """Study 4's timing: shrunk nets against the dense net, the arithmetic and the machine's limits.
 
+`time_levels` (dense, masked once, each level's shrunk net, any model) is shared with study 6
+(`experiments/conv.py`); the rest of this docstring describes study 4's use of it.
+
 What is timed is the compiled forward pass alone, the batch already on the device, compile time
 reported apart, after a warm-up. The calls of one batch size take turns in interleaved rounds
 (`prune_jax.timing.time_interleaved`: on a shared machine, load hits them all alike), as many
@@ -182,10 +185,69 @@ def roofline_seconds(shapes: Sequence[tuple[int, int, int]],
   return total
 
 
+def time_levels(dense: tuple[Any, tuple], masked: tuple[Any, tuple],
+                shrunk: Sequence[tuple[Any, tuple]], nets: Sequence[Mapping[str, Any]],
+                levels: Sequence[float], batch: int, *, runs: int, precision: float,
+                extra: Sequence[tuple[str, tuple[Any, tuple], float]] = ()
+                ) -> tuple[dict[str, Any], dict[str, timing.Timing]]:
+  """The timing table of one batch size, for any model: dense, masked once, each level's shrunk.
+
+  The calls run in interleaved rounds (`time_calls`), in order of decreasing multiply-adds, so
+  that in each round only one fast call follows a slow one (and is re-warmed).
+
+  Args:
+    dense, masked: `(fn, args)` of the dense net and of one masked net (the last level's: it has
+      the dense shapes, so costs the same at every level), e.g. from `forward_call`.
+    shrunk: per level, `(fn, args)` of the shrunk net.
+    nets: per level, `{"widths", "macs_dense", "macs_shrunk"}`: multiply-adds per example of the
+      dense and the shrunk net (and optionally `"macs_timed"`, those of the call timed, e.g. with
+      padding, used only to order the calls).
+    levels: the sparsities (%); batch: the batch size of the calls' inputs.
+    runs, precision: see `time_calls`.
+    extra: `(name, (fn, args), multiply-adds)` of more calls timed in the same rounds (e.g. a
+      roofline's matmuls); their timings are in the returned `measured`.
+
+  Returns:
+    `(table, measured)`: `table` is `{"batch", "rows": [per level], "masked"}`, each row with the
+    widths, the MAC counts and ratio (dense / shrunk), `dense` and `shrunk` timings (`entry`, with
+    `gflops` of the useful multiply-adds), `speedup` (dense median / shrunk median) and
+    `speedup_vs_macs_ratio`; `measured` has every call's `timing.Timing` by name (`"dense"`,
+    `"masked"`, `"shrunk/<i>"` and `extra`'s).
+  """
+  macs_dense = nets[-1]["macs_dense"]
+  calls = [("dense", dense, batch * macs_dense), ("masked", masked, batch * macs_dense)]
+  calls += [(f"shrunk/{i}", call, batch * net.get("macs_timed", net["macs_shrunk"]))
+            for i, (call, net) in enumerate(zip(shrunk, nets))]
+  calls += list(extra)
+  calls.sort(key=lambda c: -c[2])
+  measured = time_calls({name: call for name, call, _ in calls}, runs=runs, precision=precision)
+  dense_t = measured["dense"]
+  rows = []
+  for i, (level, net) in enumerate(zip(levels, nets)):
+    shrunk_t = measured[f"shrunk/{i}"]
+    ratio = net["macs_dense"] / net["macs_shrunk"]
+    row = {"sparsity": level, "widths": list(net["widths"]), "macs_dense": net["macs_dense"],
+           "macs_shrunk": net["macs_shrunk"], "macs_ratio": ratio,
+           "dense": entry(dense_t, batch), "shrunk": entry(shrunk_t, batch),
+           "speedup": dense_t.median / shrunk_t.median}
+    row["speedup_vs_macs_ratio"] = row["speedup"] / ratio
+    row["dense"]["gflops"] = 2 * net["macs_dense"] * batch / dense_t.median / 1e9
+    row["shrunk"]["gflops"] = 2 * net["macs_shrunk"] * batch / shrunk_t.median / 1e9
+    rows.append(row)
+    logging.info("batch %d, %g%%: dense %.3f ms, shrunk %.3f ms: %.2fx (MAC ratio %.2fx, %.2f of "
+                 "it)", batch, level, row["dense"]["median_ms"], row["shrunk"]["median_ms"],
+                 row["speedup"], ratio, row["speedup_vs_macs_ratio"])
+  masked_t = measured["masked"]
+  table = {"batch": batch, "rows": rows,
+           "masked": {"sparsity": levels[-1], **entry(masked_t, batch),
+                      "speedup": dense_t.median / masked_t.median}}
+  return table, measured
+
+
 def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
                      levels: Sequence[float], test_x: jax.Array, batch: int, *, runs: int,
                      precision: float, machine: bool = False) -> dict[str, Any]:
-  """The timing table of one batch size: dense, masked (once) and each level's shrunk net.
+  """Study 4's timing table of one batch size: `time_levels` with the padded shrunk MLPs.
 
   Args:
     model: the dense model; params: the dense net.
@@ -199,64 +261,40 @@ def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
       largest batch).
 
   Returns:
-    `{"batch", "masked": {...}, "rows": [per level]}`, with `machine` also `"reference"` (see
-    `_reference`). Each row has the widths, the MAC counts and ratio, `dense`/`shrunk` timings
-    with `gflops` (useful multiply-adds: padding not counted), `speedup`,
-    `speedup_vs_macs_ratio`, and with `machine` also `roofline_ms`, `arithmetic_ms`, `limit`
-    ("arithmetic" or "roofline") and `vs_limit` (limit time / measured time: 1 means as fast as
-    allowed).
+    `time_levels`' table, each row also with `padded_widths` and `macs_padded`, and with
+    `machine` also `roofline_ms`, `arithmetic_ms`, `limit` ("arithmetic" or "roofline") and
+    `vs_limit` (limit time / measured time: 1 means as fast as allowed), and the table's
+    `"reference"` (see `_reference`).
   """
   x = jax.device_put(test_x[:batch])
   features = int(x.shape[1])
   chains = [[features, *net["padded_widths"], model.num_classes] for net in nets]
-  # (name, call, multiply-adds): run in order of decreasing cost, so that in each round only
-  # one fast call follows a slow one (and is re-warmed).
-  calls = [("dense", forward_call(model, params, x), batch * macs([features, *model.hidden,
-                                                                   model.num_classes])),
-           ("masked", forward_call(model, nets[-1]["masked"], x), batch * nets[-1]["macs_dense"])]
-  calls += [(f"shrunk/{i}", forward_call(net["padded_model"], net["padded"], x),
-             batch * macs(chain)) for i, (net, chain) in enumerate(zip(nets, chains))]
+  extra = []
   if machine:
     shapes = {s for chain in chains for s in layer_shapes(chain, batch) if all(s)}
     shapes |= {(batch, features, 1000), (batch, 1000, 1000)}
-    calls += [(_matmul_name(s), _matmul_call(*s), s[0] * s[1] * s[2]) for s in shapes]
-    calls += [("read_input", (_row_sum, (x,)), 0), ("empty_call", (_first_element, (x,)), -1)]
-  calls.sort(key=lambda c: -c[2])
-  measured = time_calls({name: call for name, call, _ in calls}, runs=runs, precision=precision)
-  dense = measured["dense"]
-  out: dict[str, Any] = {"batch": batch}
+    extra += [(_matmul_name(s), _matmul_call(*s), s[0] * s[1] * s[2]) for s in shapes]
+    extra += [("read_input", (_row_sum, (x,)), 0), ("empty_call", (_first_element, (x,)), -1)]
+  out, measured = time_levels(
+      forward_call(model, params, x), forward_call(model, nets[-1]["masked"], x),
+      [forward_call(net["padded_model"], net["padded"], x) for net in nets],
+      [{**net, "macs_timed": macs(chain)} for net, chain in zip(nets, chains)], levels, batch,
+      runs=runs, precision=precision, extra=extra)
   if machine:
     out["reference"] = _reference(
         {**measured, "matmul_first_layer": measured[_matmul_name((batch, features, 1000))],
          "matmul_1000": measured[_matmul_name((batch, 1000, 1000))]}, model, x)
-  rows = []
-  for i, (level, net, chain) in enumerate(zip(levels, nets, chains)):
-    shrunk = measured[f"shrunk/{i}"]
-    ratio = net["macs_dense"] / net["macs_shrunk"]
-    row = {"sparsity": level, "widths": list(net["widths"]),
-           "padded_widths": list(net["padded_widths"]), "macs_dense": net["macs_dense"],
-           "macs_shrunk": net["macs_shrunk"], "macs_padded": macs(chain), "macs_ratio": ratio,
-           "dense": entry(dense, batch), "shrunk": entry(shrunk, batch),
-           "speedup": dense.median / shrunk.median}
-    row["speedup_vs_macs_ratio"] = row["speedup"] / ratio
-    row["dense"]["gflops"] = 2 * net["macs_dense"] * batch / dense.median / 1e9
-    row["shrunk"]["gflops"] = 2 * net["macs_shrunk"] * batch / shrunk.median / 1e9
+  for i, (row, net, chain) in enumerate(zip(out["rows"], nets, chains)):
+    row.update(padded_widths=list(net["padded_widths"]), macs_padded=macs(chain))
     if machine:
       roof = roofline_seconds(layer_shapes(chain, batch), measured,
                               out["reference"]["bandwidth_gbs"])
-      arithmetic = dense.median / ratio
+      arithmetic = measured["dense"].median / row["macs_ratio"]
       row.update(roofline_ms=1e3 * roof, arithmetic_ms=1e3 * arithmetic,
                  limit="roofline" if roof > arithmetic else "arithmetic",
-                 vs_limit=max(roof, arithmetic) / shrunk.median)
-    rows.append(row)
-    logging.info("batch %d, %g%%: dense %.3f ms, shrunk %.3f ms: %.2fx (MAC ratio %.2fx, %.2f of "
-                 "it)%s", batch, level, row["dense"]["median_ms"], row["shrunk"]["median_ms"],
-                 row["speedup"], ratio, row["speedup_vs_macs_ratio"],
-                 f"; roofline {row['roofline_ms']:.3f} ms" if machine else "")
-  masked = measured["masked"]
-  out["rows"] = rows
-  out["masked"] = {"sparsity": levels[-1], **entry(masked, batch),
-                   "speedup": dense.median / masked.median}
+                 vs_limit=max(roof, arithmetic) / measured[f"shrunk/{i}"].median)
+      logging.info("batch %d, %g%%: roofline %.3f ms (%s-bound), %.2f of the limit", batch,
+                   row["sparsity"], row["roofline_ms"], row["limit"], row["vs_limit"])
   return out
 
 
@@ -388,7 +426,8 @@ def _beats_from(levels: Sequence[float], speedups: Sequence[float | None]) -> fl
 # Tables
 # ---------------------------------------------------------------------------------------------
 def timing_rows(payload: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-  """`timing.csv`: one row per batch size and level (unit pruning, shrunk net)."""
+  """`timing.csv`: one row per batch size and level (unit pruning, shrunk net); padding and
+  roofline columns are empty where the rows have none (study 6)."""
   header = ["batch", "sparsity_percent", "widths", "padded_widths", "macs_dense", "macs_shrunk",
             "macs_ratio", "speedup", "speedup_vs_macs_ratio"]
   for net in ("dense", "shrunk"):
@@ -399,7 +438,7 @@ def timing_rows(payload: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
   for batch, levels in payload["timing"]["before_retraining"].items():
     for r in levels:
       row = [int(batch), r["sparsity"], "-".join(map(str, r["widths"])),
-             "-".join(map(str, r["padded_widths"])), r["macs_dense"], r["macs_shrunk"],
+             "-".join(map(str, r.get("padded_widths", ()))), r["macs_dense"], r["macs_shrunk"],
              round(r["macs_ratio"], 4), round(r["speedup"], 4),
              round(r["speedup_vs_macs_ratio"], 4)]
       for net in ("dense", "shrunk"):
@@ -436,14 +475,17 @@ def weight_sparse_rows(payload: dict[str, Any]) -> tuple[list[str], list[list[An
 
 
 def summary(payload: dict[str, Any]) -> str:
-  """A plain-text table of the speed-ups at each batch size, for the log."""
+  """A plain-text table of the speed-ups at each batch size, for the log (studies 4 and 6)."""
   timing_ = payload["timing"]
-  ref = timing_["reference"]
-  lines = [f"on {ref['device']['kind']} ({ref['device']['platform']}): dense forward at batch "
-           f"{ref['batch']}: {ref['dense']['gflops']:.1f} GFLOP/s = {ref['dense_vs_matmul']:.2f} x "
-           f"matmul [{ref['batch']},784]@[784,1000] ({ref['matmul_first_layer']['gflops']:.1f} "
-           f"GFLOP/s), {ref['dense_vs_matmul_1000']:.2f} x [{ref['batch']},1000]@[1000,1000]; "
-           f"memory {ref['bandwidth_gbs']:.1f} GB/s"]
+  ref = timing_.get("reference")
+  device_ = timing_.get("device") or ref["device"]
+  lines = [f"on {device_['kind']} ({device_['platform']})"]
+  if ref:
+    lines[0] += (f": dense forward at batch {ref['batch']}: {ref['dense']['gflops']:.1f} GFLOP/s "
+                 f"= {ref['dense_vs_matmul']:.2f} x matmul [{ref['batch']},784]@[784,1000] "
+                 f"({ref['matmul_first_layer']['gflops']:.1f} GFLOP/s), "
+                 f"{ref['dense_vs_matmul_1000']:.2f} x [{ref['batch']},1000]@[1000,1000]; "
+                 f"memory {ref['bandwidth_gbs']:.1f} GB/s")
   for batch, rows in timing_["before_retraining"].items():
     masked = timing_["masked"][batch]
     lines.append(f"batch {batch} (masked dense net at {masked['sparsity']:g}%: "
@@ -455,7 +497,9 @@ def summary(payload: dict[str, Any]) -> str:
       lines.append(f"  {r['sparsity']:>5g}%  {r['macs_ratio']:9.2f}  {r['speedup']:8.2f}  "
                    f"{r['speedup_vs_macs_ratio']:8.2f}  {r['dense']['median_ms']:8.3f}  "
                    f"{r['shrunk']['median_ms']:9.3f}  {roof}  "
-                   f"{'-'.join(map(str, r['widths']))} ({'-'.join(map(str, r['padded_widths']))})")
+                   f"{'-'.join(map(str, r['widths']))}"
+                   + (f" ({'-'.join(map(str, r['padded_widths']))})" if "padded_widths" in r
+                      else ""))
   target = timing_.get("target")
   if target:
     lines.append(f"target at batch {target['batch']}: every level up to "
@@ -466,7 +510,7 @@ def summary(payload: dict[str, Any]) -> str:
                  + (f"; below {target['fraction']:g} x the MAC ratio at "
                     + ", ".join(f"{v:g}%" for v in target["levels_short_of_macs_ratio"])
                     if target["levels_short_of_macs_ratio"] else ""))
-  ws = payload["weight_sparse"]
+  ws = payload.get("weight_sparse", {"batches": {}})
   for batch, rows in ws["batches"].items():
     lines.append(f"weight-pruned, batch {batch}: speed-up over dense with zeros " + ", ".join(
         f"{r['sparsity']:g}%: " + "/".join(f"{r['speedup'][f]:.2f}" if f in r["speedup"]

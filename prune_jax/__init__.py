@@ -13,3 +13,4 @@ from prune_jax.groups import Group, Member, unit_groups
 from prune_jax.group_masks import dense_groups
 from prune_jax.structured import ShrinkPlan, ShrunkApply, shrink_fn, shrink_opt_state, shrink_plan
 from prune_jax.exporting import load_shrunk, save_shrunk
+from prune_jax.macs import count_macs, macs_by_op

@@ -1,5 +1,6 @@
 """The models: the seed study's MLP and a LeNet-5-style CNN (Flax linen); shrunk clones."""
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,7 +64,8 @@ def init_mlp(key: jax.Array, model: MLP, input_dim: int = 784):
 class LeNet5(nn.Module):
   """A LeNet-5-style CNN: two blocks of 5x5 conv, ReLU, 2x2 max-pool, then three Dense layers.
 
-  Input `[batch, 28, 28, 1]` (MNIST), output logits `[batch, num_classes]`:
+  Input `[batch, 28, 28, 1]` (MNIST), or flat `[batch, 784]` (as `prune_jax.train` feeds it),
+  which is reshaped to `[batch, *image_shape]` first; output logits `[batch, num_classes]`:
   `Conv_0` (VALID) -> `[24, 24, c0]` -> pool `[12, 12, c0]` -> `Conv_1` -> `[8, 8, c1]` -> pool
   `[4, 4, c1]` -> flatten `[16 * c1]` -> `Dense_0` -> `Dense_1` -> `Dense_2` (logits), ReLU between.
 
@@ -72,11 +74,13 @@ class LeNet5(nn.Module):
       >= 1, so that a shrunk tree runs in `shrunk_model(LeNet5(), small_params)`.
     hidden: widths of the two hidden Dense layers (classic: 120, 84).
     num_classes: width of the logits layer.
+    image_shape: `(height, width, channels)` of a flat input row.
   """
 
   features: Sequence[int] = (6, 16)
   hidden: Sequence[int] = (120, 84)
   num_classes: int = 10
+  image_shape: Sequence[int] = (28, 28, 1)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -84,6 +88,12 @@ class LeNet5(nn.Module):
       raise ValueError(f"LeNet5 has two convolutions and two hidden Dense layers: features and "
                        f"hidden need 2 widths each, got {tuple(self.features)}, "
                        f"{tuple(self.hidden)}")
+    if x.ndim == 2:
+      if x.shape[1] != math.prod(self.image_shape):
+        raise ValueError(f"LeNet5 takes images [batch, *{tuple(self.image_shape)}] or flat rows "
+                         f"[batch, {math.prod(self.image_shape)}], got {tuple(x.shape)}; set "
+                         "image_shape to the images' (height, width, channels)")
+      x = x.reshape((x.shape[0], *self.image_shape))
     for width in self.features:
       x = nn.Conv(int(width), (5, 5), padding="VALID")(x)
       x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))

@@ -325,7 +325,8 @@ def _titles(fig: plt.Figure, ax: plt.Axes, title: str, payload: Payload) -> None
   """A bold figure title, and a subtitle over `ax` with the protocol and the seeds."""
   config = payload.get("config", {})
   seeds = payload.get("seeds", [])
-  parts = ["MNIST, MLP 784-1000-1000-500-200-10"]
+  model = payload.get("model", {}).get("description", "MLP 784-1000-1000-500-200-10")
+  parts = [f"MNIST, {model}"]
   if "train_steps" in config:
     parts.append(f"base net: {config['train_steps']} {config.get('optimizer', 'sgd')} steps")
   parts.append(f"seed{'s' if len(seeds) != 1 else ''} {', '.join(str(s) for s in seeds)}")
@@ -434,8 +435,10 @@ def _shrink_speed_axes(ax: plt.Axes, payload: Payload) -> None:
   ax.yaxis.set_minor_formatter(ticker.NullFormatter())
   ax.set_ylabel("inference speed-up over the dense net (median wall time)")
   runs = timing.get("runs", "?")
+  pad = timing.get("pad_multiple", 1)
   ax.set_title(f"compiled forward pass, nets before retraining, median of {runs} interleaved "
-               f"runs; widths padded to x{timing.get('pad_multiple', 1)}", fontsize=9, color="0.3")
+               f"runs" + (f"; widths padded to x{pad}" if pad > 1 else ""), fontsize=9,
+               color="0.3")
   ax.grid(True, which="major", alpha=0.3)
   ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, fontsize=8.5,
             frameon=False)
@@ -452,3 +455,39 @@ def _shrink_weight_sparse_best(payload: Payload):
   best_fmt = max(section["formats"],
                  key=lambda f: max((r["speedup"].get(f, 0.0) for r in rows), default=0.0))
   return batch, best_fmt, [r["speedup"].get(best_fmt) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Study 6 (conv): channel pruning of a CNN; the speed panel is study 4's.
+# ---------------------------------------------------------------------------------------------
+def plot_conv(payload: Payload, folder: str) -> list[str]:
+  """Study 6: the channel-pruned CNN's accuracy and its inference speed-up; writes `conv.png`.
+
+  Left panel: test accuracy of the shrunk nets before and after retraining (masks kept), with
+  the dense line. Right panel (log scale): the measured speed-up at each timed batch size
+  beside the multiply-add ratio, as in `plot_shrink`.
+
+  Args:
+    payload: a conv `results.json` payload: curves `dense`, `before_retraining`,
+      `after_retraining`; `timing.before_retraining[batch]` rows with `sparsity`, `macs_ratio`,
+      `speedup`.
+    folder: output folder.
+
+  Returns:
+    `[<folder>/conv.png]`.
+  """
+  levels = payload["sparsities"]
+  curves = payload["curves"]
+  steps = payload.get("config", {}).get("retrain_steps", "?")
+  fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(13.5, 6.0), layout="constrained")
+  _dense_line(ax, curves["dense"], label="dense (not pruned)")
+  _curve(ax, levels, curves["before_retraining"], name="pruned",
+         label="channels deleted, before retraining")
+  _curve(ax, levels, curves["after_retraining"], name="retrained",
+         label=f"after {steps} steps of retraining (masks kept)")
+  _accuracy_axes(ax, levels, xlabel="sparsity k (%): k% of the channels (convolutions) and "
+                 "units (Dense) of each layer deleted", note=True)
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=9, frameon=False)
+  _shrink_speed_axes(ax_speed, payload)
+  _titles(fig, ax, "Channel pruning of a CNN: accuracy and inference speed-up", payload)
+  return [_save(fig, os.path.join(folder, f"{payload['study']}.png"))]
