@@ -90,9 +90,14 @@ class Recipe(NamedTuple):
   prune_every: int
 
   def rate(self, steps: int) -> train.LearningRate:
-    """The learning rate of a training of `steps` steps: constant, or a cosine decay over them."""
-    return CosineDecay(self.learning_rate, steps) if self.schedule == "cosine" else \
-        self.learning_rate
+    """The learning rate of a training of `steps` steps: constant; a cosine decay over them;
+    or ("hold_cosine") constant for the first `prune_until` of them (while a gradual schedule
+    prunes), then a cosine decay over the rest."""
+    if self.schedule == "cosine":
+      return CosineDecay(self.learning_rate, steps)
+    if self.schedule == "hold_cosine":
+      return CosineDecay(self.learning_rate, steps, hold=int(round(self.prune_until * steps)))
+    return self.learning_rate
 
 
 class Context(NamedTuple):
@@ -322,8 +327,9 @@ OPTIMIZER = flags.DEFINE_enum(
 LEARNING_RATE = flags.DEFINE_float(
     "methods_learning_rate", 0.1, "The methods' (peak) learning rate.", lower_bound=0.0)
 SCHEDULE = flags.DEFINE_enum(
-    "methods_schedule", "cosine", ["constant", "cosine"], "The methods' learning rate over "
-    "their budget: constant, or a cosine decay to 0.")
+    "methods_schedule", "cosine", ["constant", "cosine", "hold_cosine"], "The methods' learning "
+    "rate over their budget: constant; a cosine decay to 0; or constant while gradual methods "
+    "prune (--prune_until of the budget), then a cosine decay to 0.")
 PRUNE_UNTIL = flags.DEFINE_float(
     "prune_until", 0.5, "Gradual methods reach their final sparsity at this fraction of the "
     "budget, then train at it.", lower_bound=0.0, upper_bound=1.0)

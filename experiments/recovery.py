@@ -19,9 +19,9 @@ them come from the masks alone), and the same flags give bit-identical results.
 How each mode retrains:
 
 - weight: every level has the shapes of the dense net, so one compiled program retrains them
-  all (`retrain_levels`): a loop over the levels calling `train.train`, which on the 2-core CPU
-  measured faster than training all levels at once vmapped (`train.train_many`); see
-  `VMAP_RETRAINING`.
+  all (`retrain_levels`): on one CPU device a loop over the levels calling `train.train`, which
+  measured faster there than training all levels at once vmapped (`train.train_many`); on an
+  accelerator or over several devices (`--devices`), all at once, sharded over the devices.
 - unit: each level is retrained in *shrunk* form (`prune_jax.shrink`: the pruned units
   deleted, i.e. their kernel columns and the next kernel's rows), then written back into a
   full-size net (`prune_jax.expand`) for evaluation and measurement. This is the same computation as masked full-size
@@ -77,14 +77,14 @@ Masks = Any
 MODES = sweep.MODES
 # The seed's retraining budgets: 500 steps after weight pruning, 1000 after unit pruning.
 SEED_RETRAIN_STEPS = {"weight": 500, "unit": 1000}
-# How `retrain_levels` trains a stack of same-shaped nets: all at once vmapped
-# (`train.train_many`, True) or one after another with one compiled `train.train` (False).
-# Measured once for 100 SGD steps x 10 weight-pruned levels of the seed's net, masks kept, on
-# the shared 2-core CPU while other jobs ran (load 4-6), 4 interleaved pairs, training seconds
-# without compilation: vmapped 25.4, 22.8, 22.2, 25.3; loop 15.3, 14.9, 17.7, 17.8. The loop is
-# about 1.5x faster (one net's 9.5 MB of weights stays in cache; ten nets' 95 MB do not), so it
-# is the default.
-VMAP_RETRAINING = False
+# On one CPU device `retrain_levels` trains a stack of same-shaped nets one after another with
+# one compiled `train.train`, rather than all at once vmapped (`train.train_many`). Measured once
+# for 100 SGD steps x 10 weight-pruned levels of the seed's net, masks kept, on the shared 2-core
+# CPU while other jobs ran (load 4-6), 4 interleaved pairs, training seconds without
+# compilation: vmapped 25.4, 22.8, 22.2, 25.3; loop 15.3, 14.9, 17.7, 17.8. The loop is about
+# 1.5x faster there (one net's 9.5 MB of weights stays in cache; ten nets' 95 MB do not). On
+# accelerators, or over several devices (`--devices`), the stack is trained at once, sharded
+# over them (`frame.grid_mesh`).
 
 MODE = flags.DEFINE_enum(
     "mode", None, list(MODES), "Required. 'weight' (study 2): prune the k% smallest |w| of each "
@@ -109,13 +109,13 @@ def level(tree: Any, i: int | Sequence[int]) -> Any:
 
 def retrain_levels(model: nn.Module, pruned: Params, masks: Masks, images: jax.Array,
                    labels: jax.Array, *, key: jax.Array, keep_masks: bool,
-                   levels: Sequence[float], name: str, vmapped: bool | None = None,
-                   **protocol: Any) -> tuple[Params, float, float]:
+                   levels: Sequence[float], name: str, vmapped: bool = False,
+                   mesh: Any = None, **protocol: Any) -> tuple[Params, float, float]:
   """Retrains a stack of same-shaped pruned nets, with their masks kept or not.
 
-  Every net sees the same batches (`key`). With `vmapped` (default `VMAP_RETRAINING`) one
-  vmapped program trains them all (`train.train_many`); else one compiled `train.train` runs
-  once per net. Both give the same nets up to float summation order.
+  Every net sees the same batches (`key`). With `vmapped` (or a `mesh`) one vmapped program
+  trains them all (`train.train_many`, sharded over the mesh's devices); else one compiled
+  `train.train` runs once per net. Both give the same nets up to float summation order.
 
   Args:
     model: the module; pruned: params with a leading axis `[levels, ...]`; masks: their masks.
@@ -123,18 +123,19 @@ def retrain_levels(model: nn.Module, pruned: Params, masks: Masks, images: jax.A
     keep_masks: keep pruned weights at zero (True) or let them regrow (False).
     levels: the sparsity levels (%) of the stack, for the progress lines; name: their prefix.
     vmapped: see above.
+    mesh: a `prune_jax.grid.net_mesh` to spread the stack over (implies `vmapped`).
     **protocol: `steps`, `batch_size`, `learning_rate`, `optimizer` of `train.train`.
 
   Returns:
     `(retrained [levels, ...], training seconds, compile seconds)`.
   """
-  vmapped = VMAP_RETRAINING if vmapped is None else vmapped
   how = "mask kept" if keep_masks else "without mask"
-  if vmapped:
+  if vmapped or mesh is not None:
     stack_masks = masks if keep_masks else jax.tree.map(
         lambda m: None if m is None else jnp.ones_like(m), masks, is_leaf=lambda x: x is None)
     out, stats = train.train_many(model, pruned, stack_masks, images, labels, key=key,
-                                  name=f"{name}: {len(levels)} nets, {how}", **protocol)
+                                  name=f"{name}: {len(levels)} nets, {how}", mesh=mesh,
+                                  **protocol)
     return out, stats.seconds, stats.compile_seconds
   nets, seconds, compile_seconds = [], 0.0, 0.0
   for i, lv in enumerate(levels):
@@ -228,9 +229,9 @@ def _retrain_full_size(store: store_lib.Store, config: dict[str, Any], seed: int
                        keep_masks: bool, protocol: dict[str, Any]) -> list[dict[str, Any]]:
   """Retrains the full-size pruned nets of every level (the stored ones are read back).
 
-  The levels not yet stored are retrained (`retrain_levels`: one at a time, or all at once with
-  `VMAP_RETRAINING`) and each is stored with its accuracy and measured sparsity as soon as it is
-  done.
+  The levels not yet stored are retrained (`retrain_levels`: one at a time on one CPU device,
+  else all at once sharded over `frame.grid_mesh(config)`) and each is stored with its accuracy
+  and measured sparsity as soon as it is done.
 
   Returns:
     One unit value per level: `{"accuracy", "measured_sparsity", "seconds", "compile_seconds"}`.
@@ -242,11 +243,12 @@ def _retrain_full_size(store: store_lib.Store, config: dict[str, Any], seed: int
   kind = f"retrained_{mode}"
   found = [store.get(kind, key) for key in keys]
   todo = [i for i, unit in enumerate(found) if unit is None]
-  for group in ([todo] if VMAP_RETRAINING and todo else [[i] for i in todo]):
+  mesh = frame.grid_mesh(config)
+  for group in ([todo] if mesh is not None and todo else [[i] for i in todo]):
     nets, seconds, compile_seconds = retrain_levels(
         model, level(pruned, group), level(masks, group), mnist.train_images,
         mnist.train_labels, key=base_nets.retrain_key(seed), keep_masks=keep_masks,
-        levels=[levels[i] for i in group],
+        levels=[levels[i] for i in group], mesh=mesh,
         name=f"seed {seed}: {'retrain' if keep_masks else 'regrow'} {mode}-pruned", **protocol)
     acc, sparsity = _evaluate_stack(model, nets, level(masks, group), mnist)
     for j, i in enumerate(group):

@@ -16,10 +16,12 @@ from prune_jax import results
 Payload = dict[str, Any]
 
 STUDY_ORDER = ("sweep", "recovery_weight", "recovery_unit", "shrink")
-OPTIONAL_STUDIES = ("conv",)  # in the report when their results exist (reproduce --conv)
+# In the report when their results exist (reproduce --beyond, --conv).
+OPTIONAL_STUDIES = ("methods_weight", "methods_unit", "conv")
 PLOTS = {"sweep": "sweep/sweep.png", "recovery_weight": "recovery_weight/recovery_weight.png",
          "recovery_unit": "recovery_unit/recovery_unit.png", "shrink": "shrink/shrink.png",
-         "conv": "conv/conv.png"}
+         "methods_weight": "methods_weight/methods_weight.png",
+         "methods_unit": "methods_unit/methods_unit.png", "conv": "conv/conv.png"}
 
 
 def mean_std(curve: Mapping[str, Any], i: int, *, digits: int = 1) -> str:
@@ -200,6 +202,56 @@ def conv_section(payload: Payload) -> list[str]:
                f"speed-up / MAC ratio (batch {batches[-1]})"], rows), ""]
 
 
+def methods_section(payload: Payload) -> list[str]:
+  """Study 5, one kind: every method's accuracy per level beside the dense net of the same
+  steps, with the steps used, and the issue's targets."""
+  kind = payload["study"].partition("_")[2]
+  curves = payload["curves"]
+  levels = payload["sparsities"]
+  dense = curves.get("dense_same_budget")
+  rows = []
+  for name, c in curves.items():
+    if name == "dense_same_budget":
+      continue
+    rows.append([f"`{name}`", c.get("steps", "–"),
+                 *[mean_std(c, i, digits=2) for i in range(len(levels))]])
+  if dense:
+    rows.append(["dense, same steps", dense.get("steps", "–"), *[mean_std(dense, 0, digits=2)]
+                 * len(levels)])
+  pruned = [c for n, c in curves.items() if n != "dense_same_budget"]
+  what = "zero weights of the hidden kernels" if kind == "weight" else "deleted hidden units"
+  if all(abs(c["measured_sparsity"][i] - lv) <= 0.01 for c in pruned
+         for i, lv in enumerate(levels)):
+    measured = f"Measured sparsity ({what}): every net at its level, to 0.01%."
+  else:
+    measured = f"Measured sparsity ({what}, %), per level in the order of the table: " + "; ".join(
+        f"{lv:g}: " + "/".join(f"{c['measured_sparsity'][i]:.2f}" for c in pruned)
+        for i, lv in enumerate(levels)) + "."
+  recipe = payload["config"].get("recipe", {})
+  lines = [
+      f"## 5{'a' if kind == 'weight' else 'b'}. Beyond the seed: {kind}s pruned while training",
+      "",
+      f"{_spread_note(payload)}. From the same dense base net per seed, masks kept at every "
+      f"step; a budget of {payload['config']['budget_steps']} steps after the base net "
+      f"(`steps`: counted from the initialisation); recipe: {recipe.get('optimizer')} at "
+      f"{recipe.get('learning_rate')}, {recipe.get('schedule')} learning rate, gradual "
+      f"schedules done at {recipe.get('prune_until')} of the budget, masks every "
+      f"{recipe.get('prune_every')} steps. `random*`: the floor.", "",
+      *_table(["method", "steps", *[f"{lv:g}%" for lv in levels]], rows), "",
+      measured, ""]
+  for target in payload.get("targets", []):
+    if target["met"] is None:
+      lines.append(f"- Target at {target['sparsity']:g}%: not run.")
+      continue
+    rule = {"gap": f"within {target['bound']:g} points of the dense net",
+            "at_least": f"at least {target['bound']:g}%",
+            "worst_seed_at_least": f"no seed below {target['bound']:g}%"}[target["rule"]]
+    lines.append(f"- Target at {target['sparsity']:g}% ({rule}): "
+                 f"{'met' if target['met'] else '**not met**'}, best `{target['best_method']}` "
+                 f"{target['value']:.2f}% (dense {target['dense']:.2f}%).")
+  return lines + [""]
+
+
 def _device(timing: Mapping[str, Any]) -> str:
   device = timing.get("device") or timing.get("reference", {}).get("device")
   if isinstance(device, Mapping):
@@ -208,7 +260,9 @@ def _device(timing: Mapping[str, Any]) -> str:
 
 
 SECTIONS = {"sweep": sweep_section, "recovery_weight": recovery_section,
-            "recovery_unit": recovery_section, "shrink": shrink_section, "conv": conv_section}
+            "recovery_unit": recovery_section, "shrink": shrink_section,
+            "methods_weight": methods_section, "methods_unit": methods_section,
+            "conv": conv_section}
 
 
 def build_report(payloads: Mapping[str, Payload], *, command: str = "",

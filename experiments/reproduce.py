@@ -3,6 +3,7 @@ r"""All four studies in one process, sharing data, base nets and compiled progra
     python -m experiments.reproduce                  # 1 seed, the seed's budgets
     python -m experiments.reproduce --seeds=0,1,2    # mean ± std everywhere
     python -m experiments.reproduce --regrow         # also retrain without the masks, as the seed
+    python -m experiments.reproduce --beyond         # and study 5: pruning while training
     python -m experiments.reproduce --conv           # and study 6: channel pruning of a CNN
 
 Writes `<workdir>/{sweep,recovery_weight,recovery_unit,shrink}/` (results.json, CSV, PNG) and
@@ -27,7 +28,8 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from experiments import base_nets, common_flags, conv, frame, recovery, report, shrink, sweep
+from experiments import base_nets, common_flags, conv, frame, methods, recovery, report, shrink
+from experiments import sweep
 from prune_jax import data as data_lib
 from prune_jax import results
 
@@ -40,6 +42,11 @@ _STEP_SECONDS = 0.006                   # a full-net step on 2 cores, before any
 _CNN_STEP = 3                           # one LeNet-5 step (study 6), shrunk ones about half
 _CNN_TIMING = 3000                      # study 6's timing of 6 levels at 3 batch sizes
 
+BEYOND = flags.DEFINE_bool(
+    "beyond", False, "Also run study 5 (experiments.methods: pruning while training, every "
+    "method from the same base nets and step budget; its own flags --kind, --methods, "
+    "--budget_steps...) and add its section '5. Beyond the seed' to REPORT.md. Long: about 45 "
+    "minutes per seed on 2 CPU cores; resumable.")
 CONV = flags.DEFINE_bool(
     "conv", False, "Also run study 6 (channel pruning of a LeNet-5 CNN, experiments.conv, with "
     "its own default --sparsities unless given) and add its section to REPORT.md.")
@@ -87,8 +94,8 @@ class Progress:
 
 
 def phase_costs(config: dict[str, Any], *, steps: dict[str, int], cached: int,
-                share_retrained: bool,
-                conv_config: dict[str, Any] | None = None) -> dict[str, float]:
+                share_retrained: bool, conv_config: dict[str, Any] | None = None,
+                methods_config: dict[str, Any] | None = None) -> dict[str, float]:
   """The estimated cost of each phase in full-net training steps (see `Progress`)."""
   seeds, levels = len(config["seeds"]), config["sparsities"]
   unit = sum(macs_fraction(s) for s in levels) * steps["unit"] + _COMPILE * len(levels)
@@ -105,6 +112,10 @@ def phase_costs(config: dict[str, Any], *, steps: dict[str, int], cached: int,
           seeds * unit + (seeds * len(levels) * steps["unit"] if config["regrow"] else 0),
       "study 4: shrink and time": shrink_cost,
   }
+  if methods_config is not None:
+    runs = sum(len(methods.levels_of(methods_config, methods.METHODS[n].kind))
+               for n in methods_config["methods"]) + 1
+    costs["study 5: beyond the seed"] = seeds * runs * methods_config["budget_steps"]
   if conv_config is not None:
     cnn_steps = conv_config["train_steps"] + len(conv_config["sparsities"]) * conv_config[
         "retrain_steps"] / 2
@@ -114,11 +125,13 @@ def phase_costs(config: dict[str, Any], *, steps: dict[str, int], cached: int,
 
 
 def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str = "",
-        mnist: data_lib.MNIST | None = None, conv_config: dict[str, Any] | None = None) -> str:
+        mnist: data_lib.MNIST | None = None, conv_config: dict[str, Any] | None = None,
+        methods_config: dict[str, Any] | None = None) -> str:
   """Runs the four studies and writes every result file and REPORT.md; returns REPORT.md's path.
 
-  `mnist`: the data, if already loaded (else loaded here, as the first phase). `conv_config`:
-  also run study 6 with this config (`conv.conv_config()`).
+  `mnist`: the data, if already loaded (else loaded here, as the first phase). `methods_config`,
+  `conv_config`: also run study 5 (`methods.methods_config()`) or study 6
+  (`conv.conv_config()`) with this config.
   """
   workdir = config["workdir"]
   frame.check_config(config)
@@ -129,7 +142,7 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
   cached = 0 if config["retrain_base"] else sum(
       store.contains("base", base_nets.base_key(config, s)) for s in config["seeds"])
   progress = Progress(phase_costs(config, steps=steps, cached=cached, share_retrained=share,
-                                  conv_config=conv_config))
+                                  conv_config=conv_config, methods_config=methods_config))
   phases = iter(progress.costs)
 
   mnist = mnist or data_lib.load_mnist(config["mnist_dir"])
@@ -157,6 +170,13 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
   if writer:
     shrink.write_outputs(payloads["shrink"], workdir)
   progress.finish(next(phases))
+
+  if methods_config is not None:
+    found = methods.run_methods(methods_config, mnist, bases=bases, store=store)
+    payloads.update(found)
+    if writer:
+      methods.write_outputs(found, workdir)
+    progress.finish(next(phases))
 
   if conv_config is not None:
     payloads["conv"] = conv.run_conv(conv_config, mnist, store=store)
@@ -189,7 +209,8 @@ def reproduce_config() -> dict[str, Any]:
     # anew at every batch size: within the reproduction, time them at one batch size (100).
     shrink_config["weight_sparse_batches"] = [max(
         [b for b in shrink_config["eval_batches"] if b <= 100] or shrink_config["eval_batches"][:1])]
-  return {**config, "shrink": shrink_config, "conv": conv.conv_config() if CONV.value else None}
+  return {**config, "shrink": shrink_config, "conv": conv.conv_config() if CONV.value else None,
+          "methods": methods.methods_config() if BEYOND.value else None}
 
 
 def _run_and_report(config: dict[str, Any], mnist: data_lib.MNIST) -> str:
@@ -197,8 +218,9 @@ def _run_and_report(config: dict[str, Any], mnist: data_lib.MNIST) -> str:
   config = dict(config)
   shrink_config = config.pop("shrink")
   conv_config = config.pop("conv")
+  methods_config = config.pop("methods")
   return run(config, shrink_config, command=command.strip(), mnist=mnist,
-             conv_config=conv_config)
+             conv_config=conv_config, methods_config=methods_config)
 
 
 def _print_path(path: str, workdir: str) -> str:

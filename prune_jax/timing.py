@@ -37,7 +37,8 @@ _COMPILED: dict = {}
 
 def compile_once(fn: Any, args: Sequence[Any],
                  static: Mapping[str, Any] | None = None) -> tuple[Any, float]:
-  """`fn.lower(*args, **static).compile()`, kept per function, static arguments and arg shapes.
+  """`fn.lower(*args, **static).compile()`, kept per function, static arguments and the args'
+  shapes, dtypes and shardings.
 
   Args:
     fn: a `jax.jit` function; args: its positional arguments (a pytree of arrays);
@@ -48,7 +49,8 @@ def compile_once(fn: Any, args: Sequence[Any],
   """
   static = dict(static or {})
   key = (fn, tuple(sorted(static.items())), jax.tree.structure(args),
-         tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args)))
+         tuple((a.shape, str(a.dtype), getattr(a, "sharding", None))
+               for a in jax.tree.leaves(args)))
   if key in _COMPILED:
     return _COMPILED[key], 0.0
   start = time.perf_counter()

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from prune_jax import timing
+from prune_jax import grid, timing
 from prune_jax.masks import apply_masks
 from prune_jax.pruner import PruningState, pruning, stack_axes
 
@@ -39,23 +39,30 @@ SEED_LEARNING_RATE = 0.1
 
 
 class CosineDecay(NamedTuple):
-  """A learning rate that decays from `peak` to `peak * final_fraction` along a half cosine over
-  `steps` optimizer steps, then stays there (`optax.cosine_decay_schedule`).
+  """A learning rate held at `peak` for `hold` optimizer steps, then decaying to
+  `peak * final_fraction` along a half cosine until step `steps`, then staying there
+  (`optax.cosine_decay_schedule` after a constant phase).
 
   A hashable value, so that training programs compiled for it are reused by equal ones; pass it
   as `learning_rate` to `train`, `train_many` or `make_optimizer`.
 
   Example:
     >>> lr = CosineDecay(0.1, steps=1000)
-    >>> float(lr(0)), round(float(lr(500)), 6), float(lr(2000))
+    >>> round(float(lr(0)), 6), round(float(lr(500)), 6), float(lr(2000))
     (0.1, 0.05, 0.0)
+    >>> held = CosineDecay(0.1, steps=1000, hold=600)     # constant, then decay over 400 steps
+    >>> round(float(held(600)), 6), round(float(held(800)), 6)
+    (0.1, 0.05)
   """
   peak: float
   steps: int
   final_fraction: float = 0.0
+  hold: int = 0
 
   def __call__(self, count: jax.Array) -> jax.Array:
-    return optax.cosine_decay_schedule(self.peak, self.steps, self.final_fraction)(count)
+    decay = optax.cosine_decay_schedule(self.peak, max(self.steps - self.hold, 1),
+                                        self.final_fraction)
+    return decay(jnp.maximum(count - self.hold, 0))
 
 
 LearningRate = float | CosineDecay
@@ -64,9 +71,10 @@ LearningRate = float | CosineDecay
 def _check_learning_rate(learning_rate: LearningRate) -> None:
   if isinstance(learning_rate, CosineDecay):
     if (not learning_rate.peak > 0 or not math.isfinite(learning_rate.peak)
-        or learning_rate.steps < 1 or not 0 <= learning_rate.final_fraction <= 1):
-      raise ValueError(f"a CosineDecay needs peak > 0, steps >= 1 and final_fraction in [0, 1], "
-                       f"got {learning_rate}")
+        or learning_rate.steps < 1 or not 0 <= learning_rate.final_fraction <= 1
+        or not 0 <= learning_rate.hold <= learning_rate.steps):
+      raise ValueError(f"a CosineDecay needs peak > 0, steps >= 1, final_fraction in [0, 1] and "
+                       f"hold in [0, steps], got {learning_rate}")
     return
   if (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float))
       or not learning_rate > 0 or not math.isfinite(learning_rate)):
@@ -187,8 +195,12 @@ class TrainStats(NamedTuple):
 
 
 def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_rate, optimizer,
-         model, log_every, name, pruner, pruner_args):
-  """Shared driver of `train` and `train_many`: chunks, compiles, logs and checks the loss."""
+         model, log_every, name, pruner, pruner_args, mesh=None):
+  """Shared driver of `train` and `train_many`: chunks, compiles, logs and checks the loss.
+
+  With `mesh` (stacks only), the stack is padded to a multiple of the mesh's devices and sharded
+  over them, the data replicated, and the trained stack gathered (unpadded) on every process.
+  """
   if steps < 0:
     raise ValueError(f"steps must be >= 0, got {steps}")
   if batch_size < 1:
@@ -212,22 +224,41 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
   if fn is not _train_steps_jit:
     one = jax.eval_shape(init, *jax.tree.map(lambda a: a[0], (params, masks, pruner_args)))
     init = jax.vmap(init, out_axes=stack_axes(one))
-  # Copy so that donation never consumes the caller's arrays (the state holds the masks given).
-  params = jax.tree.map(jnp.array, params)
-  opt_state = jax.tree.map(jnp.array, init(params, masks, pruner_args))
+  nets = None
+  if mesh is not None:
+    nets = grid.stack_size(params)
+    (params, masks, pruner_args), _ = grid.pad_stack((params, masks, pruner_args), mesh.size)
+    params, masks, pruner_args = grid.shard((params, masks, pruner_args), mesh)
+    images, labels = grid.replicate((images, labels), mesh)
+    opt_state = jax.jit(init)(params, masks, pruner_args)
+  else:
+    # Copy so that donation never consumes the caller's arrays (the state holds the masks).
+    params = jax.tree.map(jnp.array, params)
+    opt_state = jax.tree.map(jnp.array, init(params, masks, pruner_args))
+
+  def result(params, opt_state, losses, *times):
+    final = _final_masks(opt_state)
+    if mesh is not None:
+      params, final, losses = grid.unpad(grid.gather((params, final, losses)), nets)
+      params, final = grid.as_jax((params, final))
+    return params, TrainStats(losses, *times, final)
+
   if steps == 0:
-    return params, TrainStats(np.zeros((0,), np.float32), 0.0, 0.0, 0.0, _final_masks(opt_state))
-  batches = draw_batches(key, num_examples=images.shape[0], steps=steps, batch_size=batch_size)
+    return result(params, opt_state, np.zeros((nets or 1, 0), np.float32)
+                  if fn is not _train_steps_jit else np.zeros((0,), np.float32), 0.0, 0.0, 0.0)
+  batches = np.asarray(draw_batches(key, num_examples=images.shape[0], steps=steps,
+                                    batch_size=batch_size))
   chunk = min(steps, log_every) if log_every else steps
   losses, seconds, compile_seconds, done = [], 0.0, 0.0, 0
   while done < steps:
     idx = batches[done:done + chunk]
+    idx = jnp.asarray(idx) if mesh is None else grid.replicate(idx, mesh)
     exe, secs = timing.compile_once(fn, (params, opt_state, pruner_args, images, labels, idx),
                                     static)
     compile_seconds += secs
     start = time.perf_counter()
     params, opt_state, chunk_losses = exe(params, opt_state, pruner_args, images, labels, idx)
-    chunk_losses = np.asarray(chunk_losses)  # blocks until the chunk is done
+    chunk_losses = grid.gather(chunk_losses)  # blocks until the chunk is done
     seconds += time.perf_counter() - start
     done += idx.shape[0]
     if not np.all(np.isfinite(chunk_losses)):
@@ -237,9 +268,8 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
     if log_every:
       logging.info("%s: step %d/%d  loss %.4f  %.0f steps/s", name, done, steps,
                    float(np.mean(chunk_losses[..., -min(100, chunk):])), done / seconds)
-  losses = np.concatenate(losses, axis=-1)
-  return params, TrainStats(losses, seconds, compile_seconds, steps / seconds,
-                            _final_masks(opt_state))
+  return result(params, opt_state, np.concatenate(losses, axis=-1), seconds, compile_seconds,
+                steps / seconds)
 
 
 def _final_masks(opt_state: optax.OptState) -> Masks | None:
@@ -297,7 +327,8 @@ def train_many(model: nn.Module, params: Params, masks: Masks | None, images: ja
                learning_rate: LearningRate = SEED_LEARNING_RATE,
                optimizer: str = "sgd", log_every: int = 500, name: str = "train",
                pruner: Pruner | None = None,
-               pruner_args: dict[str, Any] | None = None) -> tuple[Params, TrainStats]:
+               pruner_args: dict[str, Any] | None = None,
+               mesh: Any = None) -> tuple[Params, TrainStats]:
   """`train` for a stack of nets at once: every leaf of `params` and `masks` has a leading axis.
 
   All nets see the same batches (common random numbers, so that differences between them come
@@ -310,13 +341,20 @@ def train_many(model: nn.Module, params: Params, masks: Masks | None, images: ja
   leaves have the leading axis too, e.g. `{"final": jnp.array([0.9, 0.95, 0.99])}` for
   `pruner=lambda tx, masks, final: pruning(tx, polynomial_sparsity(final, ...), masks=masks)`.
   The nets share one step count (`stack_axes`), so mask rebuilds stay one `lax.cond`.
+
+  With `mesh` (`prune_jax.grid.net_mesh`), the stack is spread over the mesh's devices: padded
+  to a multiple of their count (repeating the last net; the copies are dropped after), its
+  leading axis sharded (`NamedSharding(mesh, P("nets"))`), the data replicated. Each device
+  trains its slice; the result is the same stacked program's, on 1 device or N, and comes back
+  whole to every process (with several processes joined by `jax.distributed`, every process
+  calls this with the same arguments).
   """
   if masks is not None:
     params = jax.vmap(apply_masks)(params, masks)
   return _run(_train_steps_vmap_jit, params, masks, images, labels, key=key, steps=steps,
               batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
               model=model, log_every=log_every, name=name, pruner=pruner,
-              pruner_args=pruner_args)
+              pruner_args=pruner_args, mesh=mesh)
 
 
 class Evaluation(NamedTuple):

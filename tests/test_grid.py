@@ -1,0 +1,171 @@
+"""Tests of the grid of nets over devices and processes (`prune_jax.grid`, `train_many(mesh=)`,
+`--devices`, `jax.distributed`): on CPU, with fake devices in subprocesses
+(`JAX_NUM_CPU_DEVICES`) and two processes joined on localhost."""
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import frame
+from prune_jax import grid
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FLAGS = ["--mode=weight", "--seeds=0", "--sparsities=0,50,90", "--train_steps=50",
+         "--retrain_steps=20"]
+
+
+def run(args, *, devices: int, timeout: float = 180, **env):
+  environment = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), **env}
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=environment,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_pad_unpad_and_their_errors():
+  tree = {"w": np.arange(6.0).reshape(3, 2), "b": np.arange(3.0)}
+  padded, n = grid.pad_stack(tree, 4)
+  assert n == 3 and padded["w"].shape == (4, 2)
+  np.testing.assert_array_equal(padded["w"][3], tree["w"][2])  # the last net, repeated
+  np.testing.assert_array_equal(grid.unpad(padded, n)["b"], tree["b"])
+  assert grid.pad_stack(tree, 3)[0] is tree
+  with pytest.raises(ValueError, match="share their leading axis"):
+    grid.stack_size({"a": np.zeros((2, 1)), "b": np.zeros(3)})
+
+
+def test_asking_for_more_devices_than_present_names_them():
+  with pytest.raises(ValueError, match=r"--devices=99 but 1 device\(s\) are present"):
+    grid.net_mesh(99)
+  with pytest.raises(ValueError, match="--devices=99"):
+    frame.check_config({"workdir": "w", "seeds": [0], "sparsities": [0], "train_steps": 1,
+                        "batch_size": 1, "learning_rate": 0.1, "optimizer": "sgd",
+                        "scope": "layer", "devices": 99})
+
+
+_STACKS = r"""
+import jax, json, sys
+import jax.numpy as jnp, numpy as np
+from prune_jax import grid, train
+from prune_jax.masks import weight_masks
+from prune_jax.models import MLP, init_mlp
+model = MLP(hidden=(32, 16))
+params = init_mlp(jax.random.key(0), model)
+levels = jnp.array([0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.6, 0.7])
+stack = grid.stack([params] * len(levels))
+masks = jax.vmap(lambda s: weight_masks(params, s))(levels)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(500, 784)).astype(np.float32)
+y = rng.integers(0, 10, 500).astype(np.int32)
+out = {}
+for n, devices in ((8, 1), (8, 2), (8, 4), (7, 4)):
+  mesh = grid.net_mesh(devices)
+  nets, stats = train.train_many(model, jax.tree.map(lambda a: a[:n], stack),
+                                 jax.tree.map(lambda a: a[:n], masks), x, y,
+                                 key=jax.random.key(1), steps=30, batch_size=50, log_every=10,
+                                 mesh=mesh)
+  out[f"{n}/{devices}"] = [np.asarray(a).tolist() for a in jax.tree.leaves(nets)] + [
+      stats.losses.tolist()]
+try:
+  grid.shard({"w": np.zeros((3, 2))}, grid.net_mesh(4))
+  refused = None
+except ValueError as e:
+  refused = str(e)
+print(json.dumps({"devices": jax.device_count(), "out": out, "refused": refused}))
+"""
+
+
+def test_stacks_sharded_over_fake_devices_give_the_single_device_numbers():
+  done = run(["-c", _STACKS], devices=4)
+  assert done.returncode == 0, done.stderr[-3000:]
+  found = json.loads(done.stdout.strip().splitlines()[-1])
+  assert found["devices"] == 4
+  assert "a stack of 3 nets does not divide over 4 devices; pad it" in found["refused"]
+  out = found["out"]
+  # The same stacked program with 2 or more nets per device: bit-identical.
+  assert out["8/2"] == out["8/1"] and out["8/4"] == out["8/1"]
+  # 7 nets padded to 8 over 4 devices (no net dropped): the 7 are the first 7 of the 8.
+  for full, padded in zip(out["8/4"], out["7/4"]):
+    assert np.asarray(padded).shape[0] == 7
+    np.testing.assert_array_equal(np.asarray(full)[:7], np.asarray(padded))
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, mnist):
+  """The session's workdir of tiny base nets (see test_sweep.py)."""
+  folder = tmp_path_factory.getbasetemp() / "shared_bases"
+  frame.load_bases({"mnist_dir": None, "seeds": [0, 1], "sparsities": [0, 50, 90],
+                    "train_steps": 50, "batch_size": 100, "learning_rate": 0.1,
+                    "optimizer": "sgd", "scope": "layer", "retrain_base": False,
+                    "workdir": str(folder)}, mnist)
+  return folder
+
+
+def workdir_from(shared: pathlib.Path, tmp_path: pathlib.Path, name: str) -> pathlib.Path:
+  workdir = tmp_path / name
+  shutil.copytree(shared / "cache" / "units" / "base", workdir / "cache" / "units" / "base")
+  return workdir
+
+
+def curves(workdir: pathlib.Path) -> dict:
+  return json.loads((workdir / "recovery_weight" / "results.json").read_text())["curves"]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.needs_mnist
+def test_study_2_on_4_devices_and_on_2_processes_gives_the_same_results(shared, tmp_path,
+                                                                        mnist_dir):
+  env = {"PRUNE_JAX_MNIST_DIR": str(mnist_dir)}
+  one = workdir_from(shared, tmp_path, "one_device")
+  done = run(["-m", "experiments.recovery", f"--workdir={one}", *FLAGS], devices=1, **env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  four = workdir_from(shared, tmp_path, "four_devices")
+  done = run(["-m", "experiments.recovery", f"--workdir={four}", *FLAGS, "--devices=4"],
+             devices=4, **env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  # One device trains net by net, four devices the stack sharded: float32 noise apart.
+  for name in ("pruned", "retrained"):
+    np.testing.assert_allclose(curves(four)[name]["mean"], curves(one)[name]["mean"], atol=0.05)
+
+  two = workdir_from(shared, tmp_path, "two_processes")
+  address = f"localhost:{free_port()}"
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "experiments.recovery", f"--workdir={two}", *FLAGS,
+       f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env={**os.environ, "JAX_NUM_CPU_DEVICES": "2", **env}, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=240)[1] for p in processes]
+  for p, log in zip(processes, logs):
+    assert p.returncode == 0, log[-3000:]
+  assert "process 1 of 2 joined; 4 devices in all, 2 here" in logs[1]
+  # The same program over the same 4 devices: the same numbers, one results file.
+  assert curves(two) == curves(four)
+  assert sorted(os.listdir(two / "recovery_weight")) == sorted(os.listdir(four / "recovery_weight"))
+
+
+def test_a_coordinator_that_cannot_be_reached_fails_in_bounded_time(tmp_path):
+  address = f"localhost:{free_port()}"
+  done = run(["-m", "experiments.recovery", f"--workdir={tmp_path}", *FLAGS,
+              f"--coordinator_address={address}", "--num_processes=2", "--process_id=1",
+              "--coordinator_timeout=3"], devices=1, timeout=90)
+  assert done.returncode != 0
+  assert f"could not join 2 processes through the coordinator at {address} within 3 s" in \
+      done.stderr
+  assert not (tmp_path / "recovery_weight").exists()
+
+
+def test_incomplete_distributed_flags_are_a_usage_error(tmp_path):
+  done = run(["-m", "experiments.recovery", f"--workdir={tmp_path}", *FLAGS,
+              "--num_processes=2"], devices=1, timeout=60)
+  assert done.returncode != 0
+  assert "--coordinator_address, --num_processes and --process_id go together" in done.stderr
