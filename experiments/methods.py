@@ -34,13 +34,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import base_nets, common_flags, frame, outputs, recovery
+from experiments import base_nets, common_flags, frame, outputs
 from prune_jax import data as data_lib
 from prune_jax import results, train
 from prune_jax import store as store_lib
@@ -119,13 +118,12 @@ class Context(NamedTuple):
 
   def train(self, params: Params, steps: int, *, masks: Masks | None = None,
             pruner: Callable[..., Any] | None = None, final: float | None = None,
-            model: MLP | None = None,
-            key: jax.Array | None = None, optimizer: str | None = None,
+            model: MLP | None = None, optimizer: str | None = None,
             learning_rate: train.LearningRate | None = None, name: str = "") -> Params:
     """`train.train` with this context's data and recipe (keyword arguments override it)."""
     trained, _ = train.train(
         model or self.model, params, self.mnist.train_images, self.mnist.train_labels,
-        key=self.key if key is None else key, steps=steps, batch_size=self.batch_size,
+        key=self.key, steps=steps, batch_size=self.batch_size,
         optimizer=optimizer or self.recipe.optimizer,
         learning_rate=self.recipe.rate(steps) if learning_rate is None else learning_rate,
         masks=masks, pruner=pruner,
@@ -179,11 +177,12 @@ def _oneshot(ctx: Context, s: float) -> Outcome:
                  ctx.base_steps + ctx.budget)
 
 
-def _gradual_weights(scope: str) -> Callable[[Context, float], Outcome]:
+def _gradual_method(kind: str, scope: str) -> Callable[[Context, float], Outcome]:
+  """Gradual magnitude pruning of `kind` ("weight" or "unit") with `scope`, over the budget."""
   def run(ctx: Context, s: float) -> Outcome:
-    pruner = _gradual("weight", scope, "magnitude", ctx.until(), ctx.recipe.prune_every)
+    pruner = _gradual(kind, scope, "magnitude", ctx.until(), ctx.recipe.prune_every)
     return Outcome(ctx.train(ctx.base, ctx.budget, pruner=pruner, final=s,
-                             name=f"gradual_{scope} {s:g}"), ctx.base_steps + ctx.budget)
+                             name=f"gradual {kind} {scope} {s:g}"), ctx.base_steps + ctx.budget)
   return run
 
 
@@ -251,14 +250,6 @@ def _unit_oneshot(ctx: Context, s: float) -> Outcome:
                  ctx.base_steps + ctx.budget)
 
 
-def _gradual_units(scope: str) -> Callable[[Context, float], Outcome]:
-  def run(ctx: Context, s: float) -> Outcome:
-    pruner = _gradual("unit", scope, "magnitude", ctx.until(), ctx.recipe.prune_every)
-    return Outcome(ctx.train(ctx.base, ctx.budget, pruner=pruner, final=s,
-                             name=f"gradual_unit_{scope} {s:g}"), ctx.base_steps + ctx.budget)
-  return run
-
-
 def _random_units(ctx: Context, s: float) -> Outcome:
   masks = unit_masks(ctx.base, s, criterion="random", key=ctx.random_key("random_units"))
   return Outcome(_train_shrunk(ctx, masks, ctx.budget, f"random_units {s:g}"),
@@ -284,10 +275,11 @@ METHODS = {
                           _oneshot_500),
     "oneshot": Method("weight", "one-shot magnitude per layer, the budget", _oneshot),
     "gradual_layer": Method("weight", "gradual magnitude, every layer alike",
-                            _gradual_weights("layer")),
+                            _gradual_method("weight", "layer")),
     "gradual_global": Method("weight", "gradual magnitude, ranked globally",
-                             _gradual_weights("global")),
-    "gradual_erk": Method("weight", "gradual magnitude, ERK densities", _gradual_weights("erk")),
+                             _gradual_method("weight", "global")),
+    "gradual_erk": Method("weight", "gradual magnitude, ERK densities",
+                          _gradual_method("weight", "erk")),
     "random_oneshot": Method("weight", "random weights per layer, one-shot (floor)",
                              _random_oneshot),
     "random_gradual": Method("weight", "random weights per layer, gradual (floor)",
@@ -298,9 +290,9 @@ METHODS = {
                            _unit_oneshot_1000),
     "unit_oneshot": Method("unit", "one-shot unit L2 per layer, the budget", _unit_oneshot),
     "gradual_unit": Method("unit", "gradual unit L2, every layer alike",
-                           _gradual_units("layer")),
+                           _gradual_method("unit", "layer")),
     "gradual_unit_global": Method("unit", "gradual unit L2, ranked globally (normalised)",
-                                  _gradual_units("global")),
+                                  _gradual_method("unit", "global")),
     "random_units": Method("unit", "random units per layer, one-shot (floor)", _random_units),
     "scratch": Method("unit", "the pruned widths trained from scratch (Liu et al. 2019)",
                       _scratch),

@@ -29,7 +29,7 @@ import numpy as np
 from prune_jax import _paths
 from prune_jax.groups import Group, Member
 from prune_jax.masks import (_check_finite, _check_scope, _check_sparsity, _int_keys,
-                             _keep_largest, _mask_tree, _num_pruned, _select)
+                             _keep_largest, _mask_tree, _num_pruned, unit_layers)
 
 Params = Any
 Masks = Any
@@ -129,25 +129,12 @@ def dense_groups(params: Params, prunable: Any = None) -> tuple[Group, ...]:
     ValueError: as `unit_masks` (a selected bias, a selected leaf of fewer than 2 dimensions, a
       bias of the wrong shape).
   """
-  everything = {leaf.path: leaf for leaf in _paths.leaves(params)}
   groups = []
-  for leaf in _select(params, prunable):
-    if leaf.names[-1:] == ("bias",):
-      raise ValueError(f"{leaf.path}: unit_masks ranks kernels and masks each kernel's bias along "
-                       "with its columns; leave biases out of `prunable`")
-    if leaf.value.ndim < 2:
-      raise ValueError(f"{leaf.path} has shape {tuple(leaf.value.shape)}; unit_masks needs "
-                       "kernels [in, out] whose last axis indexes the units. Leave it out of "
-                       "`prunable`, or use weight_masks")
+  for leaf, bias in unit_layers(params, prunable):
     out = int(leaf.value.shape[-1])
     axis = leaf.value.ndim - 1
     members = [Member(leaf.path, axis, tuple(range(out)))]
-    parent = leaf.path.rpartition("/")[0]
-    bias = everything.get(f"{parent}/bias" if parent else "bias")
     if bias is not None:
-      if tuple(bias.value.shape) != (out,):
-        raise ValueError(f"{bias.path} has shape {tuple(bias.value.shape)} but {leaf.path} has "
-                         f"{out} units; a unit's bias must be bias[j], shape [{out}]")
       members.append(Member(bias.path, 0, tuple(range(out))))
     groups.append(Group(leaf.path, out, tuple(members), ((leaf.path, axis),), True, ""))
   return tuple(groups)

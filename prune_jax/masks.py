@@ -241,26 +241,9 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   _check_scope(scope)
   _check_sparsity(sparsity)
   criteria.check_criterion(criterion, units=True, key=key)
-  chosen = _select(params, prunable)
-  everything = {leaf.path: leaf for leaf in _paths.leaves(params)}
-  layers = []
-  for leaf in chosen:
-    if leaf.names[-1:] == ("bias",):
-      raise ValueError(f"{leaf.path}: unit_masks ranks kernels and masks each kernel's bias along "
-                       "with its columns; leave biases out of `prunable`")
-    if leaf.value.ndim < 2:
-      raise ValueError(f"{leaf.path} has shape {tuple(leaf.value.shape)}; unit_masks needs "
-                       "kernels [in, out] whose last axis indexes the units. Leave it out of "
-                       "`prunable`, or use weight_masks")
+  layers = unit_layers(params, prunable)
+  for leaf, _ in layers:
     _check_finite(leaf)
-    parent = leaf.path.rpartition("/")[0]
-    bias = everything.get(f"{parent}/bias" if parent else "bias")
-    out = leaf.value.shape[-1]
-    if bias is not None and tuple(bias.value.shape) != (out,):
-      raise ValueError(f"{bias.path} has shape {tuple(bias.value.shape)} but {leaf.path} has "
-                       f"{out} units; a unit's bias must be bias[j], shape [{out}]")
-    layers.append((leaf, bias))
-
   kernels = tuple(leaf.value for leaf, _ in layers)
   if scope == "layer":
     counts = tuple(_num_pruned(sparsity, k.shape[-1], k.shape[-1]) for k in kernels)
@@ -276,6 +259,34 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     if bias is not None:
       masks[bias.path] = keep
   return _mask_tree(params, masks)
+
+
+def unit_layers(params: Params,
+                prunable: Prunable | None) -> list[tuple[_paths.Leaf, _paths.Leaf | None]]:
+  """The kernels whose output units `unit_masks` prunes, each with its `bias` sibling (or None).
+
+  Raises:
+    ValueError: a selected bias, a selected leaf of fewer than 2 dimensions, or a bias whose
+      shape is not `[out]`, naming the leaf.
+  """
+  everything = {leaf.path: leaf for leaf in _paths.leaves(params)}
+  layers = []
+  for leaf in _select(params, prunable):
+    if leaf.names[-1:] == ("bias",):
+      raise ValueError(f"{leaf.path}: unit_masks ranks kernels and masks each kernel's bias along "
+                       "with its columns; leave biases out of `prunable`")
+    if leaf.value.ndim < 2:
+      raise ValueError(f"{leaf.path} has shape {tuple(leaf.value.shape)}; unit_masks needs "
+                       "kernels [in, out] whose last axis indexes the units. Leave it out of "
+                       "`prunable`, or use weight_masks")
+    parent = leaf.path.rpartition("/")[0]
+    bias = everything.get(f"{parent}/bias" if parent else "bias")
+    out = leaf.value.shape[-1]
+    if bias is not None and tuple(bias.value.shape) != (out,):
+      raise ValueError(f"{bias.path} has shape {tuple(bias.value.shape)} but {leaf.path} has "
+                       f"{out} units; a unit's bias must be bias[j], shape [{out}]")
+    layers.append((leaf, bias))
+  return layers
 
 
 def apply_masks(params: Params, masks: Masks) -> Params:

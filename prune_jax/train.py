@@ -14,7 +14,7 @@ comes in as `pruner=`, a function that wraps the optimizer.
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
