@@ -209,6 +209,10 @@ def reproduce_config() -> dict[str, Any]:
     # anew at every batch size: within the reproduction, time them at one batch size (100).
     shrink_config["weight_sparse_batches"] = [max(
         [b for b in shrink_config["eval_batches"] if b <= 100] or shrink_config["eval_batches"][:1])]
+  if not shrink.WEIGHT_SPARSE_FORMATS.present:
+    # BCSR only: BCOO has no CPU kernel (generic gathers, 10-100x slower than dense below 95%),
+    # a reference point that costs a compilation per level; `shrink` alone times both.
+    shrink_config["weight_sparse_formats"] = ["bcsr"]
   return {**config, "shrink": shrink_config, "conv": conv.conv_config() if CONV.value else None,
           "methods": methods.methods_config() if BEYOND.value else None}
 

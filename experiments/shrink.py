@@ -43,7 +43,7 @@ from absl import app, flags, logging
 from experiments import base_nets, common_flags, frame, outputs, recovery, seed_results
 from experiments import shrink_timing
 from prune_jax import data as data_lib
-from prune_jax import equivalence, results, sparse_dense
+from prune_jax import equivalence, results, sparse_dense, train
 from prune_jax import store as store_lib
 from prune_jax.masks import apply_masks, unit_masks
 from prune_jax.report import sparsity_report
@@ -176,10 +176,6 @@ def check_equivalent(diff: float, scale: float, *, what: str) -> float:
                                  why="shrinking must not change the network")
 
 
-def _accuracy(logits: jax.Array, labels: jax.Array) -> float:
-  return 100 * float(jnp.mean(jnp.argmax(logits, -1) == labels))
-
-
 class LevelNets:
   """One seed's nets at one level: the masked net, and the shrunk and padded ones.
 
@@ -215,7 +211,7 @@ def _level_unit(store: store_lib.Store, config: dict[str, Any], seed: int, level
 
   def compute():
     nets = level_nets()
-    forward = shrink_timing.forward_fn
+    forward = train.forward_fn
     with equivalence.highest_precision():
       masked = forward(model)(nets.masked, test_x)
       small = forward(nets.small_model)(nets.small, test_x)
@@ -234,7 +230,7 @@ def _level_unit(store: store_lib.Store, config: dict[str, Any], seed: int, level
     return {"widths": list(nets.small_model.hidden),
             "equivalence": {"max_abs_diff": diff, "logit_scale": scale, "tolerance": tolerance,
                             "padded_max_abs_diff": pad_diff},
-            "before": _accuracy(small, test_y), "after": _accuracy(after, test_y),
+            "before": train.accuracy_percent(small, test_y), "after": train.accuracy_percent(after, test_y),
             "retrain_seconds": info["seconds"],
             "retrain_compile_seconds": info["compile_seconds"]}, None
 

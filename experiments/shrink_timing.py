@@ -34,7 +34,6 @@ dense shapes at every level) against every level's unstructured-sparse forms of
 `prune_jax.sparse_dense`, in the same rounds.
 """
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from prune_jax import sparse_dense, timing
+from prune_jax import sparse_dense, timing, train
 from prune_jax.masks import apply_masks, weight_masks
 from prune_jax.models import MLP
 
@@ -107,14 +106,7 @@ def device() -> dict[str, Any]:
   return {"platform": first.platform, "kind": first.device_kind, "count": jax.device_count()}
 
 
-def _forward(params: Params, x: jax.Array, *, model: nn.Module) -> jax.Array:
-  return model.apply({"params": params}, x)
-
-
-@functools.lru_cache(maxsize=None)
-def forward_fn(model: nn.Module):
-  """`jit((params, x) -> logits)` of `model`, one per model (so compilations are reused)."""
-  return jax.jit(functools.partial(_forward, model=model))
+forward_fn = train.forward_fn
 
 
 def forward_call(model: nn.Module, params: Params, x: jax.Array) -> tuple[Any, tuple]:

@@ -128,10 +128,11 @@ def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]
   machine the ratio of two medians measured this way is much steadier than that of two
   `time_jitted` results taken one after the other.
 
-  With `precision`, the number of rounds follows the measured spread: after `min_runs` rounds,
-  the rounds stop as soon as every function's median is known to `precision` (its relative
-  standard error, `median_error`, is at most that), and at `runs` rounds at the latest; a quiet
-  machine then needs few rounds and a noisy one gets more.
+  With `precision`, the number of runs follows the measured spread: a function stops taking
+  part in the rounds once it has `min_runs` runs and its median is known to `precision` (its
+  relative standard error, `median_error`, is at most that), and every function stops at `runs`
+  runs; a steady function (a large net) is then timed a few times, a jittery one (a call of a
+  few microseconds) more, while the others' rounds go on around it.
 
   Args:
     calls: `{name: (fn, args)}`, run in this order within each round.
@@ -145,9 +146,9 @@ def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]
     min_run_seconds: the least duration of a run (0: one call per run).
     rewarm_seconds: the least duration of the untimed calls before a run that follows a call
       longer than this (0: none); a function whose calls take longer is not re-warmed.
-    precision: the relative standard error of the medians at which the rounds stop early
-      (0: always `runs` rounds).
-    min_runs: the fewest rounds with `precision` (at most `runs`).
+    precision: the relative standard error of a median at which its function stops early
+      (0: always `runs` runs).
+    min_runs: the fewest runs of a function with `precision`.
 
   Returns:
     `{name: Timing}` in the order of `calls`; `Timing.calls_per_run` says how many calls each
@@ -182,10 +183,11 @@ def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]
       repeats[name] = max(1, math.ceil(min_run_seconds / fastest))
       rewarms[name] = math.ceil(rewarm_seconds / fastest) if rewarm_seconds > fastest else 0
   times: dict[str, list[float]] = {name: [] for name in calls}
+  done = set(slow)  # functions that take no more runs (after their first)
   previous_call = 0.0
   for round_ in range(runs):
     for name, (_, args) in calls.items():
-      if name in slow and round_ > 0:
+      if name in done and round_ > 0:
         continue
       exe, n = compiled[name], repeats[name]
       if previous_call > rewarm_seconds:
@@ -196,8 +198,9 @@ def time_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]
         jax.block_until_ready(exe(*args))
       previous_call = (time.perf_counter() - start) / n
       times[name].append(previous_call)
-    if (precision and round_ + 1 >= min(min_runs, runs)
-        and all(median_error(t) <= precision for k, t in times.items() if k not in slow)):
+      if precision and len(times[name]) >= min_runs and median_error(times[name]) <= precision:
+        done.add(name)
+    if len(done) == len(calls):
       break
   return {name: Timing(statistics.median(t), min(t), max(t), len(t), compile_seconds[name],
                        repeats[name])

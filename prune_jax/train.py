@@ -357,6 +357,22 @@ def train_many(model: nn.Module, params: Params, masks: Masks | None, images: ja
               pruner_args=pruner_args, mesh=mesh)
 
 
+def _forward(params: Params, x: jax.Array, *, model: nn.Module) -> jax.Array:
+  return model.apply({"params": params}, x)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_fn(model: nn.Module) -> Callable[[Params, jax.Array], jax.Array]:
+  """`jit((params, x) -> logits)` of `model`: one function per model, so that every caller (an
+  evaluation, an equivalence check, a timing) shares its compiled programs."""
+  return jax.jit(functools.partial(_forward, model=model))
+
+
+def accuracy_percent(logits: jax.Array, labels: jax.Array) -> float:
+  """The accuracy (%) of `logits [N, classes]` against int `labels [N]`."""
+  return 100 * float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(labels)))
+
+
 class Evaluation(NamedTuple):
   """Test-set metrics: accuracy in [0, 1] and mean cross-entropy (arrays, `[nets]` if stacked)."""
   accuracy: jax.Array

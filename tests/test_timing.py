@@ -20,13 +20,14 @@ def test_median_error_is_the_robust_standard_error_of_the_median():
   assert timing.median_error([1.0, 1.0, 1.01, 0.99, 50.0]) < 0.01
 
 
-def test_rounds_stop_once_the_medians_are_known_to_the_precision():
+def test_a_function_stops_once_its_median_is_known_to_the_precision():
   a = jnp.ones((32, 32))
   fast = jax.jit(jnp.matmul)
   loose = timing.time_interleaved({"f": (fast, (a, a)), "g": (jnp.add, (a, a))}, runs=40,
                                   precision=0.5, min_run_seconds=0.001)
   assert all(3 <= t.runs < 40 for t in loose.values())
-  assert len({t.runs for t in loose.values()}) == 1  # rounds: every function runs in each
+  strict = timing.time_interleaved({"f": (fast, (a, a))}, runs=5, precision=1e-12, min_runs=3)
+  assert strict["f"].runs == 5  # never precise enough: every run
   exact = timing.time_interleaved({"f": (fast, (a, a))}, runs=4, precision=0.0)
   assert exact["f"].runs == 4
   few = timing.time_interleaved({"f": (fast, (a, a))}, runs=2, precision=0.5)
