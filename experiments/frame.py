@@ -118,10 +118,26 @@ def load_bases(config: Config, mnist: data_lib.MNIST, bases: dict[int, Params] |
 
 
 def evaluate_dense(model: nn.Module, params: Params, mnist: data_lib.MNIST, *,
-                   scope: str = "layer") -> tuple[float, float]:
-  """Test accuracy (%) of the dense net and its measured sparsity (%) over the prunable kernels."""
-  accuracy = float(train.evaluate(model, params, mnist.test_images, mnist.test_labels).accuracy)
-  return 100 * accuracy, float(zero_percent(params, prunable_leaves(params, scope=scope)))
+                   scope: str = "layer", store: store_lib.Store | None = None,
+                   key: dict[str, Any] | None = None) -> tuple[float, float]:
+  """Test accuracy (%) of the dense net and its measured sparsity (%) over the prunable kernels.
+
+  With `store` and `key` (the base net's, `base_nets.base_key`), a unit of the store: the
+  studies of one run evaluate each base net once.
+  """
+  def compute():
+    accuracy = float(train.evaluate(model, params, mnist.test_images,
+                                    mnist.test_labels).accuracy)
+    return {"accuracy": 100 * accuracy,
+            "sparsity": float(zero_percent(params, prunable_leaves(params, scope=scope)))}, None
+
+  if store is None or key is None:
+    value = compute()[0]
+  else:
+    value = store.get_or_compute("dense_eval", {**key, "scope": scope,
+                                                "test_images": int(mnist.test_images.shape[0])},
+                                 compute).value
+  return value["accuracy"], value["sparsity"]
 
 
 def prunable_leaves(params: Params, *, scope: str = "layer") -> Masks:

@@ -305,7 +305,8 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
                                    "retrain_compile_seconds", "regrow_seconds",
                                    "regrow_compile_seconds")}
   for seed in config["seeds"]:
-    acc, sparsity = frame.evaluate_dense(model, params[seed], mnist, scope=config["scope"])
+    acc, sparsity = frame.evaluate_dense(model, params[seed], mnist, scope=config["scope"],
+                                         store=store, key=base_nets.base_key(config, seed))
     dense.append(acc)
     dense_sparsity.append(sparsity)
     logging.info("seed %d: dense test accuracy %.2f%%", seed, acc)

@@ -281,7 +281,8 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
   timed_nets = []  # the timed seed's nets, per level
   for seed in config["seeds"]:
     params = params_by_seed[seed]
-    acc, sparsity = frame.evaluate_dense(model, params, mnist, scope=config["scope"])
+    acc, sparsity = frame.evaluate_dense(model, params, mnist, scope=config["scope"],
+                                         store=store, key=base_nets.base_key(config, seed))
     dense_acc.append(acc)
     dense_sparsity.append(sparsity)
     logging.info("seed %d: dense test accuracy %.2f%%", seed, acc)

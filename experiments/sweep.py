@@ -144,7 +144,8 @@ def run_sweep(config: dict[str, Any], mnist: data_lib.MNIST, *,
   seconds = {mode: [] for mode in MODES}
   compile_seconds = dict.fromkeys(MODES, 0.0)
   for seed in config["seeds"]:
-    acc, sparsity = frame.evaluate_dense(model, params[seed], mnist, scope=config["scope"])
+    acc, sparsity = frame.evaluate_dense(model, params[seed], mnist, scope=config["scope"],
+                                         store=store, key=base_nets.base_key(config, seed))
     dense.append(acc)
     dense_sparsity.append(sparsity)
     logging.info("seed %d: dense test accuracy %.2f%%", seed, acc)

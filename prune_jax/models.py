@@ -1,6 +1,7 @@
 """The models: the seed study's MLP and a LeNet-5-style CNN (Flax linen); shrunk clones."""
 
 import math
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,7 +58,16 @@ class MLP(nn.Module):
 
 
 def init_mlp(key: jax.Array, model: MLP, input_dim: int = 784):
-  """Returns the `params` dict of `model` for inputs of `input_dim` features."""
+  """Returns the `params` dict of `model` for inputs of `input_dim` features.
+
+  One compiled program per model and input size (the same values as `model.init` run eagerly,
+  which compiles a program per layer shape).
+  """
+  return _init_mlp(key, model=model, input_dim=input_dim)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "input_dim"))
+def _init_mlp(key: jax.Array, *, model: MLP, input_dim: int):
   return model.init(key, jnp.zeros((1, input_dim), jnp.float32))["params"]
 
 

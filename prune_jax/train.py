@@ -194,6 +194,24 @@ class TrainStats(NamedTuple):
   masks: Masks | None = None
 
 
+def _prepare(params, masks, pruner_args, *, optimizer, learning_rate, pruned, pruner, stacked):
+  """A copy of the params (so that donation never consumes the caller's arrays) and the
+  optimizer state, in one compiled program (eagerly, every leaf's shape would compile its own
+  small programs)."""
+
+  def init(p, m, args):
+    return _transformation(optimizer, learning_rate, pruned, pruner, m, args).init(p)
+
+  if stacked:
+    one = jax.eval_shape(init, *jax.tree.map(lambda a: a[0], (params, masks, pruner_args)))
+    init = jax.vmap(init, out_axes=stack_axes(one))
+  return jax.tree.map(jnp.copy, params), init(params, masks, pruner_args)
+
+
+_prepare_jit = jax.jit(_prepare, static_argnames=("optimizer", "learning_rate", "pruned",
+                                                  "pruner", "stacked"))
+
+
 def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_rate, optimizer,
          model, log_every, name, pruner, pruner_args, mesh=None):
   """Shared driver of `train` and `train_many`: chunks, compiles, logs and checks the loss.
@@ -217,24 +235,15 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
     learning_rate = float(learning_rate)
   static = dict(model=model, optimizer=optimizer, learning_rate=learning_rate,
                 pruned=pruned, pruner=pruner)
-
-  def init(p, m, args):
-    return _transformation(optimizer, learning_rate, pruned, pruner, m, args).init(p)
-
-  if fn is not _train_steps_jit:
-    one = jax.eval_shape(init, *jax.tree.map(lambda a: a[0], (params, masks, pruner_args)))
-    init = jax.vmap(init, out_axes=stack_axes(one))
   nets = None
   if mesh is not None:
     nets = grid.stack_size(params)
     (params, masks, pruner_args), _ = grid.pad_stack((params, masks, pruner_args), mesh.size)
     params, masks, pruner_args = grid.shard((params, masks, pruner_args), mesh)
     images, labels = grid.replicate((images, labels), mesh)
-    opt_state = jax.jit(init)(params, masks, pruner_args)
-  else:
-    # Copy so that donation never consumes the caller's arrays (the state holds the masks).
-    params = jax.tree.map(jnp.array, params)
-    opt_state = jax.tree.map(jnp.array, init(params, masks, pruner_args))
+  params, opt_state = _prepare_jit(params, masks, pruner_args, optimizer=optimizer,
+                                   learning_rate=learning_rate, pruned=pruned, pruner=pruner,
+                                   stacked=fn is not _train_steps_jit)
 
   def result(params, opt_state, losses, *times):
     final = _final_masks(opt_state)
