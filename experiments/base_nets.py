@@ -8,12 +8,14 @@ a study passes another (study 6: `LeNet5`), which is part of the key.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from prune_jax import data as data_lib
@@ -60,7 +62,16 @@ def model_key(model: nn.Module) -> dict[str, Any]:
 
 
 def init_params(key: jax.Array, model: nn.Module) -> Params:
-  """The initial `params` of `model` for flat MNIST rows `[1, 784]` (`init_mlp` for the MLP)."""
+  """The initial `params` of `model` for flat MNIST rows `[1, 784]` (`init_mlp` for the MLP).
+
+  One compiled program per model (the values of `model.init` run eagerly, which would compile a
+  program per layer shape).
+  """
+  return _init_params(key, model=model)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _init_params(key: jax.Array, *, model: nn.Module) -> Params:
   return model.init(key, jnp.zeros((1, INPUT_FEATURES), jnp.float32))["params"]
 
 
@@ -129,11 +140,11 @@ def load_or_train(config: dict[str, Any], seed: int, mnist: data_lib.MNIST, *,
     return {"train_seconds": stats.seconds, "compile_seconds": stats.compile_seconds}, params
 
   unit = store.get_or_compute("base", key, train_now, template=template, recompute=retrain)
-  params = jax.tree.map(jnp.asarray, unit.tree)
-  if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params)):
+  params = jax.tree.map(jax.device_put, unit.tree)
+  if not all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in jax.tree.leaves(params)):
     logging.warning("seed %d: the stored base net is not finite; retraining", seed)
     unit = store.get_or_compute("base", key, train_now, template=template, recompute=True)
-    params = jax.tree.map(jnp.asarray, unit.tree)
+    params = jax.tree.map(jax.device_put, unit.tree)
   path = store.tree_path("base", key)
   if not trained:
     logging.info("seed %d: loaded the base net from %s", seed, path)

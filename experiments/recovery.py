@@ -212,7 +212,7 @@ def retrained_shrunk(store: store_lib.Store, key: dict[str, Any], model: MLP, pr
             "widths": list(small_model.hidden)}, new
 
   unit = store.get_or_compute("retrained_shrunk", key, compute, template=small)
-  return jax.tree.map(jnp.asarray, unit.tree), small_model, unit.value
+  return jax.tree.map(jax.device_put, unit.tree), small_model, unit.value
 
 
 def _evaluate_stack(model: nn.Module, stacked: Params, masks: Masks,

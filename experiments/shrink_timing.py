@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from experiments.sweep import prune_levels
 from prune_jax import sparse_dense, timing, train
-from prune_jax.masks import apply_masks, weight_masks
 from prune_jax.models import MLP
 
 Params = Any
@@ -340,11 +340,14 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
     return out
   check_x = test_x[:SPARSE_CHECK_IMAGES]
   sparse_fn = jax.jit(sparse_dense.sparse_forward)
-  masks_fn = jax.jit(weight_masks, static_argnames=("scope",))
+  # Every level's masks and pruned net from one program (the one study 2 compiles): the weights
+  # are sorted once for all levels.
+  pruned_all, masks_all = prune_levels(params, fracs, mode="weight", scope=scope)
   nets = []
   for i, level in enumerate(levels):
-    masks = masks_fn(params, fracs[i], scope=scope)
-    pruned = apply_masks(params, masks)
+    masks = jax.tree.map(lambda m: None if m is None else m[i], masks_all,
+                         is_leaf=lambda m: m is None)
+    pruned = jax.tree.map(lambda p: p[i], pruned_all)
     forms = {fmt: sparse_dense.sparsify(params, masks, fmt=fmt) for fmt in formats}
     reference = forward_fn(model)(pruned, check_x)
     scale = max(1.0, float(jnp.max(jnp.abs(reference))))

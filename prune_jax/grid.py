@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -150,4 +149,4 @@ def gather(tree: Tree) -> Tree:
 
 def as_jax(tree: Tree) -> Tree:
   """Host arrays as (process-local) jax arrays, e.g. one net of a gathered stack."""
-  return jax.tree.map(jnp.asarray, tree)
+  return jax.tree.map(jax.device_put, tree)

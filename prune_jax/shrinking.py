@@ -23,7 +23,6 @@ Example:
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from prune_jax import _paths
@@ -103,7 +102,7 @@ def shrink(params: Params, masks: Masks) -> Params:
       new[layer.bias.path] = bias[keep]
     rows = keep
   return jax.tree_util.tree_map_with_path(
-      lambda kp, _: jnp.asarray(new[_paths.path_str(kp)]), params)
+      lambda kp, _: jax.device_put(new[_paths.path_str(kp)]), params)
 
 
 def shrunk_widths(params: Params) -> tuple[int, ...]:
@@ -181,7 +180,7 @@ def expand(small: Params, full: Params, masks: Masks) -> Params:
       new[layer.bias.path] = _put(_host(layer.bias).copy(), cols, small_of, layer.bias.path)
     rows = cols
   return jax.tree_util.tree_map_with_path(
-      lambda kp, _: jnp.asarray(new[_paths.path_str(kp)]), full)
+      lambda kp, _: jax.device_put(new[_paths.path_str(kp)]), full)
 
 
 def pad_units(params: Params, multiple: int) -> Params:
@@ -225,7 +224,7 @@ def pad_units(params: Params, multiple: int) -> Params:
       new[layer.bias.path] = np.pad(_host(layer.bias), (0, extra_cols))
     extra_rows = extra_cols
   return jax.tree_util.tree_map_with_path(
-      lambda kp, _: jnp.asarray(new[_paths.path_str(kp)]), params)
+      lambda kp, _: jax.device_put(new[_paths.path_str(kp)]), params)
 
 
 def _put(target: np.ndarray, index: Any, small_of: dict[str, Any], path: str) -> np.ndarray:

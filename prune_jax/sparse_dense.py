@@ -22,7 +22,6 @@ Example:
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
@@ -82,14 +81,14 @@ def sparsify(params: Params, masks: Masks | None = None, *,
       kernel = np.where(np.asarray(mask), kernel, 0).astype(kernel.dtype)
     pruned = mask is not None if masks is not None else bool((kernel == 0).any())
     kernel_t = np.ascontiguousarray(kernel.T)
-    kernel_t = _to_sparse(kernel_t, fmt) if pruned else jnp.asarray(kernel_t)
+    kernel_t = _to_sparse(kernel_t, fmt) if pruned else jax.device_put(kernel_t)
     bias = None
     if layer.bias is not None:
       bias = np.asarray(layer.bias.value)
       bias_mask = masks_of.get(layer.bias.path)
       if bias_mask is not None:
         bias = np.where(np.asarray(bias_mask), bias, 0).astype(bias.dtype)
-      bias = jnp.asarray(bias)
+      bias = jax.device_put(bias)
     out.append(SparseLayer(kernel_t, bias))
   return tuple(out)
 
@@ -101,13 +100,13 @@ def _to_sparse(matrix: np.ndarray, fmt: str) -> Any:
   CPU CSR kernel needs, else JAX falls back to generic ops).
   """
   rows, cols = np.nonzero(matrix)
-  data = jnp.asarray(matrix[rows, cols])
+  data = jax.device_put(matrix[rows, cols])
   if fmt == "bcsr":
     indptr = np.zeros(matrix.shape[0] + 1, np.int32)
     np.cumsum(np.bincount(rows, minlength=matrix.shape[0]), out=indptr[1:])
-    return sparse.BCSR((data, jnp.asarray(cols, jnp.int32), jnp.asarray(indptr)),
+    return sparse.BCSR((data, jax.device_put(cols.astype(np.int32)), jax.device_put(indptr)),
                        shape=matrix.shape, indices_sorted=True, unique_indices=True)
-  indices = jnp.asarray(np.stack([rows, cols], axis=1), jnp.int32)
+  indices = jax.device_put(np.stack([rows, cols], axis=1).astype(np.int32))
   return sparse.BCOO((data, indices), shape=matrix.shape, indices_sorted=True,
                      unique_indices=True)
 
