@@ -29,6 +29,9 @@ def pytest_configure(config: pytest.Config) -> None:
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     folder = tempfile.mkdtemp(prefix="prune_jax_test_xla_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    # Every program, however fast it compiled: the subprocesses (the studies' entry points) then
+    # load what this process compiled for the same shapes.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     config.stash[_XLA_CACHE] = folder
 
 

@@ -2,17 +2,18 @@
 
 import json
 import os
+import shutil
 
 import pytest
 from absl import logging
 
-from experiments import report, reproduce, seed_results
+from experiments import frame, report, reproduce, seed_results
 
-TINY = {"mnist_dir": None, "seeds": [0], "sparsities": [0, 50, 90], "train_steps": 60,
+TINY = {"mnist_dir": None, "seeds": [0], "sparsities": [0, 50, 90], "train_steps": 50,
         "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer",
         "retrain_base": False, "retrain_steps": 10, "regrow": False}
-TINY_SHRINK = {"retrain_steps": 10, "keep_last_hidden": False, "eval_batches": [1, 100],
-               "timing_runs": 1, "pad_multiple": 1, "weight_sparse_formats": ["bcoo"]}
+TINY_SHRINK = {"retrain_steps": 10, "keep_last_hidden": False, "eval_batches": [100],
+               "timing_runs": 1, "pad_multiple": 1, "weight_sparse_formats": ["bcsr"]}
 
 
 def test_macs_fraction_matches_the_seeds_arithmetic():
@@ -34,8 +35,13 @@ def test_progress_estimates_what_remains(monkeypatch):
 
 
 @pytest.mark.needs_mnist
-def test_reproduce_runs_all_studies_and_writes_the_report(tmp_path, mnist_dir, monkeypatch):
+def test_reproduce_runs_all_studies_and_writes_the_report(tmp_path, mnist, mnist_dir,
+                                                         monkeypatch, tmp_path_factory):
   monkeypatch.setenv("PRUNE_JAX_MNIST_DIR", str(mnist_dir))
+  # The session's tiny base nets (see test_sweep.py), copied: the run loads, not trains, them.
+  shared = tmp_path_factory.getbasetemp() / "shared_bases"
+  frame.load_bases({**TINY, "seeds": [0, 1], "workdir": str(shared)}, mnist)
+  shutil.copytree(shared / "cache" / "units" / "base", tmp_path / "cache" / "units" / "base")
   config = {**TINY, "workdir": str(tmp_path)}
   path = reproduce.run(config, TINY_SHRINK, command="python -m experiments.reproduce --tiny")
   assert path == os.path.join(str(tmp_path), "REPORT.md")
