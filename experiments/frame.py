@@ -336,7 +336,7 @@ def main(run: Callable[..., Payload], config: Callable[[], Config], *,
     use_matmul_precision(cfg)
     with stop_cleanly_on_sigterm():
       try:
-        mnist = data_lib.load_mnist(cfg["mnist_dir"])
+        mnist = data_lib.on_device(data_lib.load_mnist(cfg["mnist_dir"]))
         payload = run(cfg, mnist)
         if jax.process_index() == 0:  # the others computed the same; they write nothing
           write(payload, cfg["workdir"])

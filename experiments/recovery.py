@@ -65,6 +65,7 @@ from absl import app, flags, logging
 
 from experiments import base_nets, common_flags, frame, outputs, sweep
 from prune_jax import data as data_lib
+from prune_jax import grid
 from prune_jax import store as store_lib
 from prune_jax import train
 from prune_jax.report import zero_percent
@@ -101,10 +102,9 @@ def retrain_steps(mode: str, steps: int | None) -> int:
 
 
 def level(tree: Any, i: int | Sequence[int]) -> Any:
-  """Level `i` of a stacked tree (leading axis), or the levels `i` (a list), `None` leaves kept."""
-  index = np.asarray(i) if isinstance(i, Sequence) else i
-  return jax.tree.map(lambda x: None if x is None else x[index], tree,
-                      is_leaf=lambda x: x is None)
+  """Level `i` of a stacked tree (leading axis), or the levels `i` (a list), `None` leaves kept
+  (`grid.take`)."""
+  return grid.take(tree, i)
 
 
 def retrain_levels(model: nn.Module, pruned: Params, masks: Masks, images: jax.Array,

@@ -18,6 +18,7 @@ under `<workdir>/cache/units/`; rerunning the same command after an interruption
 continues where it stopped and gives the same numbers; `--fresh` recomputes everything.
 """
 
+import concurrent.futures
 import os
 import shlex
 import sys
@@ -145,25 +146,31 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
                                   conv_config=conv_config, methods_config=methods_config))
   phases = iter(progress.costs)
 
-  mnist = mnist or data_lib.load_mnist(config["mnist_dir"])
+  mnist = data_lib.on_device(mnist or data_lib.load_mnist(config["mnist_dir"]))
   progress.finish(next(phases))
   bases, _ = frame.load_bases(config, mnist, store=store)
   progress.finish(next(phases))
 
   writer = jax.process_index() == 0  # with several processes, process 0 writes for all
   payloads = {}
-  payloads["sweep"] = sweep.run_sweep(config, mnist, bases=bases, store=store)
-  if writer:
-    frame.write_and_plot(payloads["sweep"], workdir)
-  progress.finish(next(phases))
-
-  for mode in ("weight", "unit"):
-    payload = recovery.run_recovery({**config, "mode": mode, "retrain_steps": steps[mode]}, mnist,
-                                    bases=bases, store=store)
-    payloads[payload["study"]] = payload
+  # Studies 1-3's files are written and plotted on a thread while the next study trains; all of
+  # them are done before study 4, whose timings want a quiet machine.
+  with concurrent.futures.ThreadPoolExecutor(1) as background:
+    written = []
+    payloads["sweep"] = sweep.run_sweep(config, mnist, bases=bases, store=store)
     if writer:
-      frame.write_and_plot(payload, workdir)
+      written.append(background.submit(frame.write_and_plot, payloads["sweep"], workdir))
     progress.finish(next(phases))
+
+    for mode in ("weight", "unit"):
+      payload = recovery.run_recovery({**config, "mode": mode, "retrain_steps": steps[mode]},
+                                      mnist, bases=bases, store=store)
+      payloads[payload["study"]] = payload
+      if writer:
+        written.append(background.submit(frame.write_and_plot, payload, workdir))
+      progress.finish(next(phases))
+    for done in written:
+      done.result()  # raises what the writing raised
 
   payloads["shrink"] = shrink.run_shrink({**config, **shrink_config}, mnist, bases=bases,
                                          store=store)

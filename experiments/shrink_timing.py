@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 
 from experiments.sweep import prune_levels
-from prune_jax import sparse_dense, timing, train
+from prune_jax import grid, sparse_dense, timing, train
 from prune_jax.models import MLP
 
 Params = Any
@@ -344,16 +344,16 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
   # are sorted once for all levels.
   pruned_all, masks_all = prune_levels(params, fracs, mode="weight", scope=scope)
   nets = []
-  for i, level in enumerate(levels):
-    masks = jax.tree.map(lambda m: None if m is None else m[i], masks_all,
-                         is_leaf=lambda m: m is None)
-    pruned = jax.tree.map(lambda p: p[i], pruned_all)
-    forms = {fmt: sparse_dense.sparsify(params, masks, fmt=fmt) for fmt in formats}
-    reference = forward_fn(model)(pruned, check_x)
-    scale = max(1.0, float(jnp.max(jnp.abs(reference))))
+  for i in range(len(levels)):
+    pruned, masks = grid.take((pruned_all, masks_all), i)
+    nets.append((pruned, {fmt: sparse_dense.sparsify(params, masks, fmt=fmt)
+                          for fmt in formats}))
+  for level, (pruned, forms) in zip(levels, nets):
+    reference = np.asarray(forward_fn(model)(pruned, check_x))
+    scale = max(1.0, float(np.max(np.abs(reference))))
     info = {"sparsity": level, "stored_entries": {}, "max_abs_logit_diff": {}}
     for fmt, net in forms.items():
-      diff = float(jnp.max(jnp.abs(sparse_fn(net, check_x) - reference)))
+      diff = float(np.max(np.abs(np.asarray(sparse_fn(net, check_x)) - reference)))
       if not diff <= SPARSE_RTOL * scale:
         raise RuntimeError(f"{level:g}% weight-pruned net in {fmt} form: logits differ from "
                            f"dense with zeros by up to {diff:.3g} (logit scale {scale:.3g})")
@@ -364,7 +364,6 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
     info["macs_nonzero"] = int(sum(entries))
     info["macs_ratio"] = info["macs_dense"] / max(info["macs_nonzero"], 1)
     out["levels"].append(info)
-    nets.append((pruned, forms))
 
   # (fmt, level) -> (batch, median seconds) of its last timing at a batch >= ESTIMATE_FROM_BATCH.
   previous: dict[tuple[str, float], tuple[int, float]] = {}

@@ -95,6 +95,21 @@ def pad_stack(tree: Tree, multiple: int) -> tuple[Tree, int]:
       tree), n
 
 
+def take(tree: Tree, index: int | Sequence[int]) -> Tree:
+  """Net `index` of a stacked tree (the leading axis dropped), or the nets `index` (a list, the
+  axis kept); `None` leaves kept.
+
+  One compiled program per tree and kind of index, whichever nets it takes: indexing each leaf
+  eagerly would compile a program per leaf shape and index.
+  """
+  return _take(tree, np.asarray(index, np.int32))
+
+
+@jax.jit
+def _take(tree: Tree, index: jax.Array) -> Tree:
+  return jax.tree.map(lambda x: x[index], tree)
+
+
 def unpad(tree: Tree, n: int) -> Tree:
   """The first `n` nets of a stacked tree."""
   return jax.tree.map(lambda x: x[:n], tree)

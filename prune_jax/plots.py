@@ -1,5 +1,8 @@
 """Plots of the studies' results, drawn from their `results.json` payloads alone (matplotlib, Agg).
 
+Figures are made without `pyplot` (`matplotlib.figure.Figure`): no global state, so a plot may be
+drawn on any thread while the main one computes.
+
 One public function per study kind, `plot_<kind>(payload, folder) -> list[str]`, draws that kind's
 PNG files into `folder` and returns their paths; `plot_study` dispatches on `payload["study"]`
 (`"sweep"`, `"recovery_weight"`, `"recovery_unit"`, ... -> the kind before the first `_`). A new
@@ -22,13 +25,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib import ticker
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from prune_jax import results  # pylint: disable=g-import-not-at-top,wrong-import-position
+from prune_jax import results
 
 Payload = dict[str, Any]
 Plotter = Callable[[Payload, str], list[str]]
@@ -99,7 +101,8 @@ def plot_sweep(payload: Payload, folder: str) -> list[str]:
   """
   levels = payload["sparsities"]
   curves = payload["curves"]
-  fig, ax = plt.subplots(figsize=(7.5, 5.2), layout="constrained")
+  fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+  ax = fig.subplots()
   _dense_line(ax, curves["dense"], label="dense (not pruned)")
   labels = {"weight": "weight pruning (smallest |w| of each layer)",
             "unit": "unit pruning (smallest-norm units of each layer)"}
@@ -141,8 +144,8 @@ def plot_recovery(payload: Payload, folder: str) -> list[str]:
   zoom = curves["dense"]["mean"][0] >= ZOOM[0] + 2
   ratios = (3,) + ((2,) if zoom else ()) + ((2,) if regrown else ())
   width = 7.5 + 4.5 * (len(ratios) - 1)
-  fig, axes = plt.subplots(1, len(ratios), figsize=(width, 5.4), layout="constrained",
-                           gridspec_kw=dict(width_ratios=ratios), squeeze=False)
+  fig = Figure(figsize=(width, 5.4), layout="constrained")
+  axes = fig.subplots(1, len(ratios), gridspec_kw=dict(width_ratios=ratios), squeeze=False)
   axes = list(axes[0])
   ax = axes[0]
   names = ["pruned", "retrained"] + (["regrown"] if regrown else [])
@@ -186,7 +189,7 @@ def plot_methods(payload: Payload, folder: str) -> list[str]:
   kind = payload["study"].partition("_")[2]
   dense = curves.get("dense_same_budget")
   names = [n for n in curves if n != "dense_same_budget"]
-  colors = plt.get_cmap("tab10")(np.linspace(0, 1, 10))
+  colors = matplotlib.colormaps.get_cmap("tab10")(np.linspace(0, 1, 10))
   styles, k = {}, 0
   for name in names:
     if name.startswith("random"):
@@ -194,8 +197,8 @@ def plot_methods(payload: Payload, folder: str) -> list[str]:
     else:
       styles[name] = dict(color=colors[k % 10], marker="os^vD<>ph*"[k % 10])
       k += 1
-  fig, axes = plt.subplots(1, 2, figsize=(14.0, 6.2), layout="constrained",
-                           gridspec_kw=dict(width_ratios=(3, 2)))
+  fig = Figure(figsize=(14.0, 6.2), layout="constrained")
+  axes = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(3, 2)))
   top = dense["mean"][0] if dense else max(max(c["mean"]) for c in curves.values())
   zoom = (max(0.0, np.floor(top - _METHODS_ZOOM)), min(100.0, np.ceil(top + 0.5)))
   for ax in axes:
@@ -233,7 +236,7 @@ def _inverse(position: np.ndarray) -> np.ndarray:
   return 100 * (1 + _KEPT_FLOOR - np.power(10.0, -np.asarray(position, np.float64)))
 
 
-def _sparsity_axis(ax: plt.Axes, levels: Sequence[float], xlabel: str, *,
+def _sparsity_axis(ax: Axes, levels: Sequence[float], xlabel: str, *,
                    note: bool = False, narrow: bool = False) -> None:
   """x axis: log-of-kept spacing, a tick labelled in percent at each level, nothing else."""
   ax.set_xscale("function", functions=(_forward, _inverse))
@@ -249,7 +252,7 @@ def _sparsity_axis(ax: plt.Axes, levels: Sequence[float], xlabel: str, *,
   ax.set_xlabel(xlabel)
 
 
-def _accuracy_axes(ax: plt.Axes, levels: Sequence[float], *, xlabel: str,
+def _accuracy_axes(ax: Axes, levels: Sequence[float], *, xlabel: str,
                    ylim: tuple[float, float] = (0, 100), note: bool = False,
                    narrow: bool = False) -> None:
   """Accuracy (%) in `ylim` against the sparsity levels, with a light grid."""
@@ -262,7 +265,7 @@ def _accuracy_axes(ax: plt.Axes, levels: Sequence[float], *, xlabel: str,
   ax.grid(True, alpha=0.3)
 
 
-def _curve(ax: plt.Axes, levels: Sequence[float], curve: dict[str, Any], *, name: str,
+def _curve(ax: Axes, levels: Sequence[float], curve: dict[str, Any], *, name: str,
            label: str, style: dict[str, Any] | None = None) -> None:
   """One curve: its mean with a marker at each level; with several seeds, a +-std band (clipped
   to 0-100%) and each seed's value as a faint dot, so that a bimodal level (a seed that failed
@@ -281,7 +284,7 @@ def _curve(ax: plt.Axes, levels: Sequence[float], curve: dict[str, Any], *, name
               color=style["color"], alpha=0.4)
 
 
-def _dense_line(ax: plt.Axes, curve: dict[str, Any], *, label: str) -> None:
+def _dense_line(ax: Axes, curve: dict[str, Any], *, label: str) -> None:
   """The dense accuracy as a horizontal dashed line (+-std band with several seeds)."""
   mean, std = float(curve["mean"][0]), float(curve["std"][0])
   n_seeds = len(curve["per_seed"])
@@ -292,7 +295,7 @@ def _dense_line(ax: plt.Axes, curve: dict[str, Any], *, label: str) -> None:
     ax.axhspan(mean - std, mean + std, color=style["color"], alpha=0.12, linewidth=0)
 
 
-def _sparsity_left_axes(ax: plt.Axes, levels: Sequence[float], curves: dict[str, Any], *,
+def _sparsity_left_axes(ax: Axes, levels: Sequence[float], curves: dict[str, Any], *,
                         mode: str) -> None:
   """Measured sparsity (%) of the retrained nets against the level they were pruned to."""
   for name, label in (("retrained", "mask kept"), ("regrown", "mask dropped (regrown)")):
@@ -321,7 +324,7 @@ def _spread(n_seeds: int) -> str:
   return f" (mean ± std of {n_seeds} seeds, dots: each seed)" if n_seeds > 1 else ""
 
 
-def _titles(fig: plt.Figure, ax: plt.Axes, title: str, payload: Payload) -> None:
+def _titles(fig: Figure, ax: Axes, title: str, payload: Payload) -> None:
   """A bold figure title, and a subtitle over `ax` with the protocol and the seeds."""
   config = payload.get("config", {})
   seeds = payload.get("seeds", [])
@@ -334,18 +337,17 @@ def _titles(fig: plt.Figure, ax: plt.Axes, title: str, payload: Payload) -> None
   ax.set_title("; ".join(parts), fontsize=9, color="0.3")
 
 
-def _legend(fig: plt.Figure, ax: plt.Axes) -> None:
+def _legend(fig: Figure, ax: Axes) -> None:
   """The legend of `ax`, below the axes (outside them, so it hides no data)."""
   handles, labels = ax.get_legend_handles_labels()
   fig.legend(handles, labels, loc="outside lower center", ncols=2 if len(labels) > 3 else 1,
              fontsize=9, frameon=False)
 
 
-def _save(fig: plt.Figure, path: str) -> str:
+def _save(fig: Figure, path: str) -> str:
   """Writes `fig` as a PNG to `path` atomically and closes it; returns `path`."""
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=DPI)
-  plt.close(fig)
   results.write_bytes(path, buffer.getvalue())
   return path
 
@@ -377,7 +379,8 @@ def plot_shrink(payload: Payload, folder: str) -> list[str]:
   curves = payload["curves"]
   config = payload.get("config", {})
   steps = config.get("retrain_steps", "?")
-  fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(13.5, 6.0), layout="constrained")
+  fig = Figure(figsize=(13.5, 6.0), layout="constrained")
+  ax, ax_speed = fig.subplots(1, 2)
   _dense_line(ax, curves["dense"], label="dense (not pruned)")
   _curve(ax, levels, curves["before_retraining"], name="pruned",
          label="shrunk, before retraining")
@@ -393,7 +396,7 @@ def plot_shrink(payload: Payload, folder: str) -> list[str]:
   return [_save(fig, os.path.join(folder, f"{payload['study']}.png"))]
 
 
-def _shrink_speed_axes(ax: plt.Axes, payload: Payload) -> None:
+def _shrink_speed_axes(ax: Axes, payload: Payload) -> None:
   """Measured speed-up per batch size against the sparsity, log y, with the ideal MAC line."""
   levels = payload["sparsities"]
   timing = payload["timing"]
@@ -407,7 +410,7 @@ def _shrink_speed_axes(ax: plt.Axes, payload: Payload) -> None:
   if target:
     ax.plot(levels, [target * r for r in ideal], color="black", linestyle=":", linewidth=1.0,
             label=f"{target:g} x the multiply-add ratio")
-  colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.8, len(batches)))
+  colors = matplotlib.colormaps.get_cmap("viridis")(np.linspace(0.15, 0.8, len(batches)))
   for batch, color in zip(batches, colors):
     speedups = [row["speedup"] for row in tables[batch]]
     ax.plot(levels, speedups, marker="o", markersize=5, linewidth=1.6, color=color,
@@ -479,7 +482,8 @@ def plot_conv(payload: Payload, folder: str) -> list[str]:
   levels = payload["sparsities"]
   curves = payload["curves"]
   steps = payload.get("config", {}).get("retrain_steps", "?")
-  fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(13.5, 6.0), layout="constrained")
+  fig = Figure(figsize=(13.5, 6.0), layout="constrained")
+  ax, ax_speed = fig.subplots(1, 2)
   _dense_line(ax, curves["dense"], label="dense (not pruned)")
   _curve(ax, levels, curves["before_retraining"], name="pruned",
          label="channels deleted, before retraining")

@@ -1,6 +1,7 @@
 """Sparsity, parameter counts and multiply-adds of a (masked) sequential Dense stack; measured
 sparsity of any tree."""
 
+import functools
 from typing import Any
 
 import jax
@@ -127,12 +128,18 @@ def zero_percent(params: Params, masks: Masks) -> jax.Array:
     >>> float(zero_percent(params, masks))
     50.0
   """
-  pairs = jax.tree.leaves(
-      jax.tree.map(lambda m, p: None if m is None else (jnp.sum(p == 0, dtype=jnp.int32), p.size),
-                   masks, params, is_leaf=lambda x: x is None),
-      is_leaf=lambda x: isinstance(x, tuple))
-  zeros = sum(z for z, _ in pairs)
-  size = sum(n for _, n in pairs)
+  counted = jax.tree.leaves(jax.tree.map(lambda m, p: m is not None, masks, params,
+                                         is_leaf=lambda x: x is None))
+  return _zero_percent(jax.tree.leaves(params), counted=tuple(counted))
+
+
+@functools.partial(jax.jit, static_argnames=("counted",))
+def _zero_percent(leaves: list[jax.Array], *, counted: tuple[bool, ...]) -> jax.Array:
+  """`zero_percent` over the `leaves` marked `counted`: one compiled program per net (eagerly,
+  each leaf's count would compile programs of its own)."""
+  kept = [leaf for leaf, c in zip(leaves, counted, strict=True) if c]
+  zeros = sum(jnp.sum(leaf == 0, dtype=jnp.int32) for leaf in kept)
+  size = sum(leaf.size for leaf in kept)
   # One multiplication by a constant: the same float result in every program that computes it
   # (a division could be rewritten, differently, by each compiled program).
   return zeros.astype(jnp.float32) * jnp.float32(100 / size)

@@ -41,6 +41,20 @@ def test_pad_unpad_and_their_errors():
     grid.stack_size({"a": np.zeros((2, 1)), "b": np.zeros(3)})
 
 
+def test_take_gives_one_net_or_several_and_keeps_none_leaves():
+  tree = {"w": np.arange(12.0).reshape(3, 2, 2), "b": np.arange(3.0), "skip": None}
+  one = grid.take(tree, 1)
+  np.testing.assert_array_equal(one["w"], tree["w"][1])
+  assert one["b"].shape == () and one["skip"] is None
+  some = grid.take(tree, [2, 0])
+  np.testing.assert_array_equal(some["w"], tree["w"][[2, 0]])
+  np.testing.assert_array_equal(some["b"], [2.0, 0.0])
+  # One compiled program per tree and kind of index, whichever nets it takes.
+  misses = grid._take._cache_size()
+  grid.take(tree, 2), grid.take(tree, [0, 1])
+  assert grid._take._cache_size() == misses
+
+
 def test_asking_for_more_devices_than_present_names_them():
   with pytest.raises(ValueError, match=r"--devices=99 but 1 device\(s\) are present"):
     grid.net_mesh(99)
