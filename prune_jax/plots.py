@@ -190,10 +190,11 @@ def plot_methods(payload: Payload, folder: str) -> list[str]:
   dense = curves.get("dense_same_budget")
   names = [n for n in curves if n != "dense_same_budget"]
   colors = matplotlib.colormaps.get_cmap("tab10")(np.linspace(0, 1, 10))
-  styles, k = {}, 0
+  styles, k, floors = {}, 0, 0
   for name in names:
-    if name.startswith("random"):
-      styles[name] = dict(color="0.55", marker="x", linestyle="--")
+    if name.startswith("random"):  # the floors: grey, dashed, told apart by their markers
+      styles[name] = dict(color="0.55", marker="xd+"[floors % 3], linestyle="--")
+      floors += 1
     else:
       styles[name] = dict(color=colors[k % 10], marker="os^vD<>ph*"[k % 10])
       k += 1
