@@ -25,7 +25,9 @@ Every (seed, method, level) is a unit of the workdir's store: an interrupted run
 it stopped. Writes `<workdir>/methods_weight/` and `<workdir>/methods_unit/`: `results.json`
 (one curve per method, `{"mean", "std", "per_seed", "measured_sparsity", "steps",
 "macs_ratio"}` over the sparsities; `targets`: the issue's targets, met or not), `results.csv`,
-`table.csv` and a PNG.
+`table.csv` and a PNG. `timings`: per method (`method_seconds`) and for the dense net
+(`dense_seconds`), the seconds their units took when they were computed, summed over seeds (also
+when read back from the store; units stored by an older version count 0).
 """
 
 import functools
@@ -426,30 +428,36 @@ def run_methods(config: dict[str, Any], mnist: data_lib.MNIST, *,
   # Seed by seed (the dense net and every method of a seed before the next seed), so that an
   # interrupted run leaves whole seeds behind.
   dense, found = {}, {name: [] for name in names}
+  # Per method, the seconds its units took when they were computed (also when read back).
   seconds = dict.fromkeys(names, 0.0)
   for seed in config["seeds"]:
     ctx = _context(config, seed, model, params[seed], mnist, recipe)
+    def compute_dense(ctx=ctx):
+      start = time.perf_counter()
+      value = _measure(model, ctx.train(ctx.base, ctx.budget, name=DENSE), "weight", mnist)
+      return value | {"steps": ctx.base_steps + ctx.budget,
+                      "seconds": time.perf_counter() - start}, None
+
     dense[seed] = store.get_or_compute(
-        "methods", _unit_key(config, seed, DENSE, None, mnist),
-        lambda: (_measure(model, ctx.train(ctx.base, ctx.budget, name=DENSE), "weight", mnist)
-                 | {"steps": ctx.base_steps + ctx.budget}, None)).value
+        "methods", _unit_key(config, seed, DENSE, None, mnist), compute_dense).value
     logging.info("seed %d: dense net, %d steps: %.2f%%", seed, dense[seed]["steps"],
                  dense[seed]["accuracy"])
     for name in names:
       kind = METHODS[name].kind
-      t = time.perf_counter()
       row = []
       for level in levels_of(config, kind):
         def compute(name=name, kind=kind, level=level):
+          start = time.perf_counter()
           outcome = METHODS[name].run(ctx, level / 100)
-          return {**_measure(model, outcome.params, kind, mnist), "steps": outcome.steps}, None
+          return {**_measure(model, outcome.params, kind, mnist), "steps": outcome.steps,
+                  "seconds": time.perf_counter() - start}, None
         unit = store.get_or_compute("methods", _unit_key(config, seed, name, level, mnist),
                                     compute).value
         row.append(unit)
+        seconds[name] += unit.get("seconds", 0.0)  # as computed, also when read back
         logging.info("seed %d, %s at %g%%: %.2f%% (measured %.2f%%, %d steps)", seed, name,
                      level, unit["accuracy"], unit["measured_sparsity"], unit["steps"])
       found[name].append(row)
-      seconds[name] += time.perf_counter() - t
   payloads = {}
   for kind in kinds:
     kind_names = [n for n in names if METHODS[n].kind == kind]
@@ -486,7 +494,10 @@ def _payload(kind: str, config: dict[str, Any], found: dict[str, list[list[dict[
                                        len(levels))
   curves[DENSE]["steps"] = dense[seeds[0]]["steps"]
   payload = outputs.payload(f"methods_{kind}", config, started=start, base_info=base_info,
-                            curves=curves, timings={"method_seconds": seconds})
+                            curves=curves,
+                            timings={"method_seconds": seconds,
+                                     "dense_seconds": sum(dense[s].get("seconds", 0.0)
+                                                          for s in seeds)})
   payload["targets"] = targets(kind, payload)
   return payload
 

@@ -69,6 +69,11 @@ def test_rerun_reads_every_unit_back(shared, small, payloads):
   assert store.computed == 0 and store.loaded > 0
   for study, payload in payloads.items():
     assert again[study]["curves"] == payload["curves"]
+    # The seconds the units took when computed, read back with them.
+    for key in ("method_seconds", "dense_seconds"):
+      assert again[study]["timings"][key] == payload["timings"][key]
+    assert all(s > 0 for s in payload["timings"]["method_seconds"].values())
+    assert payload["timings"]["dense_seconds"] > 0
 
 
 def test_imp_and_gradual_masks_really_are_sparse(shared, small):
