@@ -70,7 +70,7 @@ from prune_jax import store as store_lib
 from prune_jax import train
 from prune_jax.report import zero_percent
 from prune_jax.models import MLP
-from prune_jax.shrinking import expand, shrink, shrunk_widths
+from prune_jax.shrinking import bucket_widths, expand, fit_units, shrink, shrunk_widths
 
 Params = Any
 Masks = Any
@@ -324,6 +324,10 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
                                  keep_masks=True, protocol=protocol)
     else:
       units = []
+      mesh = frame.grid_mesh(config)
+      if mesh is not None:
+        _retrain_shrunk_in_buckets(store, config, seed, model, pruned, masks, mnist, mesh=mesh,
+                                   protocol=protocol)
       for i, lv in enumerate(levels):
         small, small_model, info = retrained_shrunk(
             store, retrain_key(config, seed, lv, mode=mode, keep_masks=True, steps=steps),
@@ -356,6 +360,40 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
     curves[name] = outputs.curve(accuracy[name], measured[name])
   return outputs.payload(f"recovery_{mode}", config, started=start, base_info=base_info,
                          curves=curves, timings={k: v for k, v in timings.items() if v})
+
+
+def _retrain_shrunk_in_buckets(store: store_lib.Store, config: dict[str, Any], seed: int,
+                               model: MLP, pruned: Params, masks: Masks,
+                               mnist: data_lib.MNIST, *, mesh: Any,
+                               protocol: dict[str, Any]) -> None:
+  """Retrains study 3's shrunk nets not yet stored as a few stacks, on accelerators.
+
+  Each level's shrunk net is padded with zero units to its widths' buckets (`bucket_widths`:
+  powers of two; padded units stay exactly zero under training), the levels of a bucket are
+  trained as one stack sharded over `mesh` (`train_many`: one compiled program per bucket, not
+  per level), and each net, trimmed back to its widths, is stored as the unit `retrained_shrunk`
+  would have computed (the same computation up to float32 summation order).
+  """
+  todo: dict[tuple[int, ...], list[tuple[int, dict[str, Any], Params]]] = {}
+  for i, lv in enumerate(config["sparsities"]):
+    key = retrain_key(config, seed, lv, mode="unit", keep_masks=True, steps=protocol["steps"])
+    if store.contains("retrained_shrunk", key):
+      continue
+    small = shrink(level(pruned, i), level(masks, i))
+    todo.setdefault(bucket_widths(shrunk_widths(small)), []).append((i, key, small))
+  for widths, nets in todo.items():
+    stacked = grid.stack([fit_units(small, widths) for _, _, small in nets])
+    trained, stats = train.train_many(
+        model.clone(hidden=widths), stacked, None, mnist.train_images, mnist.train_labels,
+        key=base_nets.retrain_key(seed), mesh=mesh, **protocol,
+        name=f"seed {seed}: retrain {len(nets)} unit-pruned nets, shrunk and padded to "
+        f"{'-'.join(map(str, widths))}")
+    for j, (_, key, small) in enumerate(nets):
+      new = fit_units(grid.take(trained, j), shrunk_widths(small))
+      store.put("retrained_shrunk", key,
+                {"seconds": stats.seconds / len(nets),
+                 "compile_seconds": stats.compile_seconds / len(nets),
+                 "widths": list(shrunk_widths(small)), "padded_to": list(widths)}, new)
 
 
 def shrunk_to(masks: Masks, i: int) -> str:

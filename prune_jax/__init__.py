@@ -8,7 +8,8 @@ from prune_jax.pruner import PruningState, current_masks, pruning, stack_axes
 from prune_jax.report import sparsity_report
 from prune_jax.schedules import (Schedule, iterative_sparsity, one_shot_sparsity,
                                  polynomial_sparsity)
-from prune_jax.shrinking import expand, pad_units, shrink, shrunk_widths
+from prune_jax.shrinking import (bucket_widths, expand, fit_units, pad_units, shrink,
+                                 shrunk_widths)
 from prune_jax.groups import Group, Member, unit_groups
 from prune_jax.group_masks import dense_groups
 from prune_jax.structured import ShrinkPlan, ShrunkApply, shrink_fn, shrink_opt_state, shrink_plan

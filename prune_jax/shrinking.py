@@ -20,6 +20,7 @@ Example:
   (32, 16)
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -213,18 +214,74 @@ def pad_units(params: Params, multiple: int) -> Params:
     raise ValueError(f"multiple must be >= 1, got {multiple}")
   if multiple == 1:
     return params
-  layers = _paths.dense_stack(params, caller="pad_units")
+  return fit_units(params, [w + -w % multiple for w in shrunk_widths(params)])
+
+
+def fit_units(params: Params, widths: Sequence[int]) -> Params:
+  """Pads each hidden layer with zero units, or drops its last units, to the given widths.
+
+  Padding is exact as in `pad_units` (the padded units output 0 and stay 0 under gradient
+  training); dropping the units padding added gives the net back (`fit_units(fit_units(p, w),
+  shrunk_widths(p))` is `p`). The logits layer is never changed.
+
+  Args:
+    params: a sequential Dense stack, e.g. `shrink`'s output.
+    widths: the hidden widths wanted, one per hidden layer.
+
+  Returns:
+    A stack of the same structure at `shrunk_widths(result) == tuple(widths)`.
+
+  Raises:
+    ValueError: if `params` is not a sequential Dense stack, or `widths` does not give one
+      non-negative width per hidden layer.
+
+  Example:
+    >>> small = {"Dense_0": {"kernel": jnp.ones((784, 100))},
+    ...          "Dense_1": {"kernel": jnp.ones((100, 10))}}
+    >>> shrunk_widths(fit_units(small, [128]))
+    (128,)
+  """
+  layers = _paths.dense_stack(params, caller="fit_units")
+  widths = [int(w) for w in widths]
+  if len(widths) != len(layers) - 1 or min(widths, default=0) < 0:
+    raise ValueError(f"fit_units needs one width >= 0 per hidden layer ({len(layers) - 1}), got "
+                     f"{widths}")
   new: dict[str, np.ndarray] = {}
-  extra_rows = 0
+  rows = None  # the width the previous layer now has
   for i, layer in enumerate(layers):
-    width = layer.kernel.value.shape[1]
-    extra_cols = 0 if i == len(layers) - 1 else -width % multiple
-    new[layer.kernel.path] = np.pad(_host(layer.kernel), ((0, extra_rows), (0, extra_cols)))
+    kernel = _host(layer.kernel)
+    cols = kernel.shape[1] if i == len(layers) - 1 else widths[i]
+    new[layer.kernel.path] = _fit(_fit(kernel, 0, kernel.shape[0] if rows is None else rows),
+                                  1, cols)
     if layer.bias is not None:
-      new[layer.bias.path] = np.pad(_host(layer.bias), (0, extra_cols))
-    extra_rows = extra_cols
+      new[layer.bias.path] = _fit(_host(layer.bias), 0, cols)
+    rows = cols
   return jax.tree_util.tree_map_with_path(
       lambda kp, _: jax.device_put(new[_paths.path_str(kp)]), params)
+
+
+def _fit(array: np.ndarray, axis: int, size: int) -> np.ndarray:
+  """`array` cut, or padded with zeros at the end, to `size` along `axis`."""
+  have = array.shape[axis]
+  if size <= have:
+    return np.take(array, np.arange(size), axis=axis)
+  pad = [(0, 0)] * array.ndim
+  pad[axis] = (0, size - have)
+  return np.pad(array, pad)
+
+
+def bucket_widths(widths: Sequence[int], *, smallest: int = 8) -> tuple[int, ...]:
+  """Each width rounded up to a power of two, at least `smallest` (0 stays 0).
+
+  Nets whose widths fall in the same buckets share one compiled program (padded with
+  `fit_units`). On an accelerator, where compiling a program costs more than the arithmetic the
+  padding adds, that is the cheaper way (study 3's ten default levels fall in eight buckets).
+
+  Example:
+    >>> bucket_widths([1000, 500, 100, 5, 0])
+    (1024, 512, 128, 8, 0)
+  """
+  return tuple(0 if w == 0 else max(smallest, 1 << (int(w) - 1).bit_length()) for w in widths)
 
 
 def _put(target: np.ndarray, index: Any, small_of: dict[str, Any], path: str) -> np.ndarray:

@@ -169,6 +169,25 @@ def test_study_2_on_4_devices_and_on_2_processes_gives_the_same_results(shared, 
   assert sorted(os.listdir(two / "recovery_weight")) == sorted(os.listdir(four / "recovery_weight"))
 
 
+@pytest.mark.needs_mnist
+def test_study_3_in_width_buckets_on_4_devices_gives_the_single_device_numbers(shared, tmp_path,
+                                                                               mnist, mnist_dir):
+  levels = ["--mode=unit", "--sparsities=0,50,60,90"]
+  four = workdir_from(shared, tmp_path, "four_devices")
+  done = run(["-m", "experiments.recovery", f"--workdir={four}", *FLAGS, *levels, "--devices=4"],
+             devices=4, PRUNE_JAX_MNIST_DIR=str(mnist_dir))
+  assert done.returncode == 0, done.stderr[-3000:]
+  # 50% (500-500-250-100) and 60% (400-400-200-80) share the buckets 512-512-256-128.
+  assert "retrain 2 unit-pruned nets, shrunk and padded to 512-512-256-128" in done.stderr
+  assert "-unit-pruned net, shrunk to" not in done.stderr  # no level trained on its own
+  one = recovery.run_recovery({**CONFIG, "mode": "unit", "sparsities": [0, 50, 60, 90],
+                               "workdir": str(workdir_from(shared, tmp_path, "one"))},
+                              mnist)["curves"]
+  found = json.loads((four / "recovery_unit" / "results.json").read_text())["curves"]
+  for name in ("pruned", "retrained"):
+    np.testing.assert_allclose(found[name]["mean"], one[name]["mean"], atol=0.05)
+
+
 def test_a_coordinator_that_cannot_be_reached_fails_in_bounded_time(tmp_path):
   address = f"localhost:{free_port()}"
   done = run(["-m", "experiments.recovery", f"--workdir={tmp_path}", *FLAGS,

@@ -1,5 +1,7 @@
 """Tests of prune_jax.shrinking: the shrunk net computes the masked net's logits; bad input."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,9 @@ from hypothesis import strategies as st
 
 from prune_jax import MLP, equivalence, init_mlp
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
-from prune_jax.shrinking import expand, pad_units, shrink, shrunk_widths
+from prune_jax import train as train_lib
+from prune_jax.shrinking import (bucket_widths, expand, fit_units, pad_units, shrink,
+                                 shrunk_widths)
 from _trees import random_params
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.9, 0.99, 1.0)
@@ -235,6 +239,46 @@ def test_pad_units_by_one_is_the_identity_and_zero_is_refused():
   assert pad_units(params, 1) is params
   with pytest.raises(ValueError, match="multiple must be >= 1"):
     pad_units(params, 0)
+
+
+def test_fit_units_pads_and_gives_the_net_back():
+  model = MLP(hidden=(13, 0, 7), use_bias=True)
+  params = jax.tree.map(lambda p: p + 0.3, init_mlp(jax.random.key(0), model))
+  widths = bucket_widths(shrunk_widths(params))
+  assert widths == (16, 0, 8)
+  fitted = fit_units(params, widths)
+  assert shrunk_widths(fitted) == widths
+  np.testing.assert_array_equal(fitted["Dense_2"]["kernel"][7:], 0)  # the next layer's rows
+  x = jax.random.uniform(jax.random.key(1), (5, 784))
+  np.testing.assert_allclose(model.clone(hidden=widths).apply({"params": fitted}, x),
+                             model.apply({"params": params}, x), rtol=1e-6, atol=1e-6)
+  back = fit_units(fitted, shrunk_widths(params))
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  with pytest.raises(ValueError, match="one width >= 0 per hidden layer"):
+    fit_units(params, [16, 0])
+
+
+def test_padded_units_stay_zero_under_adam_and_trimming_gives_the_trained_net():
+  model = MLP(hidden=(6, 5), initializer="flax")
+  params = init_mlp(jax.random.key(0), model)
+  x = jax.random.normal(jax.random.key(1), (256, 784))
+  y = jnp.arange(256) % 10
+  train = functools.partial(train_lib.train, images=x, labels=y, key=jax.random.key(2),
+                            steps=20, batch_size=32, optimizer="adam", learning_rate=1e-2,
+                            log_every=0)
+  small, _ = train(model, params)
+  widths = bucket_widths(shrunk_widths(params))
+  big, _ = train(model.clone(hidden=widths), fit_units(params, widths))
+  np.testing.assert_array_equal(big["Dense_0"]["kernel"][:, 6:], 0)  # padding stayed zero
+  np.testing.assert_array_equal(big["Dense_1"]["kernel"][6:], 0)
+  trimmed = fit_units(big, shrunk_widths(params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), trimmed,
+               small)
+
+
+def test_bucket_widths_are_powers_of_two():
+  assert bucket_widths([1000, 750, 500, 100, 9, 1, 0]) == (1024, 1024, 512, 128, 16, 8, 0)
+  assert bucket_widths([3], smallest=1) == (4,)
 
 
 @pytest.mark.parametrize("bias", [False, True])
