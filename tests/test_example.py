@@ -2,9 +2,9 @@
 written; and the docstring examples of the library modules."""
 
 import doctest
+import importlib
 import pathlib
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +86,6 @@ def test_docstring_examples(module):
       "shrink_plan", "shrink_opt_state", "save_shrunk", "load_shrunk", "shrunk_model", "LeNet5",
       "polynomial_sparsity", "one_shot_sparsity", "iterative_sparsity", "erk_densities",
       "pruning", "current_masks", "stack_axes", "imp", "imp_sparsities")}}
-  result = doctest.testmod(sys.modules[module], extraglobs=globs,
+  result = doctest.testmod(importlib.import_module(module), extraglobs=globs,
                            optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0
