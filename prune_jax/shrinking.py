@@ -214,7 +214,9 @@ def pad_units(params: Params, multiple: int) -> Params:
     raise ValueError(f"multiple must be >= 1, got {multiple}")
   if multiple == 1:
     return params
-  return fit_units(params, [w + -w % multiple for w in shrunk_widths(params)])
+  layers = _paths.dense_stack(params, caller="pad_units")
+  widths = [int(layer.kernel.value.shape[1]) for layer in layers[:-1]]
+  return fit_units(params, [w + -w % multiple for w in widths])
 
 
 def fit_units(params: Params, widths: Sequence[int]) -> Params:
