@@ -236,7 +236,11 @@ def methods_section(payload: Payload) -> list[str]:
       f"(`steps`: counted from the initialisation); recipe: {recipe.get('optimizer')} at "
       f"{recipe.get('learning_rate')}, {recipe.get('schedule')} learning rate, gradual "
       f"schedules done at {recipe.get('prune_until')} of the budget, masks every "
-      f"{recipe.get('prune_every')} steps. `random*`: the floor.", "",
+      f"{recipe.get('prune_every')} steps"
+      + (f"; `gradual_regrow` swaps {payload['config']['regrow_fraction']:g} of each layer's "
+         "kept weights at each update, decaying to 0 at the ramp's end"
+         if "regrow_fraction" in payload["config"] and "gradual_regrow" in curves else "")
+      + ". `random*`: the floor.", "",
       *_table(["method", "steps", *[f"{lv:g}%" for lv in levels]], rows), "",
       measured, ""]
   for target in payload.get("targets", []):

@@ -46,8 +46,8 @@ _CNN_TIMING = 3000                      # study 6's timing of 6 levels at 3 batc
 BEYOND = flags.DEFINE_bool(
     "beyond", False, "Also run study 5 (experiments.methods: pruning while training, every "
     "method from the same base nets and step budget; its own flags --kind, --methods, "
-    "--budget_steps...) and add its section '5. Beyond the seed' to REPORT.md. Long: about 45 "
-    "minutes per seed on 2 CPU cores; resumable.")
+    "--budget_steps...) and add its section '5. Beyond the seed' to REPORT.md. Long: about an "
+    "hour per seed on 2 CPU cores; resumable.")
 CONV = flags.DEFINE_bool(
     "conv", False, "Also run study 6 (channel pruning of a LeNet-5 CNN, experiments.conv, with "
     "its own default --sparsities unless given) and add its section to REPORT.md.")

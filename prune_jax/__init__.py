@@ -5,6 +5,7 @@ from prune_jax.rewinding import IMPResult, imp, imp_sparsities
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax.models import MLP, LeNet5, init_lenet5, init_mlp, shrunk_model
 from prune_jax.pruner import PruningState, current_masks, pruning, stack_axes
+from prune_jax.regrowth import regrow
 from prune_jax.report import sparsity_report
 from prune_jax.schedules import (Schedule, iterative_sparsity, one_shot_sparsity,
                                  polynomial_sparsity)

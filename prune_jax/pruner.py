@@ -19,6 +19,11 @@ same way in practice: a pruned unit's column is zero, so its norm ranks it first
 unit whose column is exactly zero too could take its place, by the lower index). Without a
 schedule the masks given are kept fixed (`pruning(tx, masks=masks)`, what `prune_jax.train` uses).
 
+With `regrow=`, weights also come back: after each rebuild, a fraction of every layer's kept
+weights (the smallest) is dropped and as many pruned weights with the largest gradient grow back
+at zero (`prune_jax.regrowth.regrow`; RigL with a constant sparsity, gradual pruning with
+regrowth with a ramp).
+
 It jits, runs inside `lax.scan`, and vmaps over a stack of nets: vmap `init`/`update` with
 `stack_axes(state)` as in/out axes, which keeps the step count unbatched, so that the rebuild stays
 one `lax.cond` (a batched predicate would turn it into a `select` that rebuilds at every step).
@@ -45,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from prune_jax import _paths, criteria, schedules
+from prune_jax import _paths, criteria, regrowth, schedules
 from prune_jax import masks as masks_lib
 
 Params = Any
@@ -72,8 +77,9 @@ def pruning(tx: optax.GradientTransformation,
             masks: Masks | None = None, kind: Kind = "weight",
             criterion: criteria.Criterion = "magnitude",
             scope: masks_lib.Scope = "layer", prunable: masks_lib.Prunable | None = None,
-            key: jax.Array | None = None,
-            every: int | None = None) -> optax.GradientTransformationExtraArgs:
+            key: jax.Array | None = None, every: int | None = None,
+            regrow: float | Callable[[Any], Any] | None = None
+            ) -> optax.GradientTransformationExtraArgs:
   """Wraps the optimizer `tx` so that it prunes the params as they train (see the module doc).
 
   At a step `t` with `schedule.is_update(t)`, the masks become
@@ -101,6 +107,10 @@ def pruning(tx: optax.GradientTransformation,
     prunable: which leaves to prune, as in `weight_masks` (default: every 2-D kernel but the last).
     key: the `jax.random` key of `criterion="random"`.
     every: for a plain function schedule only: rebuild the masks at steps `0, every, 2 * every...`.
+    regrow: weights only: after each rebuild, swap this fraction of every layer's kept weights
+      (`regrowth.regrow`: the smallest dropped, the pruned ones with the largest gradient grown
+      back at zero, their optimizer state zero); a number, or a function of the step such as
+      `optax.cosine_decay_schedule(0.3, 4000)`. `None`: masks only grow.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; its state is a `PruningState` (extra keyword
@@ -109,8 +119,8 @@ def pruning(tx: optax.GradientTransformation,
   Raises:
     ValueError: an unknown kind, scope or criterion (or one the kind does not support),
       `"random"` without a key, neither a schedule nor masks, `every` with a `Schedule` or
-      without one; at `init`, masks that do not match the params (naming the leaf); at `update`,
-      no params.
+      without one, `regrow` for units or without a schedule; at `init`, masks that do not
+      match the params (naming the leaf); at `update`, no params.
 
   Example:
     >>> tx = pruning(optax.adam(1e-3), one_shot_sparsity(0.5), scope="global")
@@ -133,6 +143,16 @@ def pruning(tx: optax.GradientTransformation,
                        "masks=weight_masks(params, 0.9)")
   else:
     schedule = schedules.as_schedule(schedule, every=every)
+  if regrow is not None:
+    if kind != "weight":
+      raise ValueError("regrow swaps single weights (drop the smallest, grow the largest "
+                       "gradients): use kind='weight', or regrow=None for units")
+    if schedule is None:
+      raise ValueError("regrow acts when the schedule rebuilds the masks, but no schedule was "
+                       "given: pass e.g. a constant sparsity, lambda step: 0.9, with every=100")
+    if isinstance(regrow, (int, float)) and not 0.0 <= regrow <= 1.0:
+      raise ValueError(f"regrow must be in [0, 1] (the share of each layer's kept weights to "
+                       f"swap) or a function of the step, got {regrow}")
   inner_tx = optax.with_extra_args_support(tx)
 
   def build(params: Params, sparsity: jax.Array, grads: Params, previous: Masks) -> Masks:
@@ -172,6 +192,9 @@ def pruning(tx: optax.GradientTransformation,
 
       def rebuild(current, inner):
         new = build(params, schedule(state.count), updates, current)
+        if regrow is not None:
+          fraction = regrow(state.count) if callable(regrow) else regrow
+          new = regrowth.regrow(new, params, updates, fraction)
         return new, _zero_pruned(inner_tx, inner, new)
 
       due = schedule.is_update(state.count)

@@ -78,14 +78,14 @@ def test_readme_prune_while_you_train_example_runs_as_written(capsys):
                                     "prune_jax.models", "prune_jax.schedules",
                                     "prune_jax.allocation", "prune_jax.pruner",
                                     "prune_jax.rewinding", "prune_jax.train",
-                                    "prune_jax.equivalence"])
+                                    "prune_jax.equivalence", "prune_jax.regrowth"])
 def test_docstring_examples(module):
   globs = {"jax": jax, "jnp": jnp, "optax": optax, **{name: getattr(prune_jax, name) for name in (
       "MLP", "init_mlp", "weight_masks", "unit_masks", "apply_masks", "shrink", "shrunk_widths",
       "expand", "pad_units", "sparsity_report", "unit_groups", "dense_groups", "shrink_fn",
       "shrink_plan", "shrink_opt_state", "save_shrunk", "load_shrunk", "shrunk_model", "LeNet5",
       "polynomial_sparsity", "one_shot_sparsity", "iterative_sparsity", "erk_densities",
-      "pruning", "current_masks", "stack_axes", "imp", "imp_sparsities")}}
+      "pruning", "current_masks", "stack_axes", "imp", "imp_sparsities", "regrow")}}
   result = doctest.testmod(importlib.import_module(module), extraglobs=globs,
                            optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0

@@ -17,8 +17,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"mnist_dir": None, "seeds": [0], "sparsities": [90, 99], "sparsities_given": True,
         "train_steps": 50, "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd",
         "scope": "layer", "retrain_base": False, "fresh": False,
-        "kinds": ["weight", "unit"], "methods": ["gradual_global", "random_oneshot", "imp",
-                                                 "gradual_unit", "random_units"],
+        "kinds": ["weight", "unit"], "methods": ["gradual_global", "gradual_regrow",
+                                                 "random_oneshot", "imp", "gradual_unit",
+                                                 "random_units"],
         "budget_steps": 40, "recipe": methods.Recipe("sgd", 0.1, "cosine", 0.5, 10)._asdict()}
 
 pytestmark = pytest.mark.needs_mnist
@@ -44,7 +45,8 @@ def payloads(shared, small):
 
 def test_one_payload_per_kind_with_every_method_the_floor_and_the_dense_net(payloads):
   assert list(payloads) == ["methods_weight", "methods_unit"]
-  for study, names in (("methods_weight", ["gradual_global", "random_oneshot", "imp"]),
+  for study, names in (("methods_weight", ["gradual_global", "gradual_regrow", "random_oneshot",
+                                           "imp"]),
                        ("methods_unit", ["gradual_unit", "random_units"])):
     payload = payloads[study]
     outputs.check_payload(payload)
@@ -80,10 +82,19 @@ def test_imp_and_gradual_masks_really_are_sparse(shared, small):
   ctx = methods._context({**TINY, "workdir": str(shared)}, 0, methods.base_nets.base_model(),
                          frame.load_bases({**TINY, "workdir": str(shared)}, small)[0][0], small,
                          methods.Recipe(**TINY["recipe"]))
-  outcome = methods.METHODS["gradual_global"].run(ctx, 0.95)
+  outcome, = methods.METHODS["gradual_global"].run(ctx, [0.95])
   hidden = list(sparsity_report(outcome.params)["layers"].values())[:-1]
   zeros = sum(layer["zeros"] for layer in hidden) / sum(layer["weights"] for layer in hidden)
   assert zeros == pytest.approx(0.95, abs=1e-6)
+
+
+def test_a_methods_own_flags_key_its_units_alone(small):
+  # --regrow_fraction changes the units of the regrowing methods, not the others'.
+  def key(name, fraction):
+    return methods._unit_key({**TINY, "regrow_fraction": fraction}, 0, name, 99, small)
+  assert key("gradual_regrow", 0.3) != key("gradual_regrow", 0.5)
+  assert key("gradual_layer", 0.3) == key("gradual_layer", 0.5)
+  assert "regrow_fraction" not in key("gradual_layer", 0.3)
 
 
 def test_targets_compare_the_best_masked_method_with_the_dense_net():
