@@ -1,4 +1,6 @@
-"""Shared fixtures: the real MNIST files (`mnist_dir`, `mnist`) and the `needs_mnist` marker.
+"""Shared fixtures: the real MNIST files (`mnist_dir`, `mnist`, `small_mnist`), the `needs_mnist`
+marker, and the tiny base nets every study test starts from (`shared_bases`, `base_params`,
+`bases_in`).
 
 The files are found through `$PRUNE_JAX_MNIST_DIR`, else `../shared/data/mnist` beside the repo. If neither
 exists, tests using them skip, or fail when `$PRUNE_JAX_REQUIRE_MNIST` is set (as CI does: `.ci/run`).
@@ -15,7 +17,12 @@ import pytest
 ENV_VAR = "PRUNE_JAX_MNIST_DIR"  # = prune_jax.data.ENV_VAR; not imported, so collection never needs jax.
 REQUIRE_ENV_VAR = "PRUNE_JAX_REQUIRE_MNIST"
 SHARED_MNIST_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-_MNIST_FIXTURES = {"mnist_dir", "mnist"}
+_MNIST_FIXTURES = {"mnist_dir", "mnist", "small_mnist", "shared_bases", "base_params",
+                   "bases_in"}
+# The base nets of the studies' tests: seeds 0 and 1, 50 SGD steps (the keys of `base_key`).
+TINY_BASES = {"mnist_dir": None, "seeds": [0, 1], "sparsities": [0, 50, 90], "train_steps": 50,
+              "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer",
+              "retrain_base": False}
 _XLA_CACHE = pytest.StashKey[str]()
 
 
@@ -67,6 +74,45 @@ def mnist(mnist_dir: pathlib.Path):
   from prune_jax import data  # pylint: disable=g-import-not-at-top
 
   return data.load_mnist(mnist_dir)
+
+
+@pytest.fixture(scope="session")
+def small_mnist(mnist):
+  """The real MNIST with its first 2000 test images only: evaluation 5x cheaper in tests."""
+  return mnist._replace(test_images=mnist.test_images[:2000], test_labels=mnist.test_labels[:2000])
+
+
+@pytest.fixture(scope="session")
+def shared_bases(tmp_path_factory, mnist) -> pathlib.Path:
+  """A workdir whose store holds the tiny base nets (`TINY_BASES`), trained once a session; every
+  study test (and its subprocess runs, through `bases_in`) loads them instead of training."""
+  from experiments import frame  # pylint: disable=g-import-not-at-top
+
+  folder = tmp_path_factory.getbasetemp() / "shared_bases"
+  frame.load_bases({**TINY_BASES, "workdir": str(folder)}, mnist)
+  return folder
+
+
+@pytest.fixture(scope="session")
+def base_params(shared_bases, mnist) -> dict:
+  """The tiny base nets of `shared_bases` by seed (loaded, not trained)."""
+  from experiments import frame  # pylint: disable=g-import-not-at-top
+
+  return frame.load_bases({**TINY_BASES, "workdir": str(shared_bases)}, mnist)[0]
+
+
+@pytest.fixture
+def bases_in(shared_bases, tmp_path):
+  """`bases_in(name)`: a fresh workdir `tmp_path / name` holding a copy of the shared base nets
+  only (so a run loads, not trains, them, and finds nothing else)."""
+
+  def make(name: str = "workdir") -> pathlib.Path:
+    workdir = tmp_path / name
+    base = pathlib.Path("cache") / "units" / "base"
+    shutil.copytree(shared_bases / base, workdir / base)
+    return workdir
+
+  return make
 
 
 @pytest.hookimpl(hookwrapper=True)

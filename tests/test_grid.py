@@ -5,7 +5,6 @@
 import json
 import os
 import pathlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -111,23 +110,6 @@ def test_stacks_sharded_over_fake_devices_give_the_single_device_numbers():
     np.testing.assert_array_equal(np.asarray(full)[:7], np.asarray(padded))
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory, mnist):
-  """The session's workdir of tiny base nets (see test_sweep.py)."""
-  folder = tmp_path_factory.getbasetemp() / "shared_bases"
-  frame.load_bases({"mnist_dir": None, "seeds": [0, 1], "sparsities": [0, 50, 90],
-                    "train_steps": 50, "batch_size": 100, "learning_rate": 0.1,
-                    "optimizer": "sgd", "scope": "layer", "retrain_base": False,
-                    "workdir": str(folder)}, mnist)
-  return folder
-
-
-def workdir_from(shared: pathlib.Path, tmp_path: pathlib.Path, name: str) -> pathlib.Path:
-  workdir = tmp_path / name
-  shutil.copytree(shared / "cache" / "units" / "base", workdir / "cache" / "units" / "base")
-  return workdir
-
-
 def curves(workdir: pathlib.Path) -> dict:
   return json.loads((workdir / "recovery_weight" / "results.json").read_text())["curves"]
 
@@ -139,21 +121,21 @@ def free_port() -> int:
 
 
 @pytest.mark.needs_mnist
-def test_study_2_on_4_devices_and_on_2_processes_gives_the_same_results(shared, tmp_path,
-                                                                        mnist, mnist_dir):
+def test_study_2_on_4_devices_and_on_2_processes_gives_the_same_results(bases_in, mnist,
+                                                                        mnist_dir):
   env = {"PRUNE_JAX_MNIST_DIR": str(mnist_dir)}
-  four = workdir_from(shared, tmp_path, "four_devices")
+  four = bases_in("four_devices")
   done = run(["-m", "experiments.recovery", f"--workdir={four}", *FLAGS, "--devices=4"],
              devices=4, **env)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "3 nets, mask kept" in done.stderr  # the levels trained as one stack
   # One device (this process) trains net by net: the same numbers up to float32 noise.
-  one = recovery.run_recovery({**CONFIG, "workdir": str(workdir_from(shared, tmp_path, "one"))},
+  one = recovery.run_recovery({**CONFIG, "workdir": str(bases_in("one"))},
                               mnist)["curves"]
   for name in ("pruned", "retrained"):
     np.testing.assert_allclose(curves(four)[name]["mean"], one[name]["mean"], atol=0.05)
 
-  two = workdir_from(shared, tmp_path, "two_processes")
+  two = bases_in("two_processes")
   address = f"localhost:{free_port()}"
   processes = [subprocess.Popen(
       [sys.executable, "-m", "experiments.recovery", f"--workdir={two}", *FLAGS,
@@ -170,10 +152,10 @@ def test_study_2_on_4_devices_and_on_2_processes_gives_the_same_results(shared, 
 
 
 @pytest.mark.needs_mnist
-def test_study_3_in_width_buckets_on_4_devices_gives_the_single_device_numbers(shared, tmp_path,
-                                                                               mnist, mnist_dir):
+def test_study_3_in_width_buckets_on_4_devices_gives_the_single_device_numbers(bases_in, mnist,
+                                                                               mnist_dir):
   levels = ["--mode=unit", "--sparsities=0,50,60,90"]
-  four = workdir_from(shared, tmp_path, "four_devices")
+  four = bases_in("four_devices")
   done = run(["-m", "experiments.recovery", f"--workdir={four}", *FLAGS, *levels, "--devices=4"],
              devices=4, PRUNE_JAX_MNIST_DIR=str(mnist_dir))
   assert done.returncode == 0, done.stderr[-3000:]
@@ -181,7 +163,7 @@ def test_study_3_in_width_buckets_on_4_devices_gives_the_single_device_numbers(s
   assert "retrain 2 unit-pruned nets, shrunk and padded to 512-512-256-128" in done.stderr
   assert "-unit-pruned net, shrunk to" not in done.stderr  # no level trained on its own
   one = recovery.run_recovery({**CONFIG, "mode": "unit", "sparsities": [0, 50, 60, 90],
-                               "workdir": str(workdir_from(shared, tmp_path, "one"))},
+                               "workdir": str(bases_in("one"))},
                               mnist)["curves"]
   found = json.loads((four / "recovery_unit" / "results.json").read_text())["curves"]
   for name in ("pruned", "retrained"):
@@ -207,14 +189,14 @@ def test_incomplete_distributed_flags_are_a_usage_error(tmp_path):
 
 
 @pytest.mark.needs_mnist
-def test_study_5_levels_as_one_stack_on_4_devices_give_the_single_device_numbers(shared, tmp_path,
-                                                                                 mnist, mnist_dir):
+def test_study_5_levels_as_one_stack_on_4_devices_give_the_single_device_numbers(bases_in, mnist,
+                                                                                 mnist_dir):
   from experiments import methods  # pylint: disable=import-outside-toplevel
   config = {**CONFIG, "kinds": ["weight"], "methods": ["gradual_regrow", "snip"],
             "sparsities": [90, 99], "sparsities_given": True, "budget_steps": 40,
             "recipe": methods.Recipe("sgd", 0.1, "cosine", 0.5, 10)._asdict(),
             "regrow_fraction": 0.5}
-  four = workdir_from(shared, tmp_path, "four_devices")
+  four = bases_in("four_devices")
   done = run(["-m", "experiments.methods", f"--workdir={four}", "--seeds=0", "--train_steps=50",
               "--kind=weight", "--methods=gradual_regrow,snip", "--sparsities=90,99",
               "--budget_steps=40", "--methods_optimizer=sgd", "--methods_learning_rate=0.1",
@@ -223,7 +205,7 @@ def test_study_5_levels_as_one_stack_on_4_devices_give_the_single_device_numbers
   assert done.returncode == 0, done.stderr[-3000:]
   for name in ("gradual weight layer regrow 0.9,0.99: 2 nets", "snip 0.9,0.99: 2 nets"):
     assert name in done.stderr  # the levels of a method trained as one stack
-  one = methods.run_methods({**config, "workdir": str(workdir_from(shared, tmp_path, "one"))},
+  one = methods.run_methods({**config, "workdir": str(bases_in("one"))},
                             mnist)["methods_weight"]["curves"]
   found = json.loads((four / "methods_weight" / "results.json").read_text())["curves"]
   for name in ("gradual_regrow", "snip", methods.DENSE):

@@ -26,21 +26,8 @@ pytestmark = pytest.mark.needs_mnist
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory, mnist):
-  """The session's workdir of tiny base nets (see test_sweep.py)."""
-  folder = tmp_path_factory.getbasetemp() / "shared_bases"
-  frame.load_bases({**TINY, "seeds": [0, 1], "workdir": str(folder)}, mnist)
-  return folder
-
-
-@pytest.fixture(scope="module")
-def small(mnist):
-  return mnist._replace(test_images=mnist.test_images[:2000], test_labels=mnist.test_labels[:2000])
-
-
-@pytest.fixture(scope="module")
-def payloads(shared, small):
-  return methods.run_methods({**TINY, "workdir": str(shared)}, small)
+def payloads(shared_bases, small_mnist):
+  return methods.run_methods({**TINY, "workdir": str(shared_bases)}, small_mnist)
 
 
 def test_one_payload_per_kind_with_every_method_the_floor_and_the_dense_net(payloads):
@@ -65,9 +52,9 @@ def test_one_payload_per_kind_with_every_method_the_floor_and_the_dense_net(payl
   json.dumps(payloads, allow_nan=False)
 
 
-def test_rerun_reads_every_unit_back(shared, small, payloads):
-  store = frame.units({**TINY, "workdir": str(shared)})
-  again = methods.run_methods({**TINY, "workdir": str(shared)}, small, store=store)
+def test_rerun_reads_every_unit_back(shared_bases, small_mnist, payloads):
+  store = frame.units({**TINY, "workdir": str(shared_bases)})
+  again = methods.run_methods({**TINY, "workdir": str(shared_bases)}, small_mnist, store=store)
   assert store.computed == 0 and store.loaded > 0
   for study, payload in payloads.items():
     assert again[study]["curves"] == payload["curves"]
@@ -78,9 +65,10 @@ def test_rerun_reads_every_unit_back(shared, small, payloads):
     assert payload["timings"]["dense_seconds"] > 0
 
 
-def test_imp_and_gradual_masks_really_are_sparse(shared, small):
-  ctx = methods._context({**TINY, "workdir": str(shared)}, 0, methods.base_nets.base_model(),
-                         frame.load_bases({**TINY, "workdir": str(shared)}, small)[0][0], small,
+def test_imp_and_gradual_masks_really_are_sparse(shared_bases, small_mnist):
+  config = {**TINY, "workdir": str(shared_bases)}
+  base = frame.load_bases(config, small_mnist)[0][0]
+  ctx = methods._context(config, 0, methods.base_nets.base_model(), base, small_mnist,
                          methods.Recipe(**TINY["recipe"]))
   outcome, = methods.METHODS["gradual_global"].run(ctx, [0.95])
   hidden = list(sparsity_report(outcome.params)["layers"].values())[:-1]
@@ -88,10 +76,10 @@ def test_imp_and_gradual_masks_really_are_sparse(shared, small):
   assert zeros == pytest.approx(0.95, abs=1e-6)
 
 
-def test_a_methods_own_flags_key_its_units_alone(small):
+def test_a_methods_own_flags_key_its_units_alone(small_mnist):
   # --regrow_fraction changes the units of the regrowing methods, not the others'.
   def key(name, fraction):
-    return methods._unit_key({**TINY, "regrow_fraction": fraction}, 0, name, 99, small)
+    return methods._unit_key({**TINY, "regrow_fraction": fraction}, 0, name, 99, small_mnist)
   assert key("gradual_regrow", 0.3) != key("gradual_regrow", 0.5)
   assert key("gradual_layer", 0.3) == key("gradual_layer", 0.5)
   assert "regrow_fraction" not in key("gradual_layer", 0.3)

@@ -1,27 +1,23 @@
 """Tests of studies 2 and 3 (`experiments/recovery.py`): masked vs shrunk retraining, tiny runs.
 
 Sizes are tiny (50 training steps, 20 retraining steps, 3 levels) on real MNIST; the base nets
-come from a cache folder shared by the test session (see `tests/test_sweep.py`).
+come from a cache folder shared by the test session (`shared_bases`, conftest.py).
 """
 
 import json
 import os
-import pathlib
-import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from _runs import run_entry_point
 from experiments import frame, outputs, recovery, sweep
 from prune_jax import equivalence, train
 from prune_jax.masks import apply_masks, unit_masks
 from prune_jax.models import MLP, init_mlp
 from prune_jax.report import zero_percent
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(mnist_dir=None, seeds=[0, 1], sparsities=[0, 50, 90], train_steps=50, batch_size=100,
             learning_rate=0.1, optimizer="sgd", scope="layer", retrain_base=False,
             retrain_steps=20, regrow=True)
@@ -30,33 +26,15 @@ pytestmark = pytest.mark.needs_mnist
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory, mnist):
-  """The tiny base nets, trained once a session into a shared cache (shared with test_sweep)."""
-  shared = tmp_path_factory.getbasetemp() / "shared_bases"
-  params, _ = frame.load_bases({**TINY, "workdir": str(shared)}, mnist)
-  return shared, params
-
-
-def small_test_set(mnist):
-  return mnist._replace(test_images=mnist.test_images[:2000], test_labels=mnist.test_labels[:2000])
-
-
-def run_entry_point(module: str, *args: str, mnist_dir, timeout: float = 120):
-  env = {**os.environ, "PRUNE_JAX_MNIST_DIR": str(mnist_dir)}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def weight_payload(tmp_path_factory, mnist, bases):
+def weight_payload(tmp_path_factory, small_mnist, base_params):
   config = {**TINY, "mode": "weight", "workdir": str(tmp_path_factory.mktemp("rw"))}
-  return recovery.run_recovery(config, small_test_set(mnist), bases=bases[1])
+  return recovery.run_recovery(config, small_mnist, bases=base_params)
 
 
 @pytest.fixture(scope="module")
-def unit_payload(tmp_path_factory, mnist, bases):
+def unit_payload(tmp_path_factory, small_mnist, base_params):
   config = {**TINY, "mode": "unit", "seeds": [0], "workdir": str(tmp_path_factory.mktemp("ru"))}
-  return recovery.run_recovery(config, small_test_set(mnist), bases=bases[1])
+  return recovery.run_recovery(config, small_mnist, bases=base_params)
 
 
 @pytest.mark.parametrize("which", ["weight_payload", "unit_payload"])
@@ -137,13 +115,13 @@ def test_run_recovery_rejects_a_bad_mode(mnist):
     recovery.run_recovery({**TINY, "mode": "neuron", "workdir": "unused"}, mnist)
 
 
-def test_entry_point_writes_results(bases, mnist_dir, tmp_path):
-  shutil.copytree(bases[0] / "cache", tmp_path / "cache")
+def test_entry_point_writes_results(bases_in, mnist_dir):
+  workdir = bases_in()
   run = run_entry_point("experiments.recovery", "--mode=weight", "--regrow",
-                        "--retrain_steps=20", f"--workdir={tmp_path}", "--train_steps=50",
+                        "--retrain_steps=20", f"--workdir={workdir}", "--train_steps=50",
                         "--sparsities=0,90", "--seeds=0", mnist_dir=mnist_dir)
   assert run.returncode == 0, run.stderr[-3000:]
-  folder = tmp_path / "recovery_weight"
+  folder = workdir / "recovery_weight"
   assert sorted(os.listdir(folder)) == ["recovery_weight.png", "results.csv", "results.json"]
   payload = json.loads((folder / "results.json").read_text())
   outputs.check_payload(payload)

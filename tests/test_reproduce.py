@@ -2,12 +2,11 @@
 
 import json
 import os
-import shutil
 
 import pytest
 from absl import logging
 
-from experiments import frame, report, reproduce, seed_results
+from experiments import report, reproduce, seed_results
 
 TINY = {"mnist_dir": None, "seeds": [0], "sparsities": [0, 50, 90], "train_steps": 50,
         "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer",
@@ -35,36 +34,33 @@ def test_progress_estimates_what_remains(monkeypatch):
 
 
 @pytest.mark.needs_mnist
-def test_reproduce_runs_all_studies_and_writes_the_report(tmp_path, mnist, mnist_dir,
-                                                         monkeypatch, tmp_path_factory):
+def test_reproduce_runs_all_studies_and_writes_the_report(bases_in, mnist_dir, monkeypatch):
   monkeypatch.setenv("PRUNE_JAX_MNIST_DIR", str(mnist_dir))
-  # The session's tiny base nets (see test_sweep.py), copied: the run loads, not trains, them.
-  shared = tmp_path_factory.getbasetemp() / "shared_bases"
-  frame.load_bases({**TINY, "seeds": [0, 1], "workdir": str(shared)}, mnist)
-  shutil.copytree(shared / "cache" / "units" / "base", tmp_path / "cache" / "units" / "base")
-  config = {**TINY, "workdir": str(tmp_path)}
+  # The session's tiny base nets, copied: the run loads, not trains, them.
+  workdir = bases_in()
+  config = {**TINY, "workdir": str(workdir)}
   path = reproduce.run(config, TINY_SHRINK, command="python -m experiments.reproduce --tiny")
-  assert path == os.path.join(str(tmp_path), "REPORT.md")
+  assert path == os.path.join(str(workdir), "REPORT.md")
   text = open(path).read()
   for heading in ("## 1. Sweep", "## 2. Recovery after weight", "## 3. Recovery after unit",
                   "## 4. Shrink"):
     assert heading in text
   for study in report.STUDY_ORDER:
-    payload = json.load(open(tmp_path / study / "results.json"))
+    payload = json.load(open(workdir / study / "results.json"))
     assert payload["sparsities"] == [0, 50, 90]
-    assert os.path.exists(tmp_path / report.PLOTS[study]), study
+    assert os.path.exists(workdir / report.PLOTS[study]), study
     assert f"]({report.PLOTS[study]})" in text
   # Study 4 reused the shrunk nets study 3 retrained (one stored unit per level), instead of
   # training them again.
-  shrink_payload = json.load(open(tmp_path / "shrink" / "results.json"))
-  stored = os.listdir(tmp_path / "cache" / "units" / "retrained_shrunk")
+  shrink_payload = json.load(open(workdir / "shrink" / "results.json"))
+  stored = os.listdir(workdir / "cache" / "units" / "retrained_shrunk")
   assert len([f for f in stored if f.endswith(".json")]) == 3
-  unit = json.load(open(tmp_path / "recovery_unit" / "results.json"))
+  unit = json.load(open(workdir / "recovery_unit" / "results.json"))
   assert shrink_payload["curves"]["after_retraining"]["mean"] == pytest.approx(
       unit["curves"]["retrained"]["mean"])
   # The seed's figures stand beside ours, and the report rebuilds from the JSON files alone.
   assert f"~{seed_results.at('sweep/weight', 90):g}" in text
-  rebuilt = report.build_report(report.load_payloads(str(tmp_path)), workdir=str(tmp_path))
+  rebuilt = report.build_report(report.load_payloads(str(workdir)), workdir=str(workdir))
   assert rebuilt.split("## 1.")[1] == text.split("## 1.")[1]
 
 

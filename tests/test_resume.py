@@ -5,21 +5,20 @@ Study 2 (`python -m experiments.recovery --mode=weight`) is stopped with SIGINT 
 each is then rerun to the end (in this process: `run_recovery` / `run_shrink`, the entry points'
 code) and its results compared with an uninterrupted run's. Then stored units are damaged (a
 truncated file, an edited one) and the reruns recompute them to the same numbers. The base nets
-come from the session's shared tiny cache (as in test_sweep.py), and the subprocesses share the
-session's compilation cache (conftest.py).
+come from the session's shared tiny cache (`shared_bases`), and the subprocesses share the
+session's compilation cache (both in conftest.py).
 """
 
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from experiments import frame, recovery
+from experiments import recovery
 from experiments import shrink as study
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -35,21 +34,6 @@ SHRINK_FLAGS = ["--eval_batches=1,100", "--timing_runs=1", "--timing_precision=0
                 "--pad_multiple=1", "--weight_sparse_formats="]
 
 pytestmark = pytest.mark.needs_mnist
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory, mnist):
-  """The session's workdir of tiny base nets (seeds 0 and 1, 50 steps; see test_sweep.py)."""
-  folder = tmp_path_factory.getbasetemp() / "shared_bases"
-  frame.load_bases({**TINY, "seeds": [0, 1], "workdir": str(folder)}, mnist)
-  return folder
-
-
-def new_workdir(tmp_path: pathlib.Path, shared: pathlib.Path, name: str) -> pathlib.Path:
-  """A workdir holding a copy of the shared base nets only."""
-  workdir = tmp_path / name
-  shutil.copytree(shared / "cache" / "units" / "base", workdir / "cache" / "units" / "base")
-  return workdir
 
 
 def interrupt(module: str, args: list[str], workdir: pathlib.Path, mnist_dir, *,
@@ -80,9 +64,8 @@ def results_of(payload: dict) -> dict:
           "equivalence": payload.get("equivalence", {}).get("per_seed")}
 
 
-def test_interrupted_studies_resume_to_the_same_numbers(tmp_path, mnist, mnist_dir, shared,
-                                                        caplog):
-  reference = new_workdir(tmp_path, shared, "uninterrupted")
+def test_interrupted_studies_resume_to_the_same_numbers(mnist, mnist_dir, bases_in, caplog):
+  reference = bases_in("uninterrupted")
   expected = {
       "weight": results_of(recovery.run_recovery({**WEIGHT, "workdir": str(reference)}, mnist)),
       "shrink": results_of(study.run_shrink({**SHRINK, "workdir": str(reference)}, mnist))}
@@ -92,7 +75,7 @@ def test_interrupted_studies_resume_to_the_same_numbers(tmp_path, mnist, mnist_d
                                                        mnist)),
             "shrink": results_of(study.run_shrink({**SHRINK, "workdir": str(workdir)}, mnist))}
 
-  workdir = new_workdir(tmp_path, shared, "interrupted")
+  workdir = bases_in("interrupted")
   interrupt("experiments.recovery", ["--mode=weight", *FLAGS], workdir, mnist_dir,
             stored_kind="retrained_weight", sig=signal.SIGINT)
   assert not (workdir / "recovery_weight").exists()

@@ -1,71 +1,34 @@
 """Tests of study 1 (`experiments/sweep.py`): tiny runs on real MNIST, schema, cache, flags.
 
 Sizes are tiny (50 training steps, 3 levels, 2 seeds) so that the file runs in seconds; the base
-nets are trained once per test session into a shared cache folder (`shared_cache`) that every
-test module and subprocess run reuses.
+nets are trained once per test session into a shared cache folder (`shared_bases`, conftest.py)
+that every test module and subprocess run reuses.
 """
 
 import json
 import os
-import pathlib
-import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _runs import run_entry_point
 from experiments import base_nets, frame, outputs, sweep
 from prune_jax.masks import weight_masks
 from prune_jax.models import MLP, init_mlp
 from prune_jax.report import zero_percent
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(mnist_dir=None, seeds=[0, 1], sparsities=[0, 50, 90], train_steps=50, batch_size=100,
             learning_rate=0.1, optimizer="sgd", scope="layer", retrain_base=False)
 
 pytestmark = pytest.mark.needs_mnist
 
 
-def shared_cache(tmp_path_factory, mnist) -> pathlib.Path:
-  """A workdir whose cache/ holds the tiny base nets of seeds 0 and 1, trained once a session."""
-  shared = tmp_path_factory.getbasetemp() / "shared_bases"
-  frame.load_bases({**TINY, "workdir": str(shared)}, mnist)
-  return shared
-
-
-def workdir_with_cache(tmp_path: pathlib.Path, shared: pathlib.Path) -> pathlib.Path:
-  """A fresh workdir holding a copy of the shared cache (so runs load, not train, the bases)."""
-  shutil.copytree(shared / "cache", tmp_path / "cache")
-  return tmp_path
-
-
-def run_entry_point(module: str, *args: str, mnist_dir, timeout: float = 120):
-  """Runs `python -m <module> <args>` in the repo with MNIST found through the env var."""
-  env = {**os.environ, "PRUNE_JAX_MNIST_DIR": str(mnist_dir)}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def small_test_set(mnist):
-  """The real MNIST with the first 2000 test images only: evaluation 5x cheaper in tests."""
-  return mnist._replace(test_images=mnist.test_images[:2000], test_labels=mnist.test_labels[:2000])
-
-
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory, mnist):
-  shared = shared_cache(tmp_path_factory, mnist)
-  params, _ = frame.load_bases({**TINY, "workdir": str(shared)}, mnist)
-  return shared, params
-
-
-@pytest.fixture(scope="module")
-def payload(tmp_path_factory, mnist, bases):
+def payload(tmp_path_factory, small_mnist, base_params):
   workdir = tmp_path_factory.mktemp("sweep")
-  return sweep.run_sweep({**TINY, "workdir": str(workdir)}, small_test_set(mnist),
-                         bases=bases[1])
+  return sweep.run_sweep({**TINY, "workdir": str(workdir)}, small_mnist, bases=base_params)
 
 
 def test_payload_follows_the_schema(payload):
@@ -126,9 +89,9 @@ def test_zero_percent_counts_only_masked_leaves():
   assert float(jax.jit(zero_percent)(params, masks)) == 50.0
 
 
-def test_base_cache_is_reused_retrained_and_rebuilt_when_corrupt(bases, mnist, tmp_path):
-  shared, params = bases
-  workdir = workdir_with_cache(tmp_path, shared)
+def test_base_cache_is_reused_retrained_and_rebuilt_when_corrupt(base_params, bases_in, mnist):
+  params = base_params
+  workdir = bases_in()
   config = {**TINY, "seeds": [0], "workdir": str(workdir)}
   loaded, info = frame.load_bases(config, mnist)
   assert info["0"]["source"] == "cache"
@@ -153,8 +116,8 @@ def test_base_cache_is_reused_retrained_and_rebuilt_when_corrupt(bases, mnist, t
   assert other not in path, "the cache is keyed by the protocol"
 
 
-def test_entry_point_writes_results_from_cached_bases(bases, mnist_dir, tmp_path):
-  workdir = workdir_with_cache(tmp_path, bases[0])
+def test_entry_point_writes_results_from_cached_bases(bases_in, mnist_dir):
+  workdir = bases_in()
   run = run_entry_point("experiments.sweep", f"--workdir={workdir}", "--train_steps=50",
                         "--sparsities=0,50,90", "--seeds=1", mnist_dir=mnist_dir)
   assert run.returncode == 0, run.stderr[-3000:]
