@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every accelerator check of the project in one run, for a machine with a GPU (or TPU) whose
 # Python already has JAX for it: what it finds, the test suite, the benchmark, and reproduce
-# timed with 1 and 3 seeds (issue 12's targets: <= 30 s and <= 60 s, compilation included).
+# timed with 1 and 3 seeds (issue 12's targets: <= 30 s and <= 60 s, compilation included), and
+# study 5 with 3 seeds.
 #
 #   MNIST_DIR=<folder of the four MNIST .gz files> OUT=<folder> bash experiments/device_check.sh
 #
@@ -41,9 +42,13 @@ step benchmark 240 "$python" -m experiments.benchmark
 step reproduce_1_seed 300 "$python" -m experiments.reproduce --workdir="$out/work1" --fresh
 step reproduce_3_seeds 300 "$python" -m experiments.reproduce --workdir="$out/work3" \
     --seeds=0,1,2 --fresh
+# Study 5 (every method's levels as one stack per method), on the 3-seed run's base nets.
+step methods_3_seeds 300 "$python" -m experiments.methods --workdir="$out/work3" --seeds=0,1,2
 step tests 600 "$python" -m pytest -q -x -p no:cacheprovider
 cp "$out/work1/REPORT.md" "$out/REPORT_1_seed.md" 2>/dev/null
 cp "$out/work3/REPORT.md" "$out/REPORT_3_seeds.md" 2>/dev/null
+cp "$out/work3/methods_weight/table.csv" "$out/methods_weight.csv" 2>/dev/null
+cp "$out/work3/methods_unit/table.csv" "$out/methods_unit.csv" 2>/dev/null
 
 echo "device check ($(date -u +%FT%TZ)), logs in $out:"
 printf '%s\n' "${summary[@]}"
