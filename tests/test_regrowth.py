@@ -15,6 +15,7 @@ from prune_jax.schedules import polynomial_sparsity
 
 SMALL = MLP(hidden=(32, 16))
 IN = 12
+_REGROW = jax.jit(regrowth.regrow)  # one compilation for every fraction and mask
 
 
 def _reference(mask, w, g, fraction):
@@ -46,7 +47,7 @@ def _tree(seed, sparsity):
 @pytest.mark.parametrize("sparsity", [0.3, 0.8, 0.99])
 def test_regrow_matches_the_reference_and_keeps_every_layers_count(fraction, sparsity):
   params, masks, grads = _tree(0, sparsity)
-  new = jax.jit(regrowth.regrow)(masks, params, grads, fraction)
+  new = _REGROW(masks, params, grads, fraction)
   for name in ("Dense_0", "Dense_1"):
     old, got = masks[name]["kernel"], new[name]["kernel"]
     expected = _reference(old, params[name]["kernel"], grads[name]["kernel"], fraction)
@@ -63,7 +64,7 @@ def test_swaps_are_capped_by_what_is_pruned():
   # Gradients that want every pruned weight back.
   grads = jax.tree.map(lambda g, m: g if m is None else jnp.where(m, 0.0, 1.0 + jnp.abs(g)),
                        grads, masks, is_leaf=lambda x: x is None)
-  new = regrowth.regrow(masks, params, grads, 1.0)
+  new = jax.jit(regrowth.regrow)(masks, params, grads, 1.0)
   old, got = masks["Dense_0"]["kernel"], new["Dense_0"]["kernel"]
   assert int(got.sum()) == int(old.sum())
   assert bool(jnp.all(got[~old]))  # every pruned weight grew back
@@ -140,9 +141,10 @@ def test_grown_weights_start_from_zero_with_fresh_momentum():
   x, y = _data()
   state = tx.init(params)
   update = jax.jit(tx.update)
+  grad = jax.jit(jax.grad(_loss))
   for t in range(2):
     masks_before = state.masks
-    grads = jax.grad(_loss)(params, x[t], y[t])
+    grads = grad(params, x[t], y[t])
     updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
   kernel_mask = state.masks["Dense_0"]["kernel"]
@@ -175,14 +177,13 @@ def test_regrowth_vmaps_over_a_stack_of_nets():
     return optax.apply_updates(p, updates), s
 
   vstep = jax.jit(jax.vmap(step, in_axes=(0, axes, 0, None, None), out_axes=(0, axes)))
+  single = jax.jit(step)
   singles = [(jax.tree.map(lambda a, i=i: a[i], stacked), make(f).init(
       jax.tree.map(lambda a, i=i: a[i], stacked))) for i, f in enumerate([0.5, 0.9])]
   for t in range(12):
     stacked, state = vstep(stacked, state, finals, x[t], y[t])
-    for i, f in enumerate([0.5, 0.9]):
-      p, s = singles[i]
-      updates, s = make(f).update(jax.grad(_loss)(p, x[t], y[t]), s, p)
-      singles[i] = (optax.apply_updates(p, updates), s)
+    for i in range(2):
+      singles[i] = single(*singles[i], finals[i], x[t], y[t])
   for i in range(2):
     jax.tree.map(np.testing.assert_array_equal,
                  jax.tree.map(lambda m, i=i: m[i], state.masks), singles[i][1].masks)
