@@ -23,10 +23,26 @@ CONFIG = {"mnist_dir": None, "seeds": [0], "sparsities": [0, 50, 90], "train_ste
           "retrain_base": False, "mode": "weight", "retrain_steps": 10, "regrow": False}
 
 
-def run(args, *, devices: int, timeout: float = 180, **env):
+def start(args, *, devices: int, **env) -> subprocess.Popen:
+  """Starts `python <args>` with `devices` fake CPU devices; `finish` waits for it. The tests
+  start their subprocesses before computing their one-device references in this process, so
+  that the two overlap (start-up and compilation are mostly single-threaded)."""
   environment = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), **env}
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=environment,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.Popen([sys.executable, *args], cwd=REPO, env=environment,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    raise
+  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run(args, *, devices: int, timeout: float = 180, **env) -> subprocess.CompletedProcess:
+  return finish(start(args, devices=devices, **env), timeout)
 
 
 def test_pad_unpad_and_their_errors():
@@ -124,28 +140,25 @@ def free_port() -> int:
 def test_study_2_on_4_devices_and_on_2_processes_gives_the_same_results(bases_in, mnist,
                                                                         mnist_dir):
   env = {"PRUNE_JAX_MNIST_DIR": str(mnist_dir)}
-  four = bases_in("four_devices")
-  done = run(["-m", "experiments.recovery", f"--workdir={four}", *FLAGS, "--devices=4"],
-             devices=4, **env)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert "3 nets, mask kept" in done.stderr  # the levels trained as one stack
+  four, two = bases_in("four_devices"), bases_in("two_processes")
+  address = f"localhost:{free_port()}"
+  # All three at once: 4 devices in one process, 2 processes of 2 devices, 1 device here.
+  started = [start(["-m", "experiments.recovery", f"--workdir={four}", *FLAGS, "--devices=4"],
+                   devices=4, **env)] + [
+      start(["-m", "experiments.recovery", f"--workdir={two}", *FLAGS,
+             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+            devices=2, **env) for i in range(2)]
   # One device (this process) trains net by net: the same numbers up to float32 noise.
   one = recovery.run_recovery({**CONFIG, "workdir": str(bases_in("one"))},
                               mnist)["curves"]
+  done, *joined = [finish(p) for p in started]
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "3 nets, mask kept" in done.stderr  # the levels trained as one stack
   for name in ("pruned", "retrained"):
     np.testing.assert_allclose(curves(four)[name]["mean"], one[name]["mean"], atol=0.05)
-
-  two = bases_in("two_processes")
-  address = f"localhost:{free_port()}"
-  processes = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.recovery", f"--workdir={two}", *FLAGS,
-       f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env={**os.environ, "JAX_NUM_CPU_DEVICES": "2", **env}, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
-  logs = [p.communicate(timeout=240)[1] for p in processes]
-  for p, log in zip(processes, logs):
-    assert p.returncode == 0, log[-3000:]
-  assert "process 1 of 2 joined; 4 devices in all, 2 here" in logs[1]
+  for process in joined:
+    assert process.returncode == 0, process.stderr[-3000:]
+  assert "process 1 of 2 joined; 4 devices in all, 2 here" in joined[1].stderr
   # The same program over the same 4 devices: the same numbers, one results file.
   assert curves(two) == curves(four)
   assert sorted(os.listdir(two / "recovery_weight")) == sorted(os.listdir(four / "recovery_weight"))
@@ -156,15 +169,16 @@ def test_study_3_in_width_buckets_on_4_devices_gives_the_single_device_numbers(b
                                                                                mnist_dir):
   levels = ["--mode=unit", "--sparsities=0,50,60,90"]
   four = bases_in("four_devices")
-  done = run(["-m", "experiments.recovery", f"--workdir={four}", *FLAGS, *levels, "--devices=4"],
-             devices=4, PRUNE_JAX_MNIST_DIR=str(mnist_dir))
+  process = start(["-m", "experiments.recovery", f"--workdir={four}", *FLAGS, *levels,
+                   "--devices=4"], devices=4, PRUNE_JAX_MNIST_DIR=str(mnist_dir))
+  one = recovery.run_recovery({**CONFIG, "mode": "unit", "sparsities": [0, 50, 60, 90],
+                               "workdir": str(bases_in("one"))},
+                              mnist)["curves"]
+  done = finish(process)
   assert done.returncode == 0, done.stderr[-3000:]
   # 50% (500-500-250-100) and 60% (400-400-200-80) share the buckets 512-512-256-128.
   assert "retrain 2 unit-pruned nets, shrunk and padded to 512-512-256-128" in done.stderr
   assert "-unit-pruned net, shrunk to" not in done.stderr  # no level trained on its own
-  one = recovery.run_recovery({**CONFIG, "mode": "unit", "sparsities": [0, 50, 60, 90],
-                               "workdir": str(bases_in("one"))},
-                              mnist)["curves"]
   found = json.loads((four / "recovery_unit" / "results.json").read_text())["curves"]
   for name in ("pruned", "retrained"):
     np.testing.assert_allclose(found[name]["mean"], one[name]["mean"], atol=0.05)
@@ -197,16 +211,18 @@ def test_study_5_levels_as_one_stack_on_4_devices_give_the_single_device_numbers
             "recipe": methods.Recipe("sgd", 0.1, "cosine", 0.5, 10)._asdict(),
             "regrow_fraction": 0.5}
   four = bases_in("four_devices")
-  done = run(["-m", "experiments.methods", f"--workdir={four}", "--seeds=0", "--train_steps=50",
-              "--kind=weight", "--methods=gradual_regrow", "--sparsities=90,99",
-              "--budget_steps=20", "--methods_optimizer=sgd", "--methods_learning_rate=0.1",
-              "--methods_schedule=cosine", "--prune_until=0.5", "--prune_every=10",
-              "--devices=4"], devices=4, PRUNE_JAX_MNIST_DIR=str(mnist_dir))
+  process = start(["-m", "experiments.methods", f"--workdir={four}", "--seeds=0",
+                   "--train_steps=50", "--kind=weight", "--methods=gradual_regrow",
+                   "--sparsities=90,99", "--budget_steps=20", "--methods_optimizer=sgd",
+                   "--methods_learning_rate=0.1", "--methods_schedule=cosine",
+                   "--prune_until=0.5", "--prune_every=10", "--devices=4"],
+                  devices=4, PRUNE_JAX_MNIST_DIR=str(mnist_dir))
+  one = methods.run_methods({**config, "workdir": str(bases_in("one"))},
+                            mnist)["methods_weight"]["curves"]
+  done = finish(process)
   assert done.returncode == 0, done.stderr[-3000:]
   # The levels of a method trained as one stack (the pruner's final sparsity per net).
   assert "gradual weight layer regrow 0.9,0.99: 2 nets" in done.stderr
-  one = methods.run_methods({**config, "workdir": str(bases_in("one"))},
-                            mnist)["methods_weight"]["curves"]
   found = json.loads((four / "methods_weight" / "results.json").read_text())["curves"]
   for name in ("gradual_regrow", methods.DENSE):
     np.testing.assert_allclose(found[name]["mean"], one[name]["mean"], atol=0.1)
