@@ -189,14 +189,15 @@ def plot_methods(payload: Payload, folder: str) -> list[str]:
   kind = payload["study"].partition("_")[2]
   dense = curves.get("dense_same_budget")
   names = [n for n in curves if n != "dense_same_budget"]
-  colors = matplotlib.colormaps.get_cmap("tab10")(np.linspace(0, 1, 10))
+  # tab10 without its grey (index 7), which the floors use.
+  colors = [c for i, c in enumerate(matplotlib.colormaps.get_cmap("tab10").colors) if i != 7]
   styles, k, floors = {}, 0, 0
   for name in names:
     if name.startswith("random"):  # the floors: grey, dashed, told apart by their markers
       styles[name] = dict(color="0.55", marker="xd+"[floors % 3], linestyle="--")
       floors += 1
     else:
-      styles[name] = dict(color=colors[k % 10], marker="os^vD<>ph*"[k % 10])
+      styles[name] = dict(color=colors[k % len(colors)], marker="os^vD<>ph*"[k % 10])
       k += 1
   fig = Figure(figsize=(14.0, 6.2), layout="constrained")
   axes = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(3, 2)))
