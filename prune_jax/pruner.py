@@ -150,9 +150,7 @@ def pruning(tx: optax.GradientTransformation,
     if schedule is None:
       raise ValueError("regrow acts when the schedule rebuilds the masks, but no schedule was "
                        "given: pass e.g. a constant sparsity, lambda step: 0.9, with every=100")
-    if isinstance(regrow, (int, float)) and not 0.0 <= regrow <= 1.0:
-      raise ValueError(f"regrow must be in [0, 1] (the share of each layer's kept weights to "
-                       f"swap) or a function of the step, got {regrow}")
+    regrowth.check_fraction(regrow, what="regrow", or_else=" or a function of the step")
   inner_tx = optax.with_extra_args_support(tx)
 
   def build(params: Params, sparsity: jax.Array, grads: Params, previous: Masks) -> Masks:

@@ -65,15 +65,21 @@ def regrow(masks: Masks, params: Params, grads: Params, fraction: Any) -> Masks:
     >>> regrow(masks, params, grads, 0.5)["Dense_0"]["kernel"]  # 0.1 dropped, the 3.0 grows
     Array([[False,  True, False,  True]], dtype=bool)
   """
-  if isinstance(fraction, (int, float)) and not 0.0 <= fraction <= 1.0:
-    raise ValueError(f"regrow: fraction must be in [0, 1] (the share of each layer's kept "
-                     f"weights to swap), got {fraction}")
+  check_fraction(fraction, what="regrow: fraction")
   grad_of = {leaf.path: leaf.value for leaf, _ in _paths.mask_for_each_leaf(grads, masks)}
   fraction = jnp.clip(jnp.asarray(fraction, jnp.float32), 0.0, 1.0)
   new = {leaf.path: _regrow_leaf(mask, leaf.value, grad_of[leaf.path], fraction)
          for leaf, mask in _paths.mask_for_each_leaf(params, masks) if mask is not None}
   return jax.tree_util.tree_map_with_path(
       lambda kp, m: new.get(_paths.path_str(kp), m), masks, is_leaf=lambda x: x is None)
+
+
+def check_fraction(fraction: Any, *, what: str, or_else: str = "") -> None:
+  """Raises a ValueError naming `what` for a Python number outside [0, 1] (`or_else`: what else
+  would be accepted); arrays, traced or not, are clipped to [0, 1] by `regrow`."""
+  if isinstance(fraction, (int, float)) and not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"{what} must be in [0, 1] (the share of each layer's kept weights to "
+                     f"swap){or_else}, got {fraction}")
 
 
 def _regrow_leaf(mask: jax.Array, w: jax.Array, g: jax.Array, fraction: jax.Array) -> jax.Array:
