@@ -205,6 +205,22 @@ def grid_mesh(config: Config) -> jax.sharding.Mesh | None:
   return grid.net_mesh(devices)
 
 
+def stored_or_computed(store: store_lib.Store, kind: str, keys: Sequence[Any],
+                       compute: Callable[[list[int]], list[dict[str, Any]]], *,
+                       together: bool) -> list[dict[str, Any]]:
+  """The values of the units `keys` of `kind`: the stored ones read back, the others computed
+  by `compute(indices) -> one value per index`, one index at a time, or (`together`, e.g. as one
+  stack of nets over a mesh) all at once; each group's units are stored as soon as it is done, so
+  an interrupted run keeps them."""
+  found = [store.get(kind, key) for key in keys]
+  todo = [i for i, unit in enumerate(found) if unit is None]
+  for group in ([todo] if together and todo else [[i] for i in todo]):
+    for i, value in zip(group, compute(group), strict=True):
+      store.put(kind, keys[i], value)
+      found[i] = store_lib.Unit(value, None)
+  return [unit.value for unit in found]
+
+
 def join_processes(config: Config) -> int:
   """Joins the processes of a multi-process run with `jax.distributed.initialize`, if asked.
 

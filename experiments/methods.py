@@ -557,18 +557,17 @@ def _method_units(store: store_lib.Store, config: dict[str, Any], ctx: Context, 
   kind = METHODS[name].kind
   levels = levels_of(config, kind)
   keys = [_unit_key(config, ctx.seed, name, level, mnist) for level in levels]
-  found = [store.get("methods", key) for key in keys]
-  todo = [i for i, unit in enumerate(found) if unit is None]
-  for group in ([todo] if ctx.mesh is not None and todo else [[i] for i in todo]):
+
+  def compute(group: list[int]) -> list[dict[str, Any]]:
     start = time.perf_counter()
     outcomes = METHODS[name].run(ctx, [levels[i] / 100 for i in group])
     measured = [_measure(ctx.model, o.params, kind, mnist) for o in outcomes]
     seconds = (time.perf_counter() - start) / len(group)
-    for i, outcome, value in zip(group, outcomes, measured):
-      value = {**value, "steps": outcome.steps, "seconds": seconds}
-      store.put("methods", keys[i], value)
-      found[i] = store_lib.Unit(value, None)
-  return [unit.value for unit in found]
+    return [{**value, "steps": o.steps, "seconds": seconds}
+            for o, value in zip(outcomes, measured)]
+
+  return frame.stored_or_computed(store, "methods", keys, compute,
+                                  together=ctx.mesh is not None)
 
 
 def _context(config: dict[str, Any], seed: int, model: MLP, base: Params,

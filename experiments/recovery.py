@@ -240,23 +240,21 @@ def _retrain_full_size(store: store_lib.Store, config: dict[str, Any], seed: int
   keys = [{**retrain_key(config, seed, lv, mode=mode, keep_masks=keep_masks,
                         steps=protocol["steps"]), "test_images": int(mnist.test_images.shape[0])}
           for lv in levels]
-  kind = f"retrained_{mode}"
-  found = [store.get(kind, key) for key in keys]
-  todo = [i for i, unit in enumerate(found) if unit is None]
   mesh = frame.grid_mesh(config)
-  for group in ([todo] if mesh is not None and todo else [[i] for i in todo]):
+
+  def compute(group: list[int]) -> list[dict[str, Any]]:
     nets, seconds, compile_seconds = retrain_levels(
         model, level(pruned, group), level(masks, group), mnist.train_images,
         mnist.train_labels, key=base_nets.retrain_key(seed), keep_masks=keep_masks,
         levels=[levels[i] for i in group], mesh=mesh,
         name=f"seed {seed}: {'retrain' if keep_masks else 'regrow'} {mode}-pruned", **protocol)
     acc, sparsity = _evaluate_stack(model, nets, level(masks, group), mnist)
-    for j, i in enumerate(group):
-      value = {"accuracy": acc[j], "measured_sparsity": sparsity[j],
-               "seconds": seconds / len(group), "compile_seconds": compile_seconds / len(group)}
-      store.put(kind, keys[i], value)
-      found[i] = store_lib.Unit(value, None)
-  return [unit.value for unit in found]
+    return [{"accuracy": acc[j], "measured_sparsity": sparsity[j],
+             "seconds": seconds / len(group), "compile_seconds": compile_seconds / len(group)}
+            for j in range(len(group))]
+
+  return frame.stored_or_computed(store, f"retrained_{mode}", keys, compute,
+                                  together=mesh is not None)
 
 
 def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
