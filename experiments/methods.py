@@ -63,6 +63,7 @@ from prune_jax.train import CosineDecay
 
 Params = Any
 Masks = Any
+LearningRate = train.LearningRate  # (inside Context, `train` names its method)
 
 KINDS = ("weight", "unit")
 DEFAULT_SPARSITIES = {"weight": (90, 95, 97, 99, 99.5, 99.8), "unit": (90, 95, 97)}
@@ -129,27 +130,35 @@ class Context(NamedTuple):
     """The batch order of every training after the base net (studies 2 and 3 use it too)."""
     return base_nets.retrain_key(self.seed)
 
+  def protocol(self, steps: int, *, optimizer: str | None = None,
+               learning_rate: LearningRate | None = None) -> dict[str, Any]:
+    """The keyword arguments of `train.train` / `train_many` for a training of `steps` steps:
+    this context's batch order, batch size and recipe (`optimizer`, `learning_rate` override
+    it)."""
+    return dict(key=self.key, steps=steps, batch_size=self.batch_size,
+                optimizer=optimizer or self.recipe.optimizer,
+                learning_rate=self.recipe.rate(steps) if learning_rate is None else learning_rate,
+                log_every=max(steps // 4, 1))
+
   def train(self, params: Params, steps: int, *, masks: Masks | None = None,
             pruner: Callable[..., Any] | None = None, final: float | None = None,
             model: MLP | None = None, optimizer: str | None = None,
-            learning_rate: train.LearningRate | None = None, name: str = "") -> Params:
+            learning_rate: LearningRate | None = None, name: str = "") -> Params:
     """`train.train` with this context's data and recipe (keyword arguments override it)."""
     trained, _ = train.train(
         model or self.model, params, self.mnist.train_images, self.mnist.train_labels,
-        key=self.key, steps=steps, batch_size=self.batch_size,
-        optimizer=optimizer or self.recipe.optimizer,
-        learning_rate=self.recipe.rate(steps) if learning_rate is None else learning_rate,
         masks=masks, pruner=pruner,
         pruner_args=None if final is None else {"final": jnp.float32(final)},
-        log_every=max(steps // 4, 1),
-        name=f"seed {self.seed}: {name}")
+        name=f"seed {self.seed}: {name}",
+        **self.protocol(steps, optimizer=optimizer, learning_rate=learning_rate))
     return trained
 
   def train_levels(self, starts: Sequence[Params], steps: int, *,
                    masks: Sequence[Masks] | None = None,
                    pruner: Callable[..., Any] | None = None,
-                   finals: Sequence[float] | None = None, name: str = "",
-                   **overrides: Any) -> list[Params]:
+                   finals: Sequence[float] | None = None, optimizer: str | None = None,
+                   learning_rate: LearningRate | None = None,
+                   name: str = "") -> list[Params]:
     """Trains one full-size net per level, net `i` from `starts[i]` with `masks[i]` and (a
     gradual pruner's) `finals[i]`: one after another (`train`) without a mesh, else as one stack
     sharded over `self.mesh` (`train.train_many`: one program for every level). The two give
@@ -158,17 +167,14 @@ class Context(NamedTuple):
     if self.mesh is None or n == 1:
       return [self.train(starts[i], steps, masks=None if masks is None else masks[i],
                          pruner=pruner, final=None if finals is None else finals[i],
-                         name=name, **overrides) for i in range(n)]
-    learning_rate = overrides.get("learning_rate")
+                         optimizer=optimizer, learning_rate=learning_rate, name=name)
+              for i in range(n)]
     trained, _ = train.train_many(
         self.model, grid.stack(starts), None if masks is None else grid.stack(masks),
-        self.mnist.train_images, self.mnist.train_labels, key=self.key, steps=steps,
-        batch_size=self.batch_size, optimizer=overrides.get("optimizer") or self.recipe.optimizer,
-        learning_rate=self.recipe.rate(steps) if learning_rate is None else learning_rate,
-        pruner=pruner,
+        self.mnist.train_images, self.mnist.train_labels, pruner=pruner,
         pruner_args=None if finals is None else {"final": jnp.asarray(finals, jnp.float32)},
-        log_every=max(steps // 4, 1), name=f"seed {self.seed}: {name}: {n} nets",
-        mesh=self.mesh)
+        name=f"seed {self.seed}: {name}: {n} nets", mesh=self.mesh,
+        **self.protocol(steps, optimizer=optimizer, learning_rate=learning_rate))
     return [grid.take(trained, i) for i in range(n)]
 
   def until(self) -> int:
@@ -220,12 +226,13 @@ def _levels_name(what: str, levels: Sequence[float]) -> str:
 
 def _with_masks(ctx: Context, masks: list[Masks], steps: int, name: str,
                 levels: Sequence[float], *, from_init: bool = False,
-                **overrides: Any) -> list[Outcome]:
+                optimizer: str | None = None,
+                learning_rate: LearningRate | None = None) -> list[Outcome]:
   """Every level's net trained from the base net (or, `from_init`, the initialisation) with its
-  fixed masks for `steps` steps."""
+  fixed masks for `steps` steps (`optimizer`, `learning_rate`: instead of the recipe's)."""
   start = ctx.init if from_init else ctx.base
-  nets = ctx.train_levels([start] * len(levels), steps, masks=masks,
-                          name=_levels_name(name, levels), **overrides)
+  nets = ctx.train_levels([start] * len(levels), steps, masks=masks, optimizer=optimizer,
+                          learning_rate=learning_rate, name=_levels_name(name, levels))
   return [Outcome(net, steps if from_init else ctx.base_steps + steps) for net in nets]
 
 
@@ -491,7 +498,12 @@ def _unit_key(config: dict[str, Any], seed: int, name: str, level: float | None,
   return {**base_nets.base_key(config, seed), "method": name, "level": level,
           "budget_steps": config["budget_steps"], "batch_size": config["batch_size"],
           "recipe": recipe, "test_images": int(mnist.test_images.shape[0]),
-          **{option: config.get(option, flags.FLAGS[option].default) for option in options}}
+          **{option: _option(config, option) for option in options}}
+
+
+def _option(config: dict[str, Any], name: str) -> Any:
+  """A method's own flag from the config, or the flag's default (configs built by hand)."""
+  return config.get(name, flags.FLAGS[name].default)
 
 
 def run_methods(config: dict[str, Any], mnist: data_lib.MNIST, *,
@@ -575,7 +587,7 @@ def _context(config: dict[str, Any], seed: int, model: MLP, base: Params,
   init_key, _ = base_nets.seed_keys(seed)
   return Context(seed, model, base, init_mlp(init_key, model), mnist, config["budget_steps"],
                  config["train_steps"], recipe, config["batch_size"],
-                 config.get("regrow_fraction", REGROW_FRACTION.default), frame.grid_mesh(config))
+                 _option(config, "regrow_fraction"), frame.grid_mesh(config))
 
 
 def _payload(kind: str, config: dict[str, Any], found: dict[str, list[list[dict[str, Any]]]],
