@@ -8,8 +8,27 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def start(args, *, devices: int | None = None, **env) -> subprocess.Popen:
+  """Starts `python <args>` in the repo (with `devices` fake CPU devices, and `env` added to the
+  environment); `finish` waits for it. Tests may start a run, compute a reference in their own
+  process meanwhile, then finish it: start-up and compilation are mostly single-threaded."""
+  environment = {**os.environ, **env}
+  if devices is not None:
+    environment["JAX_NUM_CPU_DEVICES"] = str(devices)
+  return subprocess.Popen([sys.executable, *args], cwd=REPO, env=environment,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+  """Waits for a `start`ed process (killing it after `timeout` s) and returns what it printed."""
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    raise
+  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def run_entry_point(module: str, *args: str, mnist_dir, timeout: float = 120):
   """Runs `python -m <module> <args>` in the repo with MNIST found through the env var."""
-  env = {**os.environ, "PRUNE_JAX_MNIST_DIR": str(mnist_dir)}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return finish(start(["-m", module, *args], PRUNE_JAX_MNIST_DIR=str(mnist_dir)), timeout)

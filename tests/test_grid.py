@@ -7,38 +7,19 @@ import os
 import pathlib
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from _runs import finish, start
 from experiments import frame, recovery
 from prune_jax import grid
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = ["--mode=weight", "--seeds=0", "--sparsities=0,50,90", "--train_steps=50",
          "--retrain_steps=10"]
 CONFIG = {"mnist_dir": None, "seeds": [0], "sparsities": [0, 50, 90], "train_steps": 50,
           "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer",
           "retrain_base": False, "mode": "weight", "retrain_steps": 10, "regrow": False}
-
-
-def start(args, *, devices: int, **env) -> subprocess.Popen:
-  """Starts `python <args>` with `devices` fake CPU devices; `finish` waits for it. The tests
-  start their subprocesses before computing their one-device references in this process, so
-  that the two overlap (start-up and compilation are mostly single-threaded)."""
-  environment = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), **env}
-  return subprocess.Popen([sys.executable, *args], cwd=REPO, env=environment,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
-  try:
-    stdout, stderr = process.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    process.kill()
-    raise
-  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def run(args, *, devices: int, timeout: float = 180, **env) -> subprocess.CompletedProcess:
