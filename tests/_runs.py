@@ -13,8 +13,9 @@ def start(args, *, devices: int | None = None, **env) -> subprocess.Popen:
   environment); `finish` waits for it. Tests may start a run, compute a reference in their own
   process meanwhile, then finish it: start-up and compilation are mostly single-threaded."""
   environment = {**os.environ, **env}
-  if devices is not None:
+  if devices is not None:  # fake devices exist on the CPU only, also where a GPU is present
     environment["JAX_NUM_CPU_DEVICES"] = str(devices)
+    environment["JAX_PLATFORMS"] = "cpu"
   return subprocess.Popen([sys.executable, *args], cwd=REPO, env=environment,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -8,6 +8,7 @@ import pathlib
 import socket
 import subprocess
 
+import jax
 import numpy as np
 import pytest
 
@@ -107,8 +108,23 @@ def test_stacks_sharded_over_fake_devices_give_the_single_device_numbers():
     np.testing.assert_array_equal(np.asarray(full)[:7], np.asarray(padded))
 
 
-def curves(workdir: pathlib.Path) -> dict:
-  return json.loads((workdir / "recovery_weight" / "results.json").read_text())["curves"]
+def curves(workdir: pathlib.Path, study: str = "recovery_weight") -> dict:
+  return json.loads((workdir / study / "results.json").read_text())["curves"]
+
+
+def one_device_curves(compute_here, module: str, args: list[str], workdir: pathlib.Path,
+                      study: str, mnist_dir: pathlib.Path) -> dict:
+  """The one-device reference of a run on fake CPU devices, in `workdir`: `compute_here(workdir)`
+  where this process runs on the CPU; where it runs on an accelerator, the same entry point
+  (`module` with `args`) on one CPU device in a subprocess, so that CPU is compared with CPU (an
+  accelerator's float32 matmuls, TF32 on NVIDIA GPUs, differ from the CPU's by more than
+  sharding may)."""
+  if jax.default_backend() == "cpu":
+    return compute_here(workdir)
+  done = run(["-m", module, f"--workdir={workdir}", *args, "--devices=1"], devices=1,
+             PRUNE_JAX_MNIST_DIR=str(mnist_dir))
+  assert done.returncode == 0, done.stderr[-3000:]
+  return curves(workdir, study)
 
 
 def free_port() -> int:
@@ -130,8 +146,9 @@ def test_study_2_on_4_devices_and_on_2_processes_gives_the_same_results(bases_in
              f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
             devices=2, **env) for i in range(2)]
   # One device (this process) trains net by net: the same numbers up to float32 noise.
-  one = recovery.run_recovery({**CONFIG, "workdir": str(bases_in("one"))},
-                              mnist)["curves"]
+  one = one_device_curves(
+      lambda one: recovery.run_recovery({**CONFIG, "workdir": str(one)}, mnist)["curves"],
+      "experiments.recovery", FLAGS, bases_in("one"), "recovery_weight", mnist_dir)
   done, *joined = [finish(p) for p in started]
   assert done.returncode == 0, done.stderr[-3000:]
   assert "3 nets, mask kept" in done.stderr  # the levels trained as one stack
@@ -152,15 +169,16 @@ def test_study_3_in_width_buckets_on_4_devices_gives_the_single_device_numbers(b
   four = bases_in("four_devices")
   process = start(["-m", "experiments.recovery", f"--workdir={four}", *FLAGS, *levels,
                    "--devices=4"], devices=4, PRUNE_JAX_MNIST_DIR=str(mnist_dir))
-  one = recovery.run_recovery({**CONFIG, "mode": "unit", "sparsities": [0, 50, 60, 90],
-                               "workdir": str(bases_in("one"))},
-                              mnist)["curves"]
+  one = one_device_curves(
+      lambda one: recovery.run_recovery({**CONFIG, "mode": "unit", "sparsities": [0, 50, 60, 90],
+                                         "workdir": str(one)}, mnist)["curves"],
+      "experiments.recovery", [*FLAGS, *levels], bases_in("one"), "recovery_unit", mnist_dir)
   done = finish(process)
   assert done.returncode == 0, done.stderr[-3000:]
   # 50% (500-500-250-100) and 60% (400-400-200-80) share the buckets 512-512-256-128.
   assert "retrain 2 unit-pruned nets, shrunk and padded to 512-512-256-128" in done.stderr
   assert "-unit-pruned net, shrunk to" not in done.stderr  # no level trained on its own
-  found = json.loads((four / "recovery_unit" / "results.json").read_text())["curves"]
+  found = curves(four, "recovery_unit")
   for name in ("pruned", "retrained"):
     np.testing.assert_allclose(found[name]["mean"], one[name]["mean"], atol=0.05)
 
@@ -192,19 +210,21 @@ def test_study_5_levels_as_one_stack_on_4_devices_give_the_single_device_numbers
             "recipe": methods.Recipe("sgd", 0.1, "cosine", 0.5, 10)._asdict(),
             "regrow_fraction": 0.5}
   four = bases_in("four_devices")
-  process = start(["-m", "experiments.methods", f"--workdir={four}", "--seeds=0",
-                   "--train_steps=50", "--kind=weight", "--methods=gradual_regrow",
-                   "--sparsities=90,99", "--budget_steps=20", "--methods_optimizer=sgd",
-                   "--methods_learning_rate=0.1", "--methods_schedule=cosine",
-                   "--prune_until=0.5", "--prune_every=10", "--devices=4"],
+  args = ["--seeds=0", "--train_steps=50", "--kind=weight", "--methods=gradual_regrow",
+          "--sparsities=90,99", "--budget_steps=20", "--methods_optimizer=sgd",
+          "--methods_learning_rate=0.1", "--methods_schedule=cosine", "--prune_until=0.5",
+          "--prune_every=10"]
+  process = start(["-m", "experiments.methods", f"--workdir={four}", *args, "--devices=4"],
                   devices=4, PRUNE_JAX_MNIST_DIR=str(mnist_dir))
-  one = methods.run_methods({**config, "workdir": str(bases_in("one"))},
-                            mnist)["methods_weight"]["curves"]
+  one = one_device_curves(
+      lambda one: methods.run_methods({**config, "workdir": str(one)},
+                                      mnist)["methods_weight"]["curves"],
+      "experiments.methods", args, bases_in("one"), "methods_weight", mnist_dir)
   done = finish(process)
   assert done.returncode == 0, done.stderr[-3000:]
   # The levels of a method trained as one stack (the pruner's final sparsity per net).
   assert "gradual weight layer regrow 0.9,0.99: 2 nets" in done.stderr
-  found = json.loads((four / "methods_weight" / "results.json").read_text())["curves"]
+  found = curves(four, "methods_weight")
   for name in ("gradual_regrow", methods.DENSE):
     np.testing.assert_allclose(found[name]["mean"], one[name]["mean"], atol=0.1)
     np.testing.assert_allclose(found[name]["measured_sparsity"], one[name]["measured_sparsity"])
