@@ -3,7 +3,7 @@
 #
 #   bash experiments/run.sh reproduce [--flags]   # python -m experiments.reproduce
 #   bash experiments/run.sh sweep --helpfull      # any experiments.<name>
-#   bash experiments/run.sh test [pytest args]    # python -m pytest
+#   bash experiments/run.sh test [pytest args]    # python -m pytest -n auto --maxprocesses=4
 #
 # The environment is .venv/ beside this folder (PRUNE_JAX_VENV to put it elsewhere). It is
 # (re)built from requirements.txt whenever that file changes.
@@ -22,6 +22,8 @@ cd "$root"
 what="${1:-reproduce}"
 shift || true
 if [[ "$what" == "test" ]]; then
-  exec "$venv/bin/python" -m pytest "$@"
+  # One pytest-xdist worker per core, at most 4 (each is a JAX process using every core); a later
+  # -n in the arguments wins, e.g. -n 0 for one process.
+  exec "$venv/bin/python" -m pytest -n auto --maxprocesses=4 "$@"
 fi
 exec "$venv/bin/python" -m "experiments.$what" "$@"

@@ -1,6 +1,7 @@
 """prune_jax: pruning of Flax models, as pure functions over parameter pytrees."""
 
 from prune_jax.allocation import erk_densities
+from prune_jax.equivalence import check_close, highest_precision, max_difference
 from prune_jax.rewinding import IMPResult, imp, imp_sparsities
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax.models import MLP, LeNet5, init_lenet5, init_mlp, shrunk_model

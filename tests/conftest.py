@@ -40,6 +40,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # load what this process compiled for the same shapes.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     config.stash[_XLA_CACHE] = folder
+  # On a GPU, each JAX process would take 75% of its memory at start-up; the suite runs several
+  # (its subprocesses, pytest-xdist's workers) side by side, so each takes what it uses.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -113,6 +116,16 @@ def bases_in(shared_bases, tmp_path):
     return workdir
 
   return make
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+  """With `$PRUNE_JAX_FAILURE_LOG` set, appends each failure's report to that file as it happens
+  (in the controlling process under pytest-xdist): a run cut short by a time limit, as on a
+  borrowed GPU (`experiments/device_check.sh`), still says what failed and why."""
+  path = os.environ.get("PRUNE_JAX_FAILURE_LOG")
+  if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+    with open(path, "a", encoding="utf-8") as log:
+      log.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
 
 
 @pytest.hookimpl(hookwrapper=True)
