@@ -17,8 +17,11 @@ Example:
   >>> small, small_apply = shrink_fn(model.apply, variables, masks, x)
   >>> small["params"]["Dense_1"]["kernel"].shape
   (4, 3)
-  >>> bool(jnp.allclose(small_apply(small, x), model.apply(apply_masks(variables, masks), x),
-  ...                   atol=1e-5))
+  >>> from prune_jax import equivalence
+  >>> with equivalence.highest_precision():          # full float32 products on every backend
+  ...   got, want = small_apply(small, x), model.apply(apply_masks(variables, masks), x)
+  >>> diff, scale = equivalence.max_difference(got, want)
+  >>> diff <= equivalence.RTOL * max(1.0, scale)     # the same logits, up to summation order
   True
 """
 
@@ -222,9 +225,11 @@ def shrink_plan(groups: Sequence[Group], params: Params, masks: Masks) -> Shrink
 class ShrunkApply:
   """`small_apply(small_params, *args)`: `apply_fn` run on the shrunk params (see `shrink_fn`).
 
-  Traces `apply_fn` at the full param shapes for the shapes of `args` (cached per shape), then
-  evaluates that program with the units deleted, under `jax.jit`. Any batch size works; so does
-  a symbolic one, under `jax.export`.
+  Traces `apply_fn` at the full param shapes for the shapes of `args`, then evaluates that
+  program with the units deleted, under `jax.jit`. Any batch size works; so does a symbolic one,
+  under `jax.export`. The traced program is cached per shape and per default matmul precision
+  (`jax.default_matmul_precision`, which fixes each product's precision when it is traced), so
+  that, as under `jax.jit`, the products run at the precision in force at the call.
 
   Attributes:
     plan: the `ShrinkPlan` (groups and kept units).
@@ -250,7 +255,7 @@ class ShrunkApply:
   def trace(self, *args: Any) -> tuple[groups_lib.Traced, np.ndarray]:
     """The traced program for `args`' shapes and, per unit id, whether it is deleted."""
     specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-    key = _shape_key(specs)
+    key = _trace_key(specs)
     if key not in self._cache:
       traced = groups_lib.trace_groups(self.apply_fn, self._full, specs)
       self._cache[key] = (traced, self._pruned_ids(traced))
@@ -319,7 +324,7 @@ def shrink_fn(apply_fn: Callable[..., Any], params: Params, masks: Masks, *examp
   plan = shrink_plan(traced.groups, params, masks)
   small = plan.shrink(params)
   specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example_args)
-  return small, ShrunkApply(apply_fn, params, small, plan, traced, _shape_key(specs))
+  return small, ShrunkApply(apply_fn, params, small, plan, traced, _trace_key(specs))
 
 
 def shrink_opt_state(optimizer: Any, opt_state: Any, params: Params, plan: ShrinkPlan) -> Any:
@@ -450,8 +455,12 @@ def _other_path(path: str) -> str:
   return path[len("params/"):] if path.startswith("params/") else f"params/{path}"
 
 
-def _shape_key(specs: Any) -> str:
-  return str([(tuple(str(d) for d in x.shape), str(x.dtype)) for x in jax.tree.leaves(specs)])
+def _trace_key(specs: Any) -> tuple[str, Any]:
+  """The key of a traced program: the arguments' shapes and dtypes, and the default matmul
+  precision in force (the traced products hold it: a program traced outside
+  `jax.default_matmul_precision("highest")` would run at the default precision inside it)."""
+  shapes = str([(tuple(str(d) for d in x.shape), str(x.dtype)) for x in jax.tree.leaves(specs)])
+  return shapes, jax.config.jax_default_matmul_precision
 
 
 def _few(items: Any, limit: int = 5) -> str:

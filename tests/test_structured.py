@@ -1,6 +1,8 @@
 """Tests of prune_jax.structured: shrink_fn's model computes the masked model's outputs for the
 whole zoo; shrunk modules; the optimizer state; masks that are not unit masks are refused."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 
 import prune_jax as pj
 import zoo
+from _trees import assert_agree
 
 TOL = 1e-4  # times the logit scale, at "highest" matmul precision
 
@@ -26,7 +29,7 @@ def assert_close(small_out, masked_out, plan=None):
   if len(small_leaves) > 1:
     expected = jax.tree.leaves(plan.shrink(masked_out[1]))
     for a, b in zip(small_leaves[1:], expected):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+      assert_agree(a, b, rtol=1e-5, atol=1e-6)
   return float(np.abs(logits - want).max() / scale)
 
 
@@ -109,6 +112,28 @@ def test_random_lenets_shrink_exactly(c0, c1, h0, h1, sparsity, scope):
   x = zoo._x((2, 28, 28, 1), seed=c0 + c1)  # pylint: disable=protected-access
   params = zoo.init_variables(model, x)
   shrink_and_compare(model.apply, params, x, sparsity, scope=scope)
+
+
+def test_small_apply_runs_at_the_matmul_precision_of_the_call():
+  """Like a jitted function, the runner computes at the precision in force where it is called,
+  not where shrink_fn traced the model: under "highest", no TF32 products on a GPU."""
+  entry = zoo.lenet_linen()
+  masks = pj.unit_masks(entry.params, 0.5, groups=pj.unit_groups(entry.apply_fn, entry.params,
+                                                                  entry.x))
+  small, small_apply = pj.shrink_fn(entry.apply_fn, entry.params, masks, entry.x)
+
+  def precisions(precision):
+    """The precisions of the 2 convolutions and 3 matrix products small_apply runs."""
+    with jax.default_matmul_precision(precision):
+      text = jax.jit(small_apply.__call__).lower(small, entry.x).as_text()
+    products = [line for line in text.splitlines()
+                if "stablehlo.dot_general" in line or "stablehlo.convolution" in line]
+    assert len(products) == 5
+    return {p for line in products for p in re.findall(r"\b(DEFAULT|HIGH|HIGHEST)\b", line)}
+
+  assert precisions("highest") == {"HIGHEST"}
+  assert precisions("default") == {"DEFAULT"}
+  assert precisions("highest") == {"HIGHEST"}  # each precision's program is kept
 
 
 def test_whole_layers_pruned_away():
