@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 
 from experiments.sweep import prune_levels
-from prune_jax import grid, sparse_dense, timing, train
+from prune_jax import equivalence, grid, sparse_dense, timing, train
 from prune_jax.models import MLP
 
 Params = Any
@@ -349,11 +349,13 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
     nets.append((pruned, {fmt: sparse_dense.sparsify(params, masks, fmt=fmt)
                           for fmt in formats}))
   for level, (pruned, forms) in zip(levels, nets):
-    reference = np.asarray(forward_fn(model)(pruned, check_x))
+    with equivalence.highest_precision():  # both sides in full float32 (no TF32 on a GPU)
+      reference = np.asarray(forward_fn(model)(pruned, check_x))
+      sparse_logits = {fmt: np.asarray(sparse_fn(net, check_x)) for fmt, net in forms.items()}
     scale = max(1.0, float(np.max(np.abs(reference))))
     info = {"sparsity": level, "stored_entries": {}, "max_abs_logit_diff": {}}
     for fmt, net in forms.items():
-      diff = float(np.max(np.abs(np.asarray(sparse_fn(net, check_x)) - reference)))
+      diff = float(np.max(np.abs(sparse_logits[fmt] - reference)))
       if not diff <= SPARSE_RTOL * scale:
         raise RuntimeError(f"{level:g}% weight-pruned net in {fmt} form: logits differ from "
                            f"dense with zeros by up to {diff:.3g} (logit scale {scale:.3g})")

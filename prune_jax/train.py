@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from prune_jax import grid, timing
+from prune_jax import equivalence, grid, timing
 from prune_jax.masks import apply_masks
 from prune_jax.pruner import PruningState, pruning, stack_axes
 
@@ -400,11 +400,19 @@ _evaluate_many = jax.jit(_over_nets(_evaluation, (0, None, None)), static_argnam
 
 def evaluate(model: nn.Module, params: Params, images: jax.Array,
              labels: jax.Array) -> Evaluation:
-  """Accuracy and loss of `model` with `params` on all of `images [N, features]` at once."""
-  return _evaluate(params, jnp.asarray(images), jnp.asarray(labels), model=model)
+  """Accuracy and loss of `model` with `params` on all of `images [N, features]` at once.
+
+  Computed with full float32 products on every backend (`equivalence.highest_precision`), so
+  that an accuracy does not depend on the platform's matmul precision (TF32 on recent NVIDIA
+  GPUs): a net evaluated here and its shrunk or padded form checked at "highest" give the same
+  logits. Training keeps the platform's precision (or `--matmul_precision`).
+  """
+  with equivalence.highest_precision():
+    return _evaluate(params, jnp.asarray(images), jnp.asarray(labels), model=model)
 
 
 def evaluate_many(model: nn.Module, params: Params, images: jax.Array,
                   labels: jax.Array) -> Evaluation:
   """`evaluate` for a stack of nets (leading axis on every leaf); returns `[nets]` arrays."""
-  return _evaluate_many(params, jnp.asarray(images), jnp.asarray(labels), model=model)
+  with equivalence.highest_precision():
+    return _evaluate_many(params, jnp.asarray(images), jnp.asarray(labels), model=model)

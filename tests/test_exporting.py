@@ -15,6 +15,7 @@ import pytest
 
 import prune_jax as pj
 import zoo
+from _trees import assert_agree, assert_trees_agree
 
 EXPORTING = pathlib.Path(pj.exporting.__file__)
 ENTRIES = [(make, False) for make in zoo.ZOO] + [(zoo.resnet, True)]
@@ -96,15 +97,15 @@ def test_fixed_batch_export_and_train_outputs_in_process(tmp_path):
                         groups=pj.unit_groups(entry.train_fn, entry.params, entry.x))
   small, small_apply = pj.shrink_fn(entry.train_fn, entry.params, masks, entry.x)
   path = str(tmp_path / "fixed.npz")
-  plan = pj.save_shrunk(path, small_apply, small, entry.x, batch_polymorphic=False,
-                        platforms=None)
+  with pj.equivalence.highest_precision():  # exported and run in full float32 (no TF32)
+    plan = pj.save_shrunk(path, small_apply, small, entry.x, batch_polymorphic=False,
+                          platforms=None)
+    loaded = pj.load_shrunk(path)
+    logits, new_vars = loaded(entry.x)
+    want_logits, want_vars = small_apply(small, entry.x)
   assert plan["args"][0]["shape"] == list(entry.x.shape)
-  loaded = pj.load_shrunk(path)
-  logits, new_vars = loaded(entry.x)
-  want_logits, want_vars = small_apply(small, entry.x)
-  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               new_vars, want_vars)
+  assert_agree(logits, want_logits, rtol=1e-5, atol=1e-6)
+  assert_trees_agree(new_vars, want_vars, rtol=1e-5, atol=1e-6)
   with pytest.raises(Exception, match="shape"):
     loaded(entry.x[:1])
   pj.save_shrunk(path, small_apply, small, entry.x)  # overwrites

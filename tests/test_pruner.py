@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from _trees import assert_trees_agree
 from prune_jax import pruner
 from prune_jax.masks import weight_masks
 from prune_jax.models import MLP, init_mlp
@@ -115,8 +116,7 @@ def test_lax_scan_gives_the_python_loop_result():
       (looped, state), _ = jitted((looped, state), batch)
   jax.tree.map(np.testing.assert_array_equal, pruner.current_masks(scan_state),
                pruner.current_masks(state))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), scanned,
-               looped)
+  assert_trees_agree(scanned, looped, rtol=1e-5, atol=1e-6)
 
 
 def test_vmap_over_a_stack_of_nets_with_different_final_sparsities():
@@ -165,8 +165,7 @@ def test_vmap_over_a_stack_of_nets_with_different_final_sparsities():
   for i, (final, (single, single_state)) in enumerate(zip(finals, singles)):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[i], b), masks,
                  pruner.current_masks(single_state))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6), out,
-                 single)
+    assert_trees_agree(jax.tree.map(lambda a: a[i], out), single, rtol=1e-5, atol=1e-6)
     n = sum(params[f"Dense_{j}"]["kernel"].size for j in range(2))
     zeros = sum(int((out[f"Dense_{j}"]["kernel"][i] == 0).sum()) for j in range(2))
     assert zeros == round(float(final) * n)

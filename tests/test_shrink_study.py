@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from _trees import ON_CPU
 from experiments import base_nets, common_flags, frame, outputs, recovery
 from experiments import shrink as study
 from experiments import shrink_timing
@@ -71,7 +72,8 @@ def test_shrunk_net_gives_the_masked_logits(mnist, trained, keep_last_hidden, le
   assert all(w % 16 == 0 and w - 16 < v <= w
              for v, w in zip(widths, shrunk_widths(padded)))
   pad_diff, _ = equivalence.max_difference(padded_logits, small_logits)
-  assert pad_diff <= 1e-5 * scale
+  # Zero units change nothing but the summation order, which on a GPU the widths pick.
+  assert pad_diff <= (1e-5 if ON_CPU else equivalence.RTOL) * scale
 
 
 def test_keep_last_hidden_leaves_dense_3_unpruned(trained):

@@ -14,7 +14,7 @@ from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax import train as train_lib
 from prune_jax.shrinking import (bucket_widths, expand, fit_units, pad_units, shrink,
                                  shrunk_widths)
-from _trees import random_params
+from _trees import assert_agree, assert_trees_agree, random_params
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.9, 0.99, 1.0)
 SCOPES = ("layer", "global")
@@ -49,7 +49,8 @@ def assert_shrink_exact(params, masks, x, *, bias, forward=None):
   masked = apply_masks(params, masks)
   forward = forward or (lambda p, x: logits(p, x, bias=bias))
   with equivalence.highest_precision():  # exact in intent: no TF32 on a GPU
-    np.testing.assert_allclose(forward(small, x), forward(masked, x), rtol=1e-5, atol=1e-5)
+    got, want = forward(small, x), forward(masked, x)
+  assert_agree(got, want, rtol=1e-5, atol=1e-5)
   return small
 
 
@@ -104,8 +105,9 @@ def test_residual_weight_zeros_stay():
   pruned = apply_masks(params, weights)
   small = shrink(pruned, units)
   masked = apply_masks(params, combined)
-  np.testing.assert_allclose(logits(small, X, bias=False), logits(masked, X, bias=False),
-                             rtol=1e-5, atol=1e-5)
+  with equivalence.highest_precision():  # exact in intent: no TF32 on a GPU
+    got, want = logits(small, X, bias=False), logits(masked, X, bias=False)
+  assert_agree(got, want, rtol=1e-5, atol=1e-5)
   dense_zeros = sum(int(np.sum(np.asarray(v["kernel"]) == 0)) for v in masked.values())
   small_zeros = sum(int(np.sum(np.asarray(v["kernel"]) == 0)) for v in small.values())
   assert small_zeros > 0 and small_zeros <= dense_zeros
@@ -229,9 +231,10 @@ def test_pad_units_is_exact_with_biases():
   assert padded["Dense_0"]["bias"].shape == (16,)
   np.testing.assert_array_equal(padded["Dense_0"]["kernel"][:, 13:], 0)
   x = jax.random.uniform(jax.random.key(1), (5, 784))
-  np.testing.assert_allclose(
-      model.clone(hidden=(16, 0, 8)).apply({"params": padded}, x),
-      model.apply({"params": params}, x), rtol=1e-6, atol=1e-6)
+  with equivalence.highest_precision():  # exact in intent: no TF32 on a GPU
+    got = model.clone(hidden=(16, 0, 8)).apply({"params": padded}, x)
+    want = model.apply({"params": params}, x)
+  assert_agree(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_pad_units_by_one_is_the_identity_and_zero_is_refused():
@@ -250,8 +253,10 @@ def test_fit_units_pads_and_gives_the_net_back():
   assert shrunk_widths(fitted) == widths
   np.testing.assert_array_equal(fitted["Dense_2"]["kernel"][7:], 0)  # the next layer's rows
   x = jax.random.uniform(jax.random.key(1), (5, 784))
-  np.testing.assert_allclose(model.clone(hidden=widths).apply({"params": fitted}, x),
-                             model.apply({"params": params}, x), rtol=1e-6, atol=1e-6)
+  with equivalence.highest_precision():  # exact in intent: no TF32 on a GPU
+    got = model.clone(hidden=widths).apply({"params": fitted}, x)
+    want = model.apply({"params": params}, x)
+  assert_agree(got, want, rtol=1e-6, atol=1e-6)
   back = fit_units(fitted, shrunk_widths(params))
   jax.tree.map(np.testing.assert_array_equal, back, params)
   with pytest.raises(ValueError, match="one width >= 0 per hidden layer"):
@@ -266,14 +271,14 @@ def test_padded_units_stay_zero_under_adam_and_trimming_gives_the_trained_net():
   train = functools.partial(train_lib.train, images=x, labels=y, key=jax.random.key(2),
                             steps=20, batch_size=32, optimizer="adam", learning_rate=1e-2,
                             log_every=0)
-  small, _ = train(model, params)
   widths = bucket_widths(shrunk_widths(params))
-  big, _ = train(model.clone(hidden=widths), fit_units(params, widths))
+  with equivalence.highest_precision():  # the same training at other widths: no TF32 on a GPU
+    small, _ = train(model, params)
+    big, _ = train(model.clone(hidden=widths), fit_units(params, widths))
   np.testing.assert_array_equal(big["Dense_0"]["kernel"][:, 6:], 0)  # padding stayed zero
   np.testing.assert_array_equal(big["Dense_1"]["kernel"][6:], 0)
   trimmed = fit_units(big, shrunk_widths(params))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), trimmed,
-               small)
+  assert_trees_agree(trimmed, small, rtol=1e-4, atol=1e-5)
 
 
 def test_bucket_widths_are_powers_of_two():

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import sparse
 
-from prune_jax import sparse_dense
+from _trees import assert_agree
+from prune_jax import equivalence, sparse_dense
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax.models import MLP, init_mlp
 
@@ -39,10 +40,11 @@ def test_sparse_forward_equals_dense_with_zeros(fmt, model, sparsity):
   masks = weight_masks(params, sparsity)
   net = sparse_dense.sparsify(params, masks, fmt=fmt)
   x = _x()
-  got = jax.jit(sparse_dense.sparse_forward)(net, x)
-  want = _dense_logits(model, params, masks, x)
+  with equivalence.highest_precision():  # the same logits: no TF32 on a GPU
+    got = jax.jit(sparse_dense.sparse_forward)(net, x)
+    want = _dense_logits(model, params, masks, x)
   assert got.shape == (20, 10)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert_agree(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt,cls", [("bcsr", sparse.BCSR), ("bcoo", sparse.BCOO)])
@@ -96,5 +98,7 @@ def test_random_masks_give_the_dense_logits(density, seed):
            for name, k in zip(("Dense_0", "Dense_1", "Dense_2"), (*keys, None))}
   net = sparse_dense.sparsify(params, masks, fmt="bcsr")
   x = _x(batch=7, seed=seed)
-  np.testing.assert_allclose(jax.jit(sparse_dense.sparse_forward)(net, x),
-                             _dense_logits(SMALL, params, masks, x), rtol=1e-5, atol=1e-5)
+  with equivalence.highest_precision():  # the same logits: no TF32 on a GPU
+    got = jax.jit(sparse_dense.sparse_forward)(net, x)
+    want = _dense_logits(SMALL, params, masks, x)
+  assert_agree(got, want, rtol=1e-5, atol=1e-5)
