@@ -112,7 +112,9 @@ done
 {
   echo "device check ($(date -u +%FT%TZ)), ${SECONDS} s:"
   printf '%s\n' "${summary[@]}"
-  grep -h "Wall time" "$logs"/REPORT_*.md 2>/dev/null
+  for f in "$logs"/REPORT_*.md; do  # each run's phases, and what of each was compilation
+    [[ -f "$f" ]] && { echo "$(basename "$f"):"; grep -h "Wall time\|^| " "$f" | head -9; }
+  done
   grep -h "^=== " "$logs/tests_failures.log" 2>/dev/null
   tail -n 3 "$logs/tests.log" 2>/dev/null
 } | tee "$logs/summary.txt"

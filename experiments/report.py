@@ -11,7 +11,7 @@ from typing import Any
 from absl import app
 
 from experiments import common_flags, seed_results
-from prune_jax import results
+from prune_jax import results, timing
 
 Payload = dict[str, Any]
 
@@ -270,12 +270,15 @@ SECTIONS = {"sweep": sweep_section, "recovery_weight": recovery_section,
 
 
 def build_report(payloads: Mapping[str, Payload], *, command: str = "",
-                 phases: Sequence[tuple[str, float]] = (), total_seconds: float | None = None,
-                 workdir: str = ".", units: Mapping[str, int] | None = None) -> str:
+                 phases: Sequence[tuple[str, float]] = (),
+                 compilations: Sequence[timing.Compilations] = (),
+                 total_seconds: float | None = None, workdir: str = ".",
+                 units: Mapping[str, int] | None = None) -> str:
   """REPORT.md's text for the studies in `payloads` (by study name); plots linked relatively.
 
-  `units`: how many finished units were read back from the store and how many computed (a
-  resumed run's wall time covers only the computed ones).
+  `phases`: `(name, seconds)` of each phase of the run, and `compilations` what each compiled
+  (`reproduce.Progress`). `units`: how many finished units were read back from the store and
+  how many computed (a resumed run's wall time covers only the computed ones).
   """
   first = next(iter(payloads.values()))
   machine = first.get("machine") or results.machine()
@@ -284,14 +287,20 @@ def build_report(payloads: Mapping[str, Payload], *, command: str = "",
   lines = ["# prune_jax: reproduction report", ""]
   if command:
     lines += [f"Command: `{command}`", ""]
-  lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores; jax {versions.get('jax')}, "
-            f"flax {versions.get('flax')}, Python {versions.get('python')}.", ""]
+  devices = f"; JAX devices: {machine['devices']}" if machine.get("devices") else ""
+  lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores{devices}; jax "
+            f"{versions.get('jax')}, flax {versions.get('flax')}, Python "
+            f"{versions.get('python')}.", ""]
   if total_seconds is not None:
     lines.append(f"Wall time: {total_seconds:.1f} s in all, start-up and compilation included.")
   if units and units.get("loaded"):
     lines.append(f"Resumed: {units['loaded']} finished units were read back from "
                  f"`cache/units/`, {units.get('computed', 0)} computed in this run.")
-  if phases:
+  if phases and compilations:
+    lines += ["", *_table(["phase", "seconds", "of which compiling", "programs compiled"],
+                          [[name, f"{secs:.1f}", f"{c.seconds:.1f}", str(c.programs)]
+                           for (name, secs), c in zip(phases, compilations)])]
+  elif phases:
     lines += ["", *_table(["phase", "seconds"], [[name, f"{secs:.1f}"] for name, secs in phases])]
   lines += ["", "Config: " + ", ".join(f"`{k}={v}`" for k, v in sorted(config.items())), ""]
   for study in (*STUDY_ORDER, *OPTIONAL_STUDIES):

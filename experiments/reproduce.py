@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from experiments import base_nets, common_flags, conv, frame, methods, recovery, report, shrink
 from experiments import sweep
 from prune_jax import data as data_lib
-from prune_jax import results
+from prune_jax import results, timing
 
 # Relative costs, in training steps of the full seed network (measured: one step of it is ~3
 # forward passes of a batch of 100); used only to estimate the time that remains.
@@ -63,10 +63,12 @@ def macs_fraction(sparsity_percent: float, hidden: Sequence[int] = (1000, 1000, 
 
 
 class Progress:
-  """Logs one line per finished phase: its time, the elapsed time and what probably remains.
+  """Logs one line per finished phase: its time, what of it was compilation, the elapsed time
+  and what probably remains.
 
   The estimate divides the elapsed time by the work done so far, in units of full-net training
-  steps (`costs`), and multiplies by the work left.
+  steps (`costs`), and multiplies by the work left. `done` lists `(phase, seconds)` and
+  `compilations` each phase's `timing.Compilations` (counted while the `Progress` is open).
   """
 
   def __init__(self, costs: dict[str, float]):
@@ -74,11 +76,19 @@ class Progress:
     self.start = time.perf_counter()
     self.phase_start = self.start
     self.done: list[tuple[str, float]] = []
+    self.compilations: list[timing.Compilations] = []
+    self._tally = timing.CompileTally()
+    self._tallied = self._tally.total
 
   def finish(self, phase: str) -> None:
     now = time.perf_counter()
     self.done.append((phase, now - self.phase_start))
     self.phase_start = now
+    total = self._tally.total
+    self.compilations.append(total - self._tallied)
+    self._tallied = total
+    if len(self.done) == len(self.costs):
+      self._tally.close()
     elapsed = now - self.start
     finished = {name for name, _ in self.done}
     done_units = sum(c for name, c in self.costs.items() if name in finished)
@@ -86,8 +96,8 @@ class Progress:
     # Until enough work is done to measure the rate, assume one full-net step per _STEP_SECONDS.
     rate = elapsed / done_units if done_units >= 1000 else _STEP_SECONDS
     left = f"about {rate * left_units:.0f} s remain" if left_units else "done"
-    logging.info("[%d/%d] %s: %.1f s (elapsed %.1f s; %s)", len(self.done), len(self.costs),
-                 phase, self.done[-1][1], elapsed, left)
+    logging.info("[%d/%d] %s: %.1f s, %s (elapsed %.1f s; %s)", len(self.done),
+                 len(self.costs), phase, self.done[-1][1], self.compilations[-1], elapsed, left)
 
   @property
   def elapsed(self) -> float:
@@ -198,7 +208,8 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
   # The payloads as written (with versions and machine), so REPORT.md matches the JSON files.
   written = report.load_payloads(workdir)
   text = report.build_report({k: written[k] for k in payloads}, command=command,
-                             phases=progress.done, total_seconds=progress.elapsed,
+                             phases=progress.done, compilations=progress.compilations,
+                             total_seconds=progress.elapsed,
                              workdir=workdir, units={"loaded": store.loaded,
                                                      "computed": store.computed})
   results.write_text(path, text)

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from importlib import metadata
 from typing import Any
 
+import jax
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "tensorflow-datasets", "matplotlib",
             "absl-py")
 
@@ -92,7 +94,8 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> dict[str, Any]:
-  """The CPU model and core count of this machine, for reports."""
+  """The CPU model and core count of this machine, and JAX's devices (`"1 x NVIDIA H200"`,
+  `"1 x cpu"`), for reports."""
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
@@ -102,4 +105,6 @@ def machine() -> dict[str, Any]:
           break
   except OSError:
     pass
-  return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+  first = jax.devices()[0]
+  return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+          "devices": f"{jax.device_count()} x {first.device_kind}"}

@@ -108,7 +108,8 @@ class Store:
       if jax.process_index() == 0:
         self._remove(json_path, tree_path)
       return None
-    self.loaded += 1
+    if json_path not in self._written:  # a unit of an earlier run, not one shared within this
+      self.loaded += 1
     return Unit(record["value"], tree)
 
   def _read(self, json_path: str, tree_path: str,
@@ -175,7 +176,8 @@ class Store:
 
     A unit just computed is returned with its value as stored (through JSON: tuples become
     lists) and its tree as `compute` gave it, so callers need not care which happened.
-    `self.loaded` and `self.computed` count the two cases. `recompute` computes (and
+    `self.loaded` (units of earlier runs; not those this `Store` wrote, e.g. study 3's nets that
+    study 4 reads back) and `self.computed` count the two cases. `recompute` computes (and
     overwrites) it even if it is stored.
     """
     found = None if recompute else self.get(kind, key, template=template)

@@ -1,4 +1,5 @@
-"""Timing of compiled JAX functions: compile time apart, a warm-up, then the median of runs.
+"""Timing of compiled JAX functions: compile time apart, a warm-up, then the median of runs;
+and `CompileTally`, the compilations of a whole run (on a GPU they, not the arithmetic, dominate).
 
 The machine this runs on is shared and noisy, so absolute times mean little; compare rates with
 `matmul_gflops`, a plain float32 matmul measured in the same process.
@@ -12,6 +13,73 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+# JAX's monitoring events of one compilation: tracing, lowering, and XLA's compile (or the load
+# of the program from the persistent compilation cache, which it also covers).
+_TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                 "/jax/core/compile/jaxpr_to_mlir_module_duration")
+_BACKEND_EVENT = "/jax/core/compile/backend_compile_duration"
+_CACHE_LOAD_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
+
+
+class Compilations(NamedTuple):
+  """Compilations counted by a `CompileTally`: `programs` (of which `from_cache` were loaded
+  from the persistent cache) and the `seconds` spent tracing, lowering and compiling them."""
+  programs: int
+  from_cache: int
+  seconds: float
+
+  def __sub__(self, other: "Compilations") -> "Compilations":
+    return Compilations(self.programs - other.programs, self.from_cache - other.from_cache,
+                        self.seconds - other.seconds)
+
+  def __str__(self) -> str:
+    cached = f", {self.from_cache} from the cache" if self.from_cache else ""
+    return f"{self.programs} programs compiled in {self.seconds:.1f} s{cached}"
+
+
+class CompileTally:
+  """Counts this process's compilations while open, from JAX's monitoring events.
+
+  Example:
+    >>> x = jnp.arange(5.0)
+    >>> with CompileTally() as tally:
+    ...   _ = jax.jit(lambda x: x * 3 + 1)(x)
+    >>> tally.total.programs
+    1
+  """
+
+  def __init__(self):
+    self._programs = self._from_cache = 0
+    self._seconds = 0.0
+    self._open = True
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event: str, duration: float, **_: Any) -> None:
+    if event == _BACKEND_EVENT:
+      self._programs += 1
+      self._seconds += duration
+    elif event in _TRACE_EVENTS:
+      self._seconds += duration
+    elif event == _CACHE_LOAD_EVENT:
+      self._from_cache += 1
+
+  @property
+  def total(self) -> Compilations:
+    """What was compiled since the tally opened (until it closed)."""
+    return Compilations(self._programs, self._from_cache, self._seconds)
+
+  def close(self) -> None:
+    """Stops counting (idempotent)."""
+    if self._open:
+      jax.monitoring.unregister_event_duration_listener(self._listen)
+      self._open = False
+
+  def __enter__(self) -> "CompileTally":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
 
 
 class Timing(NamedTuple):

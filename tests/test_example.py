@@ -78,7 +78,8 @@ def test_readme_prune_while_you_train_example_runs_as_written(capsys):
                                     "prune_jax.models", "prune_jax.schedules",
                                     "prune_jax.allocation", "prune_jax.pruner",
                                     "prune_jax.rewinding", "prune_jax.train",
-                                    "prune_jax.equivalence", "prune_jax.regrowth"])
+                                    "prune_jax.equivalence", "prune_jax.regrowth",
+                                    "prune_jax.timing"])
 def test_docstring_examples(module):
   globs = {"jax": jax, "jnp": jnp, "optax": optax, **{name: getattr(prune_jax, name) for name in (
       "MLP", "init_mlp", "weight_masks", "unit_masks", "apply_masks", "shrink", "shrunk_widths",

@@ -3,6 +3,8 @@
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import pytest
 from absl import logging
 
@@ -26,11 +28,17 @@ def test_progress_estimates_what_remains(monkeypatch):
   lines = []
   monkeypatch.setattr(logging, "info", lambda fmt, *args: lines.append(fmt % args))
   progress = reproduce.Progress({"a": 2000, "b": 2000})
+  jax.jit(lambda x: x * 7 - 1)(jnp.arange(3.0))  # a program never compiled before: phase a's
   progress.finish("a")
   assert "[1/2] a:" in lines[0] and "remain" in lines[0]
+  assert progress.compilations[0].programs >= 1 and progress.compilations[0].seconds > 0
+  assert "programs compiled in" in lines[0]
   progress.finish("b")
   assert lines[1].endswith("done)")
+  assert progress.compilations[1].programs == 0  # nothing compiled in phase b
   assert [name for name, _ in progress.done] == ["a", "b"]
+  jax.jit(lambda x: x * 5 - 2)(jnp.arange(3.0))
+  assert progress._tally.total.programs == sum(c.programs for c in progress.compilations)
 
 
 @pytest.mark.needs_mnist
@@ -45,6 +53,9 @@ def test_reproduce_runs_all_studies_and_writes_the_report(bases_in, mnist_dir, m
   for heading in ("## 1. Sweep", "## 2. Recovery after weight", "## 3. Recovery after unit",
                   "## 4. Shrink"):
     assert heading in text
+  # Each phase's time, and what of it compiling took (the base nets are loaded: few programs).
+  assert "| phase | seconds | of which compiling | programs compiled |" in text
+  assert f"JAX devices: {jax.device_count()} x {jax.devices()[0].device_kind}" in text
   for study in report.STUDY_ORDER:
     payload = json.load(open(workdir / study / "results.json"))
     assert payload["sparsities"] == [0, 50, 90]

@@ -46,6 +46,8 @@ def test_units_are_computed_once_and_read_back_exactly(tmp_path):
   assert first.value == again.value == VALUE  # floats round-trip exactly through JSON
   assert_same_tree(again.tree, TREE)
   assert (store.computed, store.loaded) == (1, 0)
+  store.get_or_compute("retrained", KEY, compute)  # this store's own unit: shared, not "loaded"
+  assert compute.calls == 1 and (store.computed, store.loaded) == (1, 0)
   files = sorted(os.listdir(tmp_path / "retrained"))
   assert files == [store_lib.key_hash(KEY) + ".json", store_lib.key_hash(KEY) + ".msgpack"]
 
