@@ -94,6 +94,15 @@ MODE = flags.DEFINE_enum(
 REGROW = flags.DEFINE_bool(
     "regrow", False, "Also retrain every pruned net without its mask, as the seed did (curve "
     "'regrown'), and report how much sparsity it has left.")
+UNIT_STACKS = flags.DEFINE_enum(
+    "unit_stacks", "auto", ["auto", "masked", "buckets"],
+    "How study 3 trains its unit-pruned nets as stacks, on an accelerator or over several "
+    "devices (`--devices`): 'masked' trains the full-width pruned nets with their unit masks "
+    "(study 2's program: nothing more to compile) and cuts the shrunk nets out; 'buckets' "
+    "shrinks each net and pads it to power-of-two widths (one program per bucket, the least "
+    "arithmetic); 'auto': 'masked' on an accelerator, where compiling costs more than the "
+    "arithmetic, 'buckets' on CPU devices. Either gives the nets one at a time would, up to "
+    "float32 summation order.")
 
 
 def retrain_steps(mode: str, steps: int | None) -> int:
@@ -324,8 +333,9 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
       units = []
       mesh = frame.grid_mesh(config)
       if mesh is not None:
-        _retrain_shrunk_in_buckets(store, config, seed, model, pruned, masks, mnist, mesh=mesh,
-                                   protocol=protocol)
+        stacked = (_retrain_shrunk_masked if unit_stacks(config) == "masked"
+                   else _retrain_shrunk_in_buckets)
+        stacked(store, config, seed, model, pruned, masks, mnist, mesh=mesh, protocol=protocol)
       for i, lv in enumerate(levels):
         small, small_model, info = retrained_shrunk(
             store, retrain_key(config, seed, lv, mode=mode, keep_masks=True, steps=steps),
@@ -362,6 +372,52 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
                          curves=curves, timings={k: v for k, v in timings.items() if v})
 
 
+def unit_stacks(config: dict[str, Any]) -> str:
+  """`--unit_stacks` resolved: "masked" or "buckets" (see the flag)."""
+  how = config.get("unit_stacks", "auto")
+  if how not in ("auto", "masked", "buckets"):
+    raise ValueError(f"--unit_stacks must be auto, masked or buckets, got {how!r}")
+  if how == "auto":
+    return "buckets" if jax.default_backend() == "cpu" else "masked"
+  return how
+
+
+def _missing_shrunk(store: store_lib.Store, config: dict[str, Any], seed: int,
+                    protocol: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+  """`(level index, key)` of study 3's retrained shrunk nets of `seed` not yet stored."""
+  keys = [(i, retrain_key(config, seed, lv, mode="unit", keep_masks=True,
+                          steps=protocol["steps"])) for i, lv in enumerate(config["sparsities"])]
+  return [(i, key) for i, key in keys if not store.contains("retrained_shrunk", key)]
+
+
+def _retrain_shrunk_masked(store: store_lib.Store, config: dict[str, Any], seed: int,
+                           model: MLP, pruned: Params, masks: Masks, mnist: data_lib.MNIST, *,
+                           mesh: Any, protocol: dict[str, Any]) -> None:
+  """Retrains study 3's shrunk nets not yet stored as one stack of full-width masked nets.
+
+  The unit-pruned nets keep their widths and are trained with their unit masks, as study 2
+  trains its weight-pruned ones (`retrain_levels`: the same compiled program, sharded over
+  `mesh`); each level's shrunk net is then cut out (`shrink`) and stored as the unit
+  `retrained_shrunk` would have computed: a pruned unit gets no gradient either way, so the two
+  differ by float32 summation order only.
+  """
+  todo = _missing_shrunk(store, config, seed, protocol)
+  if not todo:
+    return
+  group = [i for i, _ in todo]
+  levels = [config["sparsities"][i] for i in group]
+  nets, seconds, compile_seconds = retrain_levels(
+      model, level(pruned, group), level(masks, group), mnist.train_images, mnist.train_labels,
+      key=base_nets.retrain_key(seed), keep_masks=True, levels=levels, mesh=mesh,
+      name=f"seed {seed}: retrain unit-pruned", **protocol)
+  for j, (i, key) in enumerate(todo):
+    small = shrink(grid.take(nets, j), level(masks, i))
+    store.put("retrained_shrunk", key,
+              {"seconds": seconds / len(todo), "compile_seconds": compile_seconds / len(todo),
+               "widths": list(shrunk_widths(small)), "trained_as": "masked full-width stack"},
+              small)
+
+
 def _retrain_shrunk_in_buckets(store: store_lib.Store, config: dict[str, Any], seed: int,
                                model: MLP, pruned: Params, masks: Masks,
                                mnist: data_lib.MNIST, *, mesh: Any,
@@ -375,10 +431,7 @@ def _retrain_shrunk_in_buckets(store: store_lib.Store, config: dict[str, Any], s
   would have computed (the same computation up to float32 summation order).
   """
   todo: dict[tuple[int, ...], list[tuple[int, dict[str, Any], Params]]] = {}
-  for i, lv in enumerate(config["sparsities"]):
-    key = retrain_key(config, seed, lv, mode="unit", keep_masks=True, steps=protocol["steps"])
-    if store.contains("retrained_shrunk", key):
-      continue
+  for i, key in _missing_shrunk(store, config, seed, protocol):
     small = shrink(level(pruned, i), level(masks, i))
     todo.setdefault(bucket_widths(shrunk_widths(small)), []).append((i, key, small))
   for widths, nets in todo.items():
@@ -416,7 +469,7 @@ def recovery_config() -> dict[str, Any]:
   return frame.study_config(mode=MODE.value,
                             retrain_steps=retrain_steps(MODE.value,
                                                         common_flags.RETRAIN_STEPS.value),
-                            regrow=REGROW.value)
+                            regrow=REGROW.value, unit_stacks=UNIT_STACKS.value)
 
 
 main = frame.main(run_recovery, recovery_config)

@@ -220,7 +220,8 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
 def reproduce_config() -> dict[str, Any]:
   """The parsed flags: the shared config, with study 4's own under `"shrink"`."""
   config = frame.study_config(retrain_steps=common_flags.RETRAIN_STEPS.value,
-                              regrow=recovery.REGROW.value)
+                              regrow=recovery.REGROW.value,
+                              unit_stacks=recovery.UNIT_STACKS.value)
   shrink_config = shrink.shrink_config()
   if not shrink.WEIGHT_SPARSE_BATCHES.present:
     # The sparse forms take seconds per call on the whole test set, and each level compiles

@@ -276,8 +276,8 @@ def bucket_widths(widths: Sequence[int], *, smallest: int = 8) -> tuple[int, ...
   """Each width rounded up to a power of two, at least `smallest` (0 stays 0).
 
   Nets whose widths fall in the same buckets share one compiled program (padded with
-  `fit_units`). On an accelerator, where compiling a program costs more than the arithmetic the
-  padding adds, that is the cheaper way (study 3's ten default levels fall in eight buckets).
+  `fit_units`): fewer programs than widths, for little more arithmetic (study 3's ten default
+  levels fall in eight buckets; its `--unit_stacks=buckets`).
 
   Example:
     >>> bucket_widths([1000, 500, 100, 5, 0])

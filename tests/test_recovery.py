@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from _runs import run_entry_point
-from _trees import assert_agree
+from _trees import assert_agree, assert_trees_agree
 from experiments import frame, outputs, recovery, sweep
-from prune_jax import equivalence, train
+from prune_jax import equivalence, grid, train
 from prune_jax.masks import apply_masks, unit_masks
 from prune_jax.models import MLP, init_mlp
 from prune_jax.report import zero_percent
@@ -166,3 +166,35 @@ def test_retrain_levels_vmapped_equals_the_loop(mnist):
     zeros = float(jax.vmap(zero_percent)(loop, masks)[1])
     # Without the mask most pruned weights regrow (not those fed by always-black pixels).
     assert zeros == pytest.approx(60, abs=0.01) if keep else zeros < 30
+
+
+@pytest.mark.parametrize("unit_stacks", ["masked", "buckets"])
+def test_study_3_as_stacks_gives_the_nets_of_one_at_a_time(unit_stacks, small_mnist, base_params,
+                                                           tmp_path, monkeypatch):
+  """On a mesh (here of this CPU's one device, as on an accelerator) study 3 trains its nets as
+  stacks: as masked full-width nets with study 2's program, or shrunk and padded in buckets."""
+  config = {**TINY, "seeds": [0], "regrow": False, "unit_stacks": unit_stacks}
+  with equivalence.highest_precision():  # compare the study's numbers, not TF32's rounding
+    one = {**config, "workdir": str(tmp_path / "one")}
+    recovery.run_recovery({**one, "mode": "unit"}, small_mnist, bases=base_params)
+    monkeypatch.setattr(frame, "grid_mesh", lambda config: grid.net_mesh(1))
+    stacks = {**config, "workdir": str(tmp_path / "stacks")}
+    # Study 2 first, as in `reproduce`: its stack of 3 masked nets compiles the training program.
+    recovery.run_recovery({**stacks, "mode": "weight"}, small_mnist, bases=base_params)
+    found = recovery.run_recovery({**stacks, "mode": "unit"}, small_mnist, bases=base_params)
+  compiled = found["timings"]["retrain_compile_seconds"][0]
+  # Masked: study 2's program, nothing more to compile; buckets: one program per bucket.
+  assert compiled == 0.0 if unit_stacks == "masked" else compiled > 0
+  for level in TINY["sparsities"]:
+    key = recovery.retrain_key(config, 0, level, mode="unit", keep_masks=True, steps=20)
+    got, want = (frame.units(c).get("retrained_shrunk", key).tree for c in (stacks, one))
+    # The same nets up to float32 summation order, which 20 steps of SGD at 0.1 amplify: with
+    # the widths padded (other matmul sizes, other blockings) to 5e-4 at most on this CPU, on
+    # weights of mean size 0.036; a unit out of place would differ by about that size.
+    assert_trees_agree(got, want, rtol=1e-4, atol=1e-5 if unit_stacks == "masked" else 2e-3)
+
+
+def test_unit_stacks_must_be_known(small_mnist, tmp_path):
+  with pytest.raises(ValueError, match="--unit_stacks must be auto, masked or buckets"):
+    recovery.unit_stacks({"unit_stacks": "padded"})
+  assert recovery.unit_stacks({}) == ("buckets" if jax.default_backend() == "cpu" else "masked")
