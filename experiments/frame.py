@@ -207,15 +207,23 @@ def grid_mesh(config: Config) -> jax.sharding.Mesh | None:
 
 def stored_or_computed(store: store_lib.Store, kind: str, keys: Sequence[Any],
                        compute: Callable[[list[int]], list[dict[str, Any]]], *,
-                       together: bool) -> list[dict[str, Any]]:
+                       together: bool, pad_stack: bool = False) -> list[dict[str, Any]]:
   """The values of the units `keys` of `kind`: the stored ones read back, the others computed
   by `compute(indices) -> one value per index`, one index at a time, or (`together`, e.g. as one
   stack of nets over a mesh) all at once; each group's units are stored as soon as it is done, so
-  an interrupted run keeps them."""
+  an interrupted run keeps them.
+
+  `pad_stack` (for a `compute` that is one program for its whole group, as a stack of nets): a
+  group that misses only some units is padded to the full count with copies of its last index
+  (whose extra values are dropped), so that a resumed run runs the very program an
+  uninterrupted one does. On an accelerator a stack of another size is another program: it
+  would compile again, and its products may round otherwise.
+  """
   found = [store.get(kind, key) for key in keys]
   todo = [i for i, unit in enumerate(found) if unit is None]
   for group in ([todo] if together and todo else [[i] for i in todo]):
-    for i, value in zip(group, compute(group), strict=True):
+    padded = group + [group[-1]] * (len(keys) - len(group)) if together and pad_stack else group
+    for i, value in zip(group, compute(padded)[:len(group)], strict=True):
       store.put(kind, keys[i], value)
       found[i] = store_lib.Unit(value, None)
   return [unit.value for unit in found]

@@ -197,6 +197,7 @@ def _one_level_at_a_time(run: Callable[[Context, float], Outcome]
   @functools.wraps(run)
   def runs(ctx: Context, levels: Sequence[float]) -> list[Outcome]:
     return [run(ctx, s) for s in levels]
+  runs.one_level_at_a_time = True
   return runs
 
 
@@ -578,8 +579,11 @@ def _method_units(store: store_lib.Store, config: dict[str, Any], ctx: Context, 
     return [{**value, "steps": o.steps, "seconds": seconds}
             for o, value in zip(outcomes, measured)]
 
-  return frame.stored_or_computed(store, "methods", keys, compute,
-                                  together=ctx.mesh is not None)
+  # A stack of levels is padded when a rerun misses some (one program); levels run one at a
+  # time are not (a copy would cost a whole training).
+  return frame.stored_or_computed(
+      store, "methods", keys, compute, together=ctx.mesh is not None,
+      pad_stack=not getattr(METHODS[name].run, "one_level_at_a_time", False))
 
 
 def _context(config: dict[str, Any], seed: int, model: MLP, base: Params,

@@ -263,7 +263,7 @@ def _retrain_full_size(store: store_lib.Store, config: dict[str, Any], seed: int
             for j in range(len(group))]
 
   return frame.stored_or_computed(store, f"retrained_{mode}", keys, compute,
-                                  together=mesh is not None)
+                                  together=mesh is not None, pad_stack=True)
 
 
 def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
@@ -405,6 +405,9 @@ def _retrain_shrunk_masked(store: store_lib.Store, config: dict[str, Any], seed:
   if not todo:
     return
   group = [i for i, _ in todo]
+  # Padded to every level (copies of the last missing one): the program study 2 compiled, also
+  # when a resumed run misses only some levels (see `frame.stored_or_computed`'s `pad_stack`).
+  group += [group[-1]] * (len(config["sparsities"]) - len(group))
   levels = [config["sparsities"][i] for i in group]
   nets, seconds, compile_seconds = retrain_levels(
       model, level(pruned, group), level(masks, group), mnist.train_images, mnist.train_labels,
@@ -413,7 +416,7 @@ def _retrain_shrunk_masked(store: store_lib.Store, config: dict[str, Any], seed:
   for j, (i, key) in enumerate(todo):
     small = shrink(grid.take(nets, j), level(masks, i))
     store.put("retrained_shrunk", key,
-              {"seconds": seconds / len(todo), "compile_seconds": compile_seconds / len(todo),
+              {"seconds": seconds / len(group), "compile_seconds": compile_seconds / len(group),
                "widths": list(shrunk_widths(small)), "trained_as": "masked full-width stack"},
               small)
 

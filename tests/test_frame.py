@@ -69,3 +69,30 @@ def test_check_config_names_the_flag_to_fix(tmp_path):
     frame.check_config({**good, "sparsities": [50, 0]})
   with pytest.raises(ValueError, match=r"config lacks \['mode'\]"):
     frame.check_config(good, needs=("mode",))
+
+
+@pytest.mark.parametrize("together,pad_stack,calls", [
+    (False, False, [[1], [2]]),       # one unit at a time
+    (True, False, [[1, 2]]),          # the missing units as one stack
+    (True, True, [[1, 2, 2]]),        # the stack at its full size: the uninterrupted program
+])
+def test_stored_or_computed_reads_back_and_computes_the_rest(tmp_path, together, pad_stack,
+                                                             calls):
+  from prune_jax import store as store_lib  # pylint: disable=import-outside-toplevel
+  store = store_lib.Store(str(tmp_path))
+  keys = [{"level": level} for level in (0, 50, 90)]
+  store.put("units", keys[0], {"level": 0, "source": "stored"})
+  seen = []
+
+  def compute(group):
+    seen.append(list(group))
+    return [{"level": keys[i]["level"], "source": "computed"} for i in group]
+
+  values = frame.stored_or_computed(store, "units", keys, compute, together=together,
+                                    pad_stack=pad_stack)
+  assert seen == calls
+  assert values == [{"level": 0, "source": "stored"}, {"level": 50, "source": "computed"},
+                    {"level": 90, "source": "computed"}]
+  again = frame.stored_or_computed(store_lib.Store(str(tmp_path)), "units", keys, compute,
+                                   together=together, pad_stack=pad_stack)
+  assert again == values and seen == calls  # all stored now: nothing computed

@@ -15,6 +15,7 @@ from _runs import run_entry_point
 from _trees import assert_agree, assert_trees_agree
 from experiments import frame, outputs, recovery, sweep
 from prune_jax import equivalence, grid, train
+from prune_jax import store as store_lib
 from prune_jax.masks import apply_masks, unit_masks
 from prune_jax.models import MLP, init_mlp
 from prune_jax.report import zero_percent
@@ -192,6 +193,20 @@ def test_study_3_as_stacks_gives_the_nets_of_one_at_a_time(unit_stacks, small_mn
     # the widths padded (other matmul sizes, other blockings) to 5e-4 at most on this CPU, on
     # weights of mean size 0.036; a unit out of place would differ by about that size.
     assert_trees_agree(got, want, rtol=1e-4, atol=1e-5 if unit_stacks == "masked" else 2e-3)
+  if unit_stacks == "masked":
+    # A rerun missing one level trains the stack at its full size, copies padding it: study 2's
+    # program again (nothing compiled), and the same net, bit for bit.
+    store = frame.units(stacks)
+    key = recovery.retrain_key(config, 0, 50, mode="unit", keep_masks=True, steps=20)
+    before = store.get("retrained_shrunk", key).tree
+    for path in (tmp_path / "stacks" / "cache" / "units" / "retrained_shrunk").glob(
+        store_lib.key_hash(key) + ".*"):
+      path.unlink()
+    with equivalence.highest_precision():
+      again = recovery.run_recovery({**stacks, "mode": "unit"}, small_mnist, bases=base_params)
+    assert again["timings"]["retrain_compile_seconds"] == [0.0]
+    assert again["curves"] == found["curves"]
+    assert_trees_agree(frame.units(stacks).get("retrained_shrunk", key).tree, before)
 
 
 def test_unit_stacks_must_be_known(small_mnist, tmp_path):
