@@ -205,6 +205,13 @@ def grid_mesh(config: Config) -> jax.sharding.Mesh | None:
   return grid.net_mesh(devices)
 
 
+def padded_stack(group: list[int], size: int) -> list[int]:
+  """The indices `group` of a stack's missing nets, then copies of the last one up to `size`:
+  the stack at its full size, one program whichever nets are missing (see `stored_or_computed`).
+  """
+  return group + [group[-1]] * (size - len(group))
+
+
 def stored_or_computed(store: store_lib.Store, kind: str, keys: Sequence[Any],
                        compute: Callable[[list[int]], list[dict[str, Any]]], *,
                        together: bool, pad_stack: bool = False) -> list[dict[str, Any]]:
@@ -222,7 +229,7 @@ def stored_or_computed(store: store_lib.Store, kind: str, keys: Sequence[Any],
   found = [store.get(kind, key) for key in keys]
   todo = [i for i, unit in enumerate(found) if unit is None]
   for group in ([todo] if together and todo else [[i] for i in todo]):
-    padded = group + [group[-1]] * (len(keys) - len(group)) if together and pad_stack else group
+    padded = padded_stack(group, len(keys)) if together and pad_stack else group
     for i, value in zip(group, compute(padded)[:len(group)], strict=True):
       store.put(kind, keys[i], value)
       found[i] = store_lib.Unit(value, None)

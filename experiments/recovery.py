@@ -404,10 +404,8 @@ def _retrain_shrunk_masked(store: store_lib.Store, config: dict[str, Any], seed:
   todo = _missing_shrunk(store, config, seed, protocol)
   if not todo:
     return
-  group = [i for i, _ in todo]
-  # Padded to every level (copies of the last missing one): the program study 2 compiled, also
-  # when a resumed run misses only some levels (see `frame.stored_or_computed`'s `pad_stack`).
-  group += [group[-1]] * (len(config["sparsities"]) - len(group))
+  # Padded to every level: the program study 2 compiled, also when a rerun misses only some.
+  group = frame.padded_stack([i for i, _ in todo], len(config["sparsities"]))
   levels = [config["sparsities"][i] for i in group]
   nets, seconds, compile_seconds = retrain_levels(
       model, level(pruned, group), level(masks, group), mnist.train_images, mnist.train_labels,

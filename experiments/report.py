@@ -296,12 +296,12 @@ def build_report(payloads: Mapping[str, Payload], *, command: str = "",
   if units and units.get("loaded"):
     lines.append(f"Resumed: {units['loaded']} finished units were read back from "
                  f"`cache/units/`, {units.get('computed', 0)} computed in this run.")
-  if phases and compilations:
-    lines += ["", *_table(["phase", "seconds", "of which compiling", "programs compiled"],
-                          [[name, f"{secs:.1f}", f"{c.seconds:.1f}", str(c.programs)]
-                           for (name, secs), c in zip(phases, compilations)])]
-  elif phases:
-    lines += ["", *_table(["phase", "seconds"], [[name, f"{secs:.1f}"] for name, secs in phases])]
+  if phases:
+    compiled = ["of which compiling", "programs compiled"] if compilations else []
+    rows = [[name, f"{secs:.1f}"] for name, secs in phases]
+    for row, c in zip(rows, compilations):
+      row += [f"{c.seconds:.1f}", str(c.programs)]
+    lines += ["", *_table(["phase", "seconds", *compiled], rows)]
   lines += ["", "Config: " + ", ".join(f"`{k}={v}`" for k, v in sorted(config.items())), ""]
   for study in (*STUDY_ORDER, *OPTIONAL_STUDIES):
     if study in payloads:
