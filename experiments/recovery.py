@@ -336,6 +336,10 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
         stacked = (_retrain_shrunk_masked if unit_stacks(config) == "masked"
                    else _retrain_shrunk_in_buckets)
         stacked(store, config, seed, model, pruned, masks, mnist, mesh=mesh, protocol=protocol)
+      # Every level's evaluation program (below) at once, in threads.
+      smalls = [shrink(level(pruned, i), level(masks, i)) for i in range(len(levels))]
+      train.compile_forwards([(model.clone(hidden=shrunk_widths(s)), s) for s in smalls],
+                             jnp.asarray(mnist.test_images))
       for i, lv in enumerate(levels):
         small, small_model, info = retrained_shrunk(
             store, retrain_key(config, seed, lv, mode=mode, keep_masks=True, steps=steps),
@@ -345,7 +349,8 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
         # The forward program study 4 checks and evaluates this shrunk net with, at the
         # precision of every evaluation (`train.evaluate`): one compilation.
         with equivalence.highest_precision():
-          logits = train.forward_fn(small_model)(small, jnp.asarray(mnist.test_images))
+          logits = train.evaluation_forward_fn(small_model)(small,
+                                                            jnp.asarray(mnist.test_images))
         units.append({**info, "accuracy": train.accuracy_percent(logits, mnist.test_labels),
                       "measured_sparsity": float(zero_percent(full, level(masks, i)))})
     timings["retrain_seconds"].append(sum(u["seconds"] for u in units))

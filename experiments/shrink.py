@@ -209,14 +209,12 @@ def _level_unit(store: store_lib.Store, config: dict[str, Any], seed: int, level
 
   `level_nets()` makes the nets; it is called only if the unit is not stored.
   """
-  prunable = "hidden_but_last" if config["keep_last_hidden"] else "hidden"
-  key = recovery.retrain_key(config, seed, level, mode="unit", keep_masks=True,
-                             steps=int(config["retrain_steps"]), prunable=prunable)
+  key = _retrain_key(config, seed, level)
   test_x, test_y = jnp.asarray(mnist.test_images), jnp.asarray(mnist.test_labels)
 
   def compute():
     nets = level_nets()
-    forward = train.forward_fn
+    forward = train.evaluation_forward_fn
     with equivalence.highest_precision():
       masked = forward(model)(nets.masked, test_x)
       small = forward(nets.small_model)(nets.small, test_x)
@@ -239,8 +237,28 @@ def _level_unit(store: store_lib.Store, config: dict[str, Any], seed: int, level
             "retrain_seconds": info["seconds"],
             "retrain_compile_seconds": info["compile_seconds"]}, None
 
-  return store.get_or_compute(STUDY, {**key, "pad_multiple": int(config["pad_multiple"]),
-                                      "test_images": int(test_x.shape[0])}, compute).value
+  return store.get_or_compute(STUDY, _level_key(config, seed, level, int(test_x.shape[0])),
+                              compute).value
+
+
+def _retrain_key(config: dict[str, Any], seed: int, level: float) -> dict[str, Any]:
+  """The key of a level's retrained shrunk net (study 3's unit when the settings agree)."""
+  prunable = "hidden_but_last" if config["keep_last_hidden"] else "hidden"
+  return recovery.retrain_key(config, seed, level, mode="unit", keep_masks=True,
+                              steps=int(config["retrain_steps"]), prunable=prunable)
+
+
+def _level_key(config: dict[str, Any], seed: int, level: float, test_size: int) -> dict[str, Any]:
+  """The key of `_level_unit`'s unit."""
+  return {**_retrain_key(config, seed, level), "pad_multiple": int(config["pad_multiple"]),
+          "test_images": test_size}
+
+
+def _compile_checks(model: Any, nets: Sequence[LevelNets], test_x: jax.Array) -> None:
+  """Compiles the forwards `_level_unit` checks `nets` with (masked, shrunk, padded), at once."""
+  train.compile_forwards([(model, nets[0].masked)] + [
+      (m, p) for n in nets for m, p in ((n.small_model, n.small), (n.padded_model, n.padded))],
+      test_x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,11 +311,18 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
     logging.info("seed %d: dense test accuracy %.2f%%", seed, acc)
     prunable = unit_prunable(params, keep_last_hidden=config["keep_last_hidden"])
     units = []
+    all_level_nets = [functools.cache(functools.partial(
+        LevelNets, model, params, fracs[i], scope=config["scope"], prunable=prunable,
+        pad_multiple=int(config["pad_multiple"]))) for i in range(len(levels))]
+    t0 = time.perf_counter()
+    todo = [i for i, level in enumerate(levels)
+            if not store.contains(STUDY, _level_key(config, seed, level, test_size))]
+    if todo:
+      _compile_checks(model, [all_level_nets[i]() for i in todo], test_x)
+    phase_seconds["shrink_check_evaluate"] += time.perf_counter() - t0
     for i, level in enumerate(levels):
       t0 = time.perf_counter()
-      level_nets = functools.cache(functools.partial(
-          LevelNets, model, params, fracs[i], scope=config["scope"], prunable=prunable,
-          pad_multiple=int(config["pad_multiple"])))
+      level_nets = all_level_nets[i]
       unit = _level_unit(store, config, seed, level, level_nets, model, mnist)
       units.append(unit)
       retrain_seconds["retrain"] += unit["retrain_seconds"]

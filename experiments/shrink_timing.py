@@ -78,14 +78,15 @@ SPARSE_RTOL = 1e-4
 def time_calls(calls: Mapping[str, tuple[Any, tuple]], *, runs: int, precision: float,
                slow_seconds: float | None = None,
                min_run_seconds: float | None = None) -> dict[str, timing.Timing]:
-  """`timing.time_interleaved` over `calls`, compiling each (fn, shapes) once per process.
+  """`timing.time_interleaved` over `calls`, compiling each (fn, shapes) once per process (all
+  of them at once, in threads: `timing.compile_many`).
 
   Runs last `MIN_RUN_SECONDS` (or `min_run_seconds`), are re-warmed for `REWARM_SECONDS`, and
   stop at `precision` (after at least 3 rounds) or at `runs` rounds.
   """
-  exes, compile_seconds = {}, {}
-  for name, (fn, args) in calls.items():
-    exes[name], compile_seconds[name] = timing.compile_once(fn, args)
+  compiled = timing.compile_many([(fn, args, None) for fn, args in calls.values()])
+  exes = {name: exe for name, (exe, _) in zip(calls, compiled)}
+  compile_seconds = {name: seconds for name, (_, seconds) in zip(calls, compiled)}
   measured = timing.time_interleaved(
       {n: (exes[n], calls[n][1]) for n in calls}, runs=runs, warmup=1, slow_seconds=slow_seconds,
       min_run_seconds=MIN_RUN_SECONDS if min_run_seconds is None else min_run_seconds,
@@ -348,9 +349,12 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
     pruned, masks = grid.take((pruned_all, masks_all), i)
     nets.append((pruned, {fmt: sparse_dense.sparsify(params, masks, fmt=fmt)
                           for fmt in formats}))
+  with equivalence.highest_precision():  # the checks' programs (below), compiled at once
+    timing.compile_many([(train.evaluation_forward_fn(model), (nets[0][0], check_x), None)] + [
+        (sparse_fn, (net, check_x), None) for _, forms in nets for net in forms.values()])
   for level, (pruned, forms) in zip(levels, nets):
     with equivalence.highest_precision():  # both sides in full float32 (no TF32 on a GPU)
-      reference = np.asarray(forward_fn(model)(pruned, check_x))
+      reference = np.asarray(train.evaluation_forward_fn(model)(pruned, check_x))
       sparse_logits = {fmt: np.asarray(sparse_fn(net, check_x)) for fmt, net in forms.items()}
     scale = max(1.0, float(np.max(np.abs(reference))))
     info = {"sparsity": level, "stored_entries": {}, "max_abs_logit_diff": {}}

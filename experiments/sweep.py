@@ -7,7 +7,8 @@ For each seed, the dense base net is trained with the seed's protocol (or loaded
 without retraining, once by weights (the k% smallest |w| of each hidden kernel) and once by units
 (the k% output columns of each hidden kernel with the smallest L2 norm), and evaluated on the
 10k test images. The masks, the pruned nets and their evaluations of all levels of one mode are
-one vmapped, jitted computation (`prune_and_evaluate`).
+computed at once, vmapped over the levels (`prune_and_evaluate`), by compiled programs that the
+other studies share.
 
 Writes `<workdir>/sweep/results.json` (curves `dense`, `weight`, `unit`), `results.csv` and
 `sweep.png`. The seed's figures are in `shared/seed/SEED_RESULTS.md`: dense 97.0-97.5%, weight
@@ -63,11 +64,29 @@ def prune_levels(params: Params, levels: jax.Array, *, mode: str,
   return pruned, masks
 
 
-@functools.partial(jax.jit, static_argnames=("model", "mode", "scope"))
+def compile_prune_levels(params: Params, levels: jax.Array, *,
+                        scope: str = "layer") -> dict[str, float]:
+  """Compiles `prune_levels` for both modes at once (`timing.compile_many`: in threads).
+
+  Studies 1-3 use both programs; on a GPU each takes seconds to compile (it ranks every weight
+  or unit at every level), and two compile in about the time of one.
+
+  Returns:
+    The seconds each mode's program took to compile now (0 if it was compiled before).
+  """
+  compiled = timing.compile_many([(prune_levels, (params, levels), dict(mode=mode, scope=scope))
+                                  for mode in MODES])
+  return {mode: seconds for mode, (_, seconds) in zip(MODES, compiled)}
+
+
 def prune_and_evaluate(params: Params, levels: jax.Array, images: jax.Array, labels: jax.Array, *,
                        model: nn.Module, mode: str,
                        scope: str = "layer") -> tuple[jax.Array, jax.Array]:
-  """Prunes `params` at every level and evaluates each pruned net: one compiled program.
+  """Prunes `params` at every level and evaluates each pruned net, all levels at once.
+
+  Three compiled programs, each shared with studies 2-4 (`prune_levels`, the stacked evaluation
+  `train.evaluate_many`, and the measured sparsity) rather than one of its own: on a GPU
+  compiling, not computing, is what takes time.
 
   Args:
     params: the dense net's params; model: its module.
@@ -98,11 +117,10 @@ def pruned_accuracy(store: store_lib.Store, config: dict[str, Any], seed: int, p
 
   def compute():
     fracs = frame.fractions(levels)
-    static = dict(model=model, mode=mode, scope=config["scope"])
-    exe, compile_seconds = timing.compile_once(prune_and_evaluate,
-                                               (params, fracs, test_x, test_y), static)
+    compile_seconds = compile_prune_levels(params, fracs, scope=config["scope"])[mode]
     t = time.perf_counter()
-    acc_levels, sparsity_levels = jax.block_until_ready(exe(params, fracs, test_x, test_y))
+    acc_levels, sparsity_levels = jax.block_until_ready(prune_and_evaluate(
+        params, fracs, test_x, test_y, model=model, mode=mode, scope=config["scope"]))
     return {"accuracy": (100 * np.asarray(acc_levels, np.float64)).tolist(),
             "measured_sparsity": np.asarray(sparsity_levels, np.float64).tolist(),
             "seconds": time.perf_counter() - t, "compile_seconds": compile_seconds}, None

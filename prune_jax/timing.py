@@ -5,8 +5,11 @@ The machine this runs on is shared and noisy, so absolute times mean little; com
 `matmul_gflops`, a plain float32 matmul measured in the same process.
 """
 
+import concurrent.futures
 import math
+import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -24,7 +27,8 @@ _CACHE_LOAD_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
 
 class Compilations(NamedTuple):
   """Compilations counted by a `CompileTally`: `programs` (of which `from_cache` were loaded
-  from the persistent cache) and the `seconds` spent tracing, lowering and compiling them."""
+  from the persistent cache) and the wall `seconds` during which at least one was being traced,
+  lowered or compiled (programs compiled at once in threads, `compile_many`, count once)."""
   programs: int
   from_cache: int
   seconds: float
@@ -52,17 +56,24 @@ class CompileTally:
   def __init__(self):
     self._programs = self._from_cache = 0
     self._seconds = 0.0
+    self._busy_until = -math.inf  # the end of the latest interval counted in _seconds
+    self._lock = threading.Lock()  # events come from every thread that compiles
     self._open = True
     jax.monitoring.register_event_duration_secs_listener(self._listen)
 
   def _listen(self, event: str, duration: float, **_: Any) -> None:
-    if event == _BACKEND_EVENT:
-      self._programs += 1
-      self._seconds += duration
-    elif event in _TRACE_EVENTS:
-      self._seconds += duration
-    elif event == _CACHE_LOAD_EVENT:
-      self._from_cache += 1
+    if event not in (_BACKEND_EVENT, _CACHE_LOAD_EVENT, *_TRACE_EVENTS):
+      return
+    end = time.perf_counter()
+    with self._lock:
+      if event == _CACHE_LOAD_EVENT:
+        self._from_cache += 1
+        return
+      self._programs += event == _BACKEND_EVENT
+      # Wall time: the part of [end - duration, end] not yet counted. Events end in about the
+      # order they started, so overlapping compilations (threads) are counted once.
+      self._seconds += max(0.0, end - max(end - duration, self._busy_until))
+      self._busy_until = max(self._busy_until, end)
 
   @property
   def total(self) -> Compilations:
@@ -103,28 +114,70 @@ class Timing(NamedTuple):
 _COMPILED: dict = {}
 
 
+def _compile_key(fn: Any, args: Sequence[Any], static: Mapping[str, Any]) -> tuple:
+  return (fn, tuple(sorted(static.items())), jax.tree.structure(args),
+          tuple((a.shape, str(a.dtype), getattr(a, "sharding", None))
+                for a in jax.tree.leaves(args)))
+
+
+def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | None]], *,
+                 threads: int | None = None) -> list[tuple[Any, float]]:
+  """`compile_once` for several programs at once: each is lowered here, in this thread (under
+  its configuration: the matmul precision in force, the mesh), then the new ones are compiled by
+  XLA in a pool of threads, which release Python's lock while XLA compiles.
+
+  On a GPU one program takes 0.5-3 s to compile and several compile at once on the host's cores;
+  on a CPU compilations are short and the pool changes little. A program compiled here is also
+  in `jax.jit`'s own cache: calling `fn(*args, **static)` afterwards compiles nothing.
+
+  Args:
+    calls: `(fn, args, static)` per program, as the arguments of `compile_once`.
+    threads: the most compilations at once (default: the host's CPU count).
+
+  Returns:
+    `(executable, seconds its compilation took in its thread)` per call, in order; 0 seconds for
+    a program compiled before (or twice in `calls`).
+  """
+  lowered, results = {}, [None] * len(calls)
+  for i, (fn, args, static) in enumerate(calls):
+    static = dict(static or {})
+    key = _compile_key(fn, args, static)
+    if key in _COMPILED:
+      results[i] = (_COMPILED[key], 0.0)
+    elif key not in lowered:
+      lowered[key] = fn.lower(*args, **static)
+
+  def compile_timed(low):
+    start = time.perf_counter()
+    exe = low.compile()
+    return exe, time.perf_counter() - start
+
+  workers = max(1, min(len(lowered), threads or os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    compiled = dict(zip(lowered, pool.map(compile_timed, lowered.values())))
+  for key, (exe, _) in compiled.items():
+    _COMPILED[key] = exe
+  for i, (fn, args, static) in enumerate(calls):
+    if results[i] is None:
+      key = _compile_key(fn, args, dict(static or {}))
+      exe, seconds = compiled.pop(key, (_COMPILED[key], 0.0))
+      results[i] = (exe, seconds)
+  return results
+
+
 def compile_once(fn: Any, args: Sequence[Any],
                  static: Mapping[str, Any] | None = None) -> tuple[Any, float]:
   """`fn.lower(*args, **static).compile()`, kept per function, static arguments and the args'
   shapes, dtypes and shardings.
 
   Args:
-    fn: a `jax.jit` function; args: its positional arguments (a pytree of arrays);
-    static: its static keyword arguments (hashable values).
+    fn: a `jax.jit` function; args: its positional arguments (a pytree of arrays or
+      `jax.ShapeDtypeStruct`s); static: its static keyword arguments (hashable values).
 
   Returns:
     `(executable, seconds spent compiling now)`; the seconds are 0 when it was already compiled.
   """
-  static = dict(static or {})
-  key = (fn, tuple(sorted(static.items())), jax.tree.structure(args),
-         tuple((a.shape, str(a.dtype), getattr(a, "sharding", None))
-               for a in jax.tree.leaves(args)))
-  if key in _COMPILED:
-    return _COMPILED[key], 0.0
-  start = time.perf_counter()
-  exe = fn.lower(*args, **static).compile()
-  _COMPILED[key] = exe
-  return exe, time.perf_counter() - start
+  return compile_many([(fn, args, static)], threads=1)[0]
 
 
 def time_jitted(fn: Callable[..., Any], *args: Any, runs: int = 7, warmup: int = 1,

@@ -14,7 +14,7 @@ comes in as `pruner=`, a function that wraps the optimizer.
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -372,9 +372,51 @@ def _forward(params: Params, x: jax.Array, *, model: nn.Module) -> jax.Array:
 
 @functools.lru_cache(maxsize=None)
 def forward_fn(model: nn.Module) -> Callable[[Params, jax.Array], jax.Array]:
-  """`jit((params, x) -> logits)` of `model`: one function per model, so that every caller (an
-  evaluation, an equivalence check, a timing) shares its compiled programs."""
+  """`jit((params, x) -> logits)` of `model`: one function per model, so that every caller (a
+  timing, a training-grade forward) shares its compiled programs. Evaluations and equivalence
+  checks use `evaluation_forward_fn`."""
   return jax.jit(functools.partial(_forward, model=model))
+
+
+def run_once_options() -> dict[str, Any] | None:
+  """XLA's options for programs that run once: evaluations and equivalence checks.
+
+  On a GPU, XLA times candidate kernels for every matrix product of a program while compiling it
+  ("autotuning"). That takes seconds per program and pays off only for programs run many times
+  (a training loop, a timed forward), so programs run once skip it. Their results do not depend
+  on it beyond float32 summation order: they run at "highest" precision. None (XLA's defaults)
+  on other backends.
+  """
+  return {"xla_gpu_autotune_level": 0} if jax.default_backend() == "gpu" else None
+
+
+@functools.lru_cache(maxsize=None)
+def evaluation_forward_fn(model: nn.Module) -> Callable[[Params, jax.Array], jax.Array]:
+  """`forward_fn` for evaluations and equivalence checks, compiled with `run_once_options`; call
+  it under `equivalence.highest_precision()`, as `evaluate` does, so that every evaluation and
+  check of a net shares one program."""
+  return jax.jit(functools.partial(_forward, model=model), compiler_options=run_once_options())
+
+
+def compile_forwards(nets: Sequence[tuple[nn.Module, Params]], x: jax.Array) -> float:
+  """Compiles the evaluation forwards `evaluation_forward_fn(model)(params, x)` (at "highest"
+  precision) of several nets at once.
+
+  On a GPU each shape's forward takes about a second to compile, and a study evaluates nets of
+  many shapes; `timing.compile_many` compiles them in threads, and the later calls find them
+  compiled.
+
+  Args:
+    nets: `(model, params)` per net (params may be `jax.ShapeDtypeStruct`s); x: the input
+      `[N, features]` (or its shape).
+
+  Returns:
+    The longest compilation's seconds (0 if all were compiled before).
+  """
+  calls = [(evaluation_forward_fn(model), (params, x), None) for model, params in nets]
+  with equivalence.highest_precision():
+    compiled = timing.compile_many(calls)
+  return max((seconds for _, seconds in compiled), default=0.0)
 
 
 def accuracy_percent(logits: jax.Array, labels: jax.Array) -> float:
@@ -394,8 +436,14 @@ def _evaluation(params, images, labels, *, model):
   return Evaluation(jnp.mean(jnp.argmax(logits, -1) == labels), cross_entropy(logits, labels))
 
 
-_evaluate = jax.jit(_evaluation, static_argnames=("model",))
-_evaluate_many = jax.jit(_over_nets(_evaluation, (0, None, None)), static_argnames=("model",))
+@functools.cache
+def _evaluation_fns() -> tuple[Callable[..., Evaluation], Callable[..., Evaluation]]:
+  """The jitted evaluation of one net and of a stack (made on first use: `run_once_options`
+  asks which backend runs them)."""
+  options = run_once_options()
+  return (jax.jit(_evaluation, static_argnames=("model",), compiler_options=options),
+          jax.jit(_over_nets(_evaluation, (0, None, None)), static_argnames=("model",),
+                  compiler_options=options))
 
 
 def evaluate(model: nn.Module, params: Params, images: jax.Array,
@@ -405,14 +453,16 @@ def evaluate(model: nn.Module, params: Params, images: jax.Array,
   Computed with full float32 products on every backend (`equivalence.highest_precision`), so
   that an accuracy does not depend on the platform's matmul precision (TF32 on recent NVIDIA
   GPUs): a net evaluated here and its shrunk or padded form checked at "highest" give the same
-  logits. Training keeps the platform's precision (or `--matmul_precision`).
+  logits. Training keeps the platform's precision (or `--matmul_precision`). Compiled with
+  `run_once_options`.
   """
   with equivalence.highest_precision():
-    return _evaluate(params, jnp.asarray(images), jnp.asarray(labels), model=model)
+    return _evaluation_fns()[0](params, jnp.asarray(images), jnp.asarray(labels), model=model)
 
 
 def evaluate_many(model: nn.Module, params: Params, images: jax.Array,
                   labels: jax.Array) -> Evaluation:
   """`evaluate` for a stack of nets (leading axis on every leaf); returns `[nets]` arrays."""
   with equivalence.highest_precision():
-    return _evaluate_many(params, jnp.asarray(images), jnp.asarray(labels), model=model)
+    return _evaluation_fns()[1](params, jnp.asarray(images), jnp.asarray(labels),
+                                model=model)

@@ -8,6 +8,17 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def scaled(seconds: float) -> float:
+  """A subprocess's time limit, `seconds` on a CPU, 4x on an accelerator.
+
+  The limits guard against hangs, not for speed. On a GPU an entry point compiles dozens of
+  programs at about a second each (a CPU compiles them in tenths), and the suite's workers
+  compile at once on the same host.
+  """
+  import jax  # pylint: disable=g-import-not-at-top (only the tests that run subprocesses)
+  return seconds if jax.default_backend() == "cpu" else 4 * seconds
+
+
 def start(args, *, devices: int | None = None, **env) -> subprocess.Popen:
   """Starts `python <args>` in the repo (with `devices` fake CPU devices, and `env` added to the
   environment); `finish` waits for it. Tests may start a run, compute a reference in their own
@@ -21,9 +32,10 @@ def start(args, *, devices: int | None = None, **env) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
-  """Waits for a `start`ed process (killing it after `timeout` s) and returns what it printed."""
+  """Waits for a `start`ed process (killing it after `scaled(timeout)` s) and returns what it
+  printed."""
   try:
-    stdout, stderr = process.communicate(timeout=timeout)
+    stdout, stderr = process.communicate(timeout=scaled(timeout))
   except subprocess.TimeoutExpired:
     process.kill()
     raise

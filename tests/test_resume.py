@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from _runs import scaled
 from experiments import recovery
 from experiments import shrink as study
 
@@ -51,7 +52,7 @@ def interrupt(module: str, args: list[str], workdir: pathlib.Path, mnist_dir, *,
       process.send_signal(sig)
       break
   log.extend(process.stderr)
-  assert process.wait(timeout=120) == 130, "".join(log[-30:])
+  assert process.wait(timeout=scaled(120)) == 130, "".join(log[-30:])
   log = "".join(log)
   assert "interrupted: the units finished so far are kept" in log
   assert not list(workdir.rglob("*.tmp")), "a temporary file was left behind"

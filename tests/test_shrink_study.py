@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from _runs import scaled
 from _trees import ON_CPU
 from experiments import base_nets, common_flags, frame, outputs, recovery
 from experiments import shrink as study
@@ -205,7 +206,7 @@ def test_entry_point_runs_with_tiny_flags(mnist_dir, trained, workdir, tmp_path)
          f"--mnist_dir={mnist_dir}", "--train_steps=50", "--sparsities=90",
          "--retrain_steps=0", "--eval_batches=1", "--timing_runs=1",
          "--weight_sparse_formats=", "--keep_last_hidden"]
-  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=scaled(120))
   assert done.returncode == 0, done.stderr[-3000:]
   with open(tmp_path / "shrink" / "results.json") as f:
     saved = json.load(f)

@@ -5,6 +5,7 @@ import statistics
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from prune_jax import timing
@@ -43,3 +44,30 @@ def test_compile_once_compiles_each_shape_once():
   assert again is exe and zero == 0.0 and seconds > 0
   other, _ = timing.compile_once(fn, (jnp.ones(4),))
   assert other is not exe
+
+
+def test_compile_many_compiles_each_new_program_once_and_jit_calls_reuse_them():
+  fn = jax.jit(lambda w, x: jnp.tanh(x @ w))
+  shapes = [(jnp.ones((n, n)), jnp.ones((3, n))) for n in (5, 6, 7)]
+  timing.compile_once(fn, shapes[0])  # compiled before: 0 s below
+  with timing.CompileTally() as tally:
+    compiled = timing.compile_many(
+        [(fn, shapes[0], None), (fn, shapes[1], None), (fn, shapes[2], None),
+         (fn, (jax.ShapeDtypeStruct((6, 6), jnp.float32), jnp.zeros((3, 6))), None)],
+        threads=3)
+    assert tally.total.programs == 2  # 6 and 7; the 4th is the 6 again, as shapes
+    assert compiled[0][1] == 0.0 and compiled[1][1] > 0 and compiled[2][1] > 0
+    for (exe, _), args in zip(compiled, shapes):
+      np.testing.assert_array_equal(exe(*args), fn(*args))
+    assert tally.total.programs == 2  # the jit calls found their programs compiled
+  assert timing.compile_once(fn, shapes[2]) == (compiled[2][0], 0.0)
+
+
+def test_compile_tally_counts_overlapping_compilations_once():
+  with timing.CompileTally() as tally:
+    # Two 1-second compilations ending together (in two threads): 1 s of wall time, not 2.
+    tally._listen(timing._BACKEND_EVENT, 1.0)
+    tally._listen(timing._BACKEND_EVENT, 1.0)
+    assert tally.total.programs == 2 and 1.0 <= tally.total.seconds < 1.5
+    tally._listen(timing._CACHE_LOAD_EVENT, 0.1)
+    assert tally.total.from_cache == 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from _trees import assert_agree
-from prune_jax import equivalence, train
+from prune_jax import equivalence, timing, train
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax.models import MLP, init_mlp
 from prune_jax.pruner import pruning
@@ -144,6 +144,28 @@ def test_evaluate_and_evaluate_many_agree(toy_data):
   assert float(one.accuracy) == pytest.approx(float(np.mean(np.argmax(logits, 1) == y)))
   np.testing.assert_allclose(many.accuracy, [one.accuracy] * 2)
   assert_agree(many.loss, [one.loss] * 2, rtol=1e-6)
+
+
+def test_compile_forwards_compiles_the_evaluation_forwards_with_the_run_once_options(
+    toy_data, monkeypatch):
+  x, _ = toy_data
+  # The GPU's options (no autotuning) also compile on a CPU, where they change nothing.
+  monkeypatch.setattr(train, "run_once_options", lambda: {"xla_gpu_autotune_level": 0})
+  nets = [(MLP(hidden=widths), init_mlp(jax.random.key(0), MLP(hidden=widths)))
+          for widths in ((7, 5), (6, 4))]
+  with timing.CompileTally() as tally:
+    assert train.compile_forwards(nets, x) > 0
+    assert tally.total.programs == 2
+    with equivalence.highest_precision():
+      logits = [train.evaluation_forward_fn(model)(params, x) for model, params in nets]
+    assert tally.total.programs == 2  # the calls found them compiled
+  for (model, params), got in zip(nets, logits):
+    with equivalence.highest_precision():
+      assert_agree(got, model.apply({"params": params}, x))
+  assert train.run_once_options() == {"xla_gpu_autotune_level": 0}
+  monkeypatch.undo()
+  if jax.default_backend() != "gpu":
+    assert train.run_once_options() is None  # XLA's defaults
 
 
 @pytest.mark.needs_mnist
