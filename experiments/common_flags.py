@@ -93,6 +93,12 @@ TIMING_PRECISION = flags.DEFINE_float(
     "to this relative standard error (after at least 3 runs; at most --timing_runs): a steady "
     "net needs fewer runs, a jittery one gets more. 0: always --timing_runs runs.",
     lower_bound=0.0, upper_bound=0.5)
+TIMING_AUTOTUNE = flags.DEFINE_bool(
+    "timing_autotune", False, "On a GPU, compile the timed forward passes (studies 4 and 6) "
+    "with XLA's autotuning of their matrix products: it times candidate kernels on the device "
+    "for about a second per program, one program at a time (study 4 times about 80 programs). "
+    "By default they use cuBLAS's own choice of kernel, untuned, as evaluations do "
+    "(prune_jax.train.quick_compile_options); dense and shrunk nets alike. No effect on a CPU.")
 FRESH = flags.DEFINE_bool(
     "fresh", False, "Recompute everything. By default every finished unit of work (a base net, "
     "a seed and level of a study, a timing table) is kept under <workdir>/cache/units/ as it "

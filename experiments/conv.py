@@ -116,7 +116,8 @@ def conv_config() -> dict[str, Any]:
       retrain_steps=SEED_RETRAIN_STEPS if steps is None else steps,
       eval_batches=common_flags.parse_eval_batches(common_flags.EVAL_BATCHES.value),
       timing_runs=common_flags.TIMING_RUNS.value,
-      timing_precision=common_flags.TIMING_PRECISION.value)
+      timing_precision=common_flags.TIMING_PRECISION.value,
+      timing_autotune=common_flags.TIMING_AUTOTUNE.value)
   if not common_flags.SPARSITIES.present:
     config["sparsities"] = list(DEFAULT_SPARSITIES)
   return config
@@ -132,6 +133,7 @@ def check_conv_config(config: dict[str, Any], *, test_size: int) -> dict[str, An
   config = {"sparsities": list(DEFAULT_SPARSITIES), "retrain_steps": SEED_RETRAIN_STEPS,
             "eval_batches": [int(b) for b in common_flags.DEFAULT_EVAL_BATCHES],
             "timing_runs": 7, "timing_precision": common_flags.DEFAULT_TIMING_PRECISION,
+            "timing_autotune": False,
             **config}
   if config["retrain_steps"] is None:
     config["retrain_steps"] = SEED_RETRAIN_STEPS
@@ -383,6 +385,9 @@ def run_conv(config: dict[str, Any], mnist: data_lib.MNIST, *,
                 "sparsities": list(levels), "scope": config["scope"], "timing_runs": runs,
                 "timing_precision": precision, "machine": results.machine(),
                 "device": shrink_timing.device()}
+  options = shrink_timing.compiler_options(config)
+  if options:  # (keys of runs with XLA's defaults, as on a CPU, stay as they were)
+    timing_key["compiler_options"] = options
   timed = [{"widths": u["widths"], "macs_dense": u["macs_dense"],
             "macs_shrunk": u["macs_shrunk"]} for u in records[str(timed_seed)]]
   tables = {}
@@ -390,7 +395,8 @@ def run_conv(config: dict[str, Any], mnist: data_lib.MNIST, *,
     tables[str(batch)] = store.get_or_compute(
         "conv_timing", {**timing_key, "batch": batch},
         functools.partial(_time_batch, model, params_by_seed[timed_seed], timed_nets, timed,
-                          levels, test_x, batch, runs=runs, precision=precision)).value
+                          levels, test_x, batch, runs=runs, precision=precision,
+                          compiler_options=options)).value
   phase_seconds["timing"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
@@ -419,6 +425,7 @@ def run_conv(config: dict[str, Any], mnist: data_lib.MNIST, *,
       timing={"timed_seed": timed_seed, "runs": runs, "precision": precision, "warmup": 1,
               "min_run_seconds": shrink_timing.MIN_RUN_SECONDS,
               "rewarm_seconds": shrink_timing.REWARM_SECONDS,
+              "compiler_options": options or "XLA's defaults",
               "before_retraining": {b: t["rows"] for b, t in tables.items()},
               "masked": {b: t["masked"] for b, t in tables.items()},
               "device": shrink_timing.device()},
@@ -427,14 +434,15 @@ def run_conv(config: dict[str, Any], mnist: data_lib.MNIST, *,
 
 def _time_batch(model: LeNet5, params: Params, nets: Sequence[LevelNets],
                 counts: Sequence[dict[str, Any]], levels: Sequence[float], test_x: jax.Array,
-                batch: int, *, runs: int, precision: float) -> tuple[dict[str, Any], None]:
+                batch: int, *, runs: int, precision: float,
+                compiler_options: dict[str, Any] | None) -> tuple[dict[str, Any], None]:
   """The timing table of one batch size (a store unit's `compute`)."""
   x = jax.device_put(test_x[:batch])
   table, _ = shrink_timing.time_levels(
       shrink_timing.forward_call(model, params, x),
       shrink_timing.forward_call(model, nets[-1].masked, x),
       [shrink_timing.forward_call(n.small_model, n.small["params"], x) for n in nets],
-      counts, levels, batch, runs=runs, precision=precision)
+      counts, levels, batch, runs=runs, precision=precision, compiler_options=compiler_options)
   return table, None
 
 

@@ -113,6 +113,7 @@ def shrink_config() -> dict[str, Any]:
       eval_batches=parse_eval_batches(EVAL_BATCHES.value),
       timing_runs=TIMING_RUNS.value,
       timing_precision=TIMING_PRECISION.value,
+      timing_autotune=common_flags.TIMING_AUTOTUNE.value,
       pad_multiple=PAD_MULTIPLE.value,
       weight_sparse_formats=parse_formats(WEIGHT_SPARSE_FORMATS.value),
       weight_sparse_batches=parse_eval_batches(WEIGHT_SPARSE_BATCHES.value,
@@ -129,7 +130,8 @@ def check_shrink_config(config: dict[str, Any], *, test_size: int) -> dict[str, 
   frame.check_config(config)
   config = {"retrain_steps": SEED_RETRAIN_STEPS, "keep_last_hidden": False,
             "eval_batches": [int(b) for b in DEFAULT_EVAL_BATCHES], "timing_runs": 7,
-            "timing_precision": DEFAULT_TIMING_PRECISION, "pad_multiple": DEFAULT_PAD_MULTIPLE,
+            "timing_precision": DEFAULT_TIMING_PRECISION, "timing_autotune": False,
+            "pad_multiple": DEFAULT_PAD_MULTIPLE,
             "weight_sparse_formats": list(sparse_dense.FORMATS), **config}
   if config["retrain_steps"] is None:
     config["retrain_steps"] = SEED_RETRAIN_STEPS
@@ -348,6 +350,9 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
                 **{k: config[k] for k in ("scope", "keep_last_hidden", "pad_multiple",
                                           "timing_runs", "timing_precision")},
                 "machine": results.machine(), "device": shrink_timing.device()}
+  options = shrink_timing.compiler_options(config)
+  if options:  # (keys of runs with XLA's defaults, as on a CPU, stay as they were)
+    timing_key["compiler_options"] = options
   tables = {}
   for batch in batches:
     tables[str(batch)] = store.get_or_compute(
@@ -355,7 +360,8 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
                           "machine_reference": batch == batches[-1]},
         lambda batch=batch: (shrink_timing.time_unit_levels(
             model, params_by_seed[timed_seed], timed_nets, levels, test_x, batch, runs=runs,
-            precision=precision, machine=batch == batches[-1]), None)).value
+            precision=precision, machine=batch == batches[-1], compiler_options=options),
+            None)).value
   phase_seconds["timing_unit"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   weight_sparse = store.get_or_compute(
@@ -365,7 +371,8 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
       lambda: (shrink_timing.time_weight_levels(
           model, params_by_seed[timed_seed], fracs, levels, test_x,
           config["weight_sparse_batches"], formats=config["weight_sparse_formats"],
-          scope=config["scope"], runs=runs, precision=precision), None)).value
+          scope=config["scope"], runs=runs, precision=precision, compiler_options=options),
+          None)).value
   phase_seconds["timing_weight"] = time.perf_counter() - t0
 
   largest = tables[str(batches[-1])]["rows"]
@@ -383,6 +390,7 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
               "min_run_seconds": shrink_timing.MIN_RUN_SECONDS,
               "rewarm_seconds": shrink_timing.REWARM_SECONDS,
               "pad_multiple": int(config["pad_multiple"]),
+              "compiler_options": options or "XLA's defaults",
               "target_fraction_of_macs_ratio": shrink_timing.TARGET_FRACTION,
               "reference": tables[str(batches[-1])]["reference"],
               "before_retraining": {b: t["rows"] for b, t in tables.items()},

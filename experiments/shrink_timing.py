@@ -76,15 +76,17 @@ SPARSE_RTOL = 1e-4
 
 
 def time_calls(calls: Mapping[str, tuple[Any, tuple]], *, runs: int, precision: float,
-               slow_seconds: float | None = None,
-               min_run_seconds: float | None = None) -> dict[str, timing.Timing]:
+               slow_seconds: float | None = None, min_run_seconds: float | None = None,
+               compiler_options: Mapping[str, Any] | None = None) -> dict[str, timing.Timing]:
   """`timing.time_interleaved` over `calls`, compiling each (fn, shapes) once per process (all
-  of them at once, in threads: `timing.compile_many`).
+  of them at once, in threads: `timing.compile_many`, with `compiler_options`: see
+  `compiler_options`).
 
   Runs last `MIN_RUN_SECONDS` (or `min_run_seconds`), are re-warmed for `REWARM_SECONDS`, and
   stop at `precision` (after at least 3 rounds) or at `runs` rounds.
   """
-  compiled = timing.compile_many([(fn, args, None) for fn, args in calls.values()])
+  compiled = timing.compile_many([(fn, args, None) for fn, args in calls.values()],
+                                 compiler_options=compiler_options)
   exes = {name: exe for name, (exe, _) in zip(calls, compiled)}
   compile_seconds = {name: seconds for name, (_, seconds) in zip(calls, compiled)}
   measured = timing.time_interleaved(
@@ -92,6 +94,13 @@ def time_calls(calls: Mapping[str, tuple[Any, tuple]], *, runs: int, precision: 
       min_run_seconds=MIN_RUN_SECONDS if min_run_seconds is None else min_run_seconds,
       rewarm_seconds=REWARM_SECONDS, precision=precision)
   return {n: t._replace(compile_seconds=compile_seconds[n]) for n, t in measured.items()}
+
+
+def compiler_options(config: Mapping[str, Any]) -> dict[str, Any] | None:
+  """The XLA options the timed programs compile with: `train.quick_compile_options()` (on a GPU:
+  cuBLAS's kernels, no autotuning; None elsewhere), or XLA's defaults with
+  `config["timing_autotune"]`. Dense, masked and shrunk nets alike: the comparison stays fair."""
+  return None if config.get("timing_autotune") else train.quick_compile_options()
 
 
 def entry(t: timing.Timing, batch: int) -> dict[str, float]:
@@ -189,7 +198,8 @@ def roofline_seconds(shapes: Sequence[tuple[int, int, int]],
 def time_levels(dense: tuple[Any, tuple], masked: tuple[Any, tuple],
                 shrunk: Sequence[tuple[Any, tuple]], nets: Sequence[Mapping[str, Any]],
                 levels: Sequence[float], batch: int, *, runs: int, precision: float,
-                extra: Sequence[tuple[str, tuple[Any, tuple], float]] = ()
+                extra: Sequence[tuple[str, tuple[Any, tuple], float]] = (),
+                compiler_options: Mapping[str, Any] | None = None
                 ) -> tuple[dict[str, Any], dict[str, timing.Timing]]:
   """The timing table of one batch size, for any model: dense, masked once, each level's shrunk.
 
@@ -204,7 +214,7 @@ def time_levels(dense: tuple[Any, tuple], masked: tuple[Any, tuple],
       dense and the shrunk net (and optionally `"macs_timed"`, those of the call timed, e.g. with
       padding, used only to order the calls).
     levels: the sparsities (%); batch: the batch size of the calls' inputs.
-    runs, precision: see `time_calls`.
+    runs, precision, compiler_options: see `time_calls`.
     extra: `(name, (fn, args), multiply-adds)` of more calls timed in the same rounds (e.g. a
       roofline's matmuls); their timings are in the returned `measured`.
 
@@ -221,7 +231,8 @@ def time_levels(dense: tuple[Any, tuple], masked: tuple[Any, tuple],
             for i, (call, net) in enumerate(zip(shrunk, nets))]
   calls += list(extra)
   calls.sort(key=lambda c: -c[2])
-  measured = time_calls({name: call for name, call, _ in calls}, runs=runs, precision=precision)
+  measured = time_calls({name: call for name, call, _ in calls}, runs=runs, precision=precision,
+                        compiler_options=compiler_options)
   dense_t = measured["dense"]
   rows = []
   for i, (level, net) in enumerate(zip(levels, nets)):
@@ -247,7 +258,8 @@ def time_levels(dense: tuple[Any, tuple], masked: tuple[Any, tuple],
 
 def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
                      levels: Sequence[float], test_x: jax.Array, batch: int, *, runs: int,
-                     precision: float, machine: bool = False) -> dict[str, Any]:
+                     precision: float, machine: bool = False,
+                     compiler_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Study 4's timing table of one batch size: `time_levels` with the padded shrunk MLPs.
 
   Args:
@@ -255,7 +267,7 @@ def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
     nets: per level, `{"masked": params, "padded_model", "padded": params, "widths",
       "padded_widths", "macs_dense", "macs_shrunk"}`.
     levels: the sparsities (%); test_x: the test images; batch: the batch size.
-    runs, precision: see `time_calls`.
+    runs, precision, compiler_options: see `time_calls`.
     machine: also time, in the same rounds, what the machine allows: plain matmuls of every
       layer shape of the shrunk nets (the roofline), the dense net's first two layer shapes, a
       row sum of the input (the memory bandwidth) and an almost empty call (normally at the
@@ -281,7 +293,7 @@ def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
       forward_call(model, params, x), forward_call(model, nets[-1]["masked"], x),
       [forward_call(net["padded_model"], net["padded"], x) for net in nets],
       [{**net, "macs_timed": macs(chain)} for net, chain in zip(nets, chains)], levels, batch,
-      runs=runs, precision=precision, extra=extra)
+      runs=runs, precision=precision, extra=extra, compiler_options=compiler_options)
   if machine:
     out["reference"] = _reference(
         {**measured, "matmul_first_layer": measured[_matmul_name((batch, features, 1000))],
@@ -323,8 +335,10 @@ def target_check(rows: Sequence[dict[str, Any]], *, batch: int,
 
 def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Sequence[float],
                        test_x: jax.Array, batches: Sequence[int], *, formats: Sequence[str],
-                       scope: str, runs: int, precision: float) -> dict[str, Any]:
-  """Times the weight-pruned net of each level: dense with zeros vs the sparse `formats`.
+                       scope: str, runs: int, precision: float,
+                       compiler_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Times the weight-pruned net of each level: dense with zeros vs the sparse `formats`
+  (`compiler_options`: see `time_calls`).
 
   Returns:
     `{"formats", "levels": [per level: nnz, logit check], "batches": {batch: [per level:
@@ -385,7 +399,8 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
           if (fmt, level) not in previous:  # probe once at the smaller batch
             probe = jax.device_put(test_x[:ESTIMATE_FROM_BATCH])
             seconds = time_calls({fmt: (sparse_fn, (net, probe))}, runs=1, precision=0.0,
-                                 min_run_seconds=0.0)[fmt].median
+                                 min_run_seconds=0.0,
+                                 compiler_options=compiler_options)[fmt].median
             previous[(fmt, level)] = (ESTIMATE_FROM_BATCH, seconds)
           prev_batch, prev_seconds = previous[(fmt, level)]
           estimate = prev_seconds * batch / prev_batch
@@ -395,7 +410,8 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
                                "estimated_ms": 1e3 * estimate}
             continue
         calls[f"{fmt}/{i}"] = (sparse_fn, (net, x))
-    measured = time_calls(calls, runs=runs, precision=precision, slow_seconds=SLOW_CALL_SECONDS)
+    measured = time_calls(calls, runs=runs, precision=precision, slow_seconds=SLOW_CALL_SECONDS,
+                          compiler_options=compiler_options)
     dense = measured["dense_zeros"]
     rows = []
     for i, (level, info) in enumerate(zip(levels, out["levels"])):

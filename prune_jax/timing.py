@@ -114,14 +114,16 @@ class Timing(NamedTuple):
 _COMPILED: dict = {}
 
 
-def _compile_key(fn: Any, args: Sequence[Any], static: Mapping[str, Any]) -> tuple:
+def _compile_key(fn: Any, args: Sequence[Any], static: Mapping[str, Any],
+                 options: Mapping[str, Any] | None = None) -> tuple:
   return (fn, tuple(sorted(static.items())), jax.tree.structure(args),
           tuple((a.shape, str(a.dtype), getattr(a, "sharding", None))
-                for a in jax.tree.leaves(args)))
+                for a in jax.tree.leaves(args)), tuple(sorted((options or {}).items())))
 
 
 def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | None]], *,
-                 threads: int | None = None) -> list[tuple[Any, float]]:
+                 threads: int | None = None,
+                 compiler_options: Mapping[str, Any] | None = None) -> list[tuple[Any, float]]:
   """`compile_once` for several programs at once: each is lowered here, in this thread (under
   its configuration: the matmul precision in force, the mesh), then the new ones are compiled by
   XLA in a pool of threads, which release Python's lock while XLA compiles.
@@ -133,15 +135,19 @@ def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | N
   Args:
     calls: `(fn, args, static)` per program, as the arguments of `compile_once`.
     threads: the most compilations at once (default: the host's CPU count).
+    compiler_options: XLA options to compile the new programs with (e.g.
+      `train.quick_compile_options()`); then only the returned executables have them, and
+      `jax.jit`'s own cache is not filled.
 
   Returns:
     `(executable, seconds its compilation took in its thread)` per call, in order; 0 seconds for
     a program compiled before (or twice in `calls`).
   """
+  options = dict(compiler_options) if compiler_options else None
   lowered, results = {}, [None] * len(calls)
   for i, (fn, args, static) in enumerate(calls):
     static = dict(static or {})
-    key = _compile_key(fn, args, static)
+    key = _compile_key(fn, args, static, options)
     if key in _COMPILED:
       results[i] = (_COMPILED[key], 0.0)
     elif key not in lowered:
@@ -149,7 +155,7 @@ def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | N
 
   def compile_timed(low):
     start = time.perf_counter()
-    exe = low.compile()
+    exe = low.compile(compiler_options=options)
     return exe, time.perf_counter() - start
 
   workers = max(1, min(len(lowered), threads or os.cpu_count() or 1))
@@ -159,7 +165,7 @@ def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | N
     _COMPILED[key] = exe
   for i, (fn, args, static) in enumerate(calls):
     if results[i] is None:
-      key = _compile_key(fn, args, dict(static or {}))
+      key = _compile_key(fn, args, dict(static or {}), options)
       exe, seconds = compiled.pop(key, (_COMPILED[key], 0.0))
       results[i] = (exe, seconds)
   return results

@@ -378,24 +378,44 @@ def forward_fn(model: nn.Module) -> Callable[[Params, jax.Array], jax.Array]:
   return jax.jit(functools.partial(_forward, model=model))
 
 
-def run_once_options() -> dict[str, Any] | None:
-  """XLA's options for programs that run once: evaluations and equivalence checks.
+# XLA's options for fast compilation on a GPU, most wanted first (`quick_compile_options`).
+_QUICK_GPU_OPTIONS = ({"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False},
+                      {"xla_gpu_autotune_level": 0})
 
-  On a GPU, XLA times candidate kernels for every matrix product of a program while compiling it
-  ("autotuning"). That takes seconds per program and pays off only for programs run many times
-  (a training loop, a timed forward), so programs run once skip it. Their results do not depend
-  on it beyond float32 summation order: they run at "highest" precision. None (XLA's defaults)
-  on other backends.
+
+@functools.cache
+def quick_compile_options() -> dict[str, Any] | None:
+  """XLA's options for programs that should compile fast rather than run at their fastest.
+
+  On a GPU, XLA compiles a program's matrix products as generated (Triton) kernels and
+  autotunes them: it times candidate kernels on the device while compiling. That takes about a
+  second per program, one program at a time on the device (on an H100, 70 timed forwards and
+  matmuls compiled in threads took about 8 s each), and pays off only for programs run many
+  times, as a training loop is. These options hand every product to cuBLAS, with its own choice
+  of kernel, untimed. Used by evaluations and equivalence checks (run once, at "highest"
+  precision: the results do not depend on it beyond float32 summation order) and by the studies'
+  timed forwards unless `--timing_autotune`. Checked once by compiling a small product; options
+  this jaxlib lacks are dropped. None (XLA's defaults) on other backends.
   """
-  return {"xla_gpu_autotune_level": 0} if jax.default_backend() == "gpu" else None
+  if jax.default_backend() != "gpu":
+    return None
+  x = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+  for options in _QUICK_GPU_OPTIONS:
+    try:
+      jax.jit(jnp.matmul, compiler_options=options).lower(x, x).compile()
+      return dict(options)
+    except Exception as e:  # pylint: disable=broad-except (an option this XLA lacks)
+      logging.warning("XLA options %s not usable here (%s); trying fewer", options, e)
+  return None
 
 
 @functools.lru_cache(maxsize=None)
 def evaluation_forward_fn(model: nn.Module) -> Callable[[Params, jax.Array], jax.Array]:
-  """`forward_fn` for evaluations and equivalence checks, compiled with `run_once_options`; call
-  it under `equivalence.highest_precision()`, as `evaluate` does, so that every evaluation and
+  """`forward_fn` for evaluations and equivalence checks, compiled with `quick_compile_options`;
+  call it under `equivalence.highest_precision()`, as `evaluate` does, so that every evaluation and
   check of a net shares one program."""
-  return jax.jit(functools.partial(_forward, model=model), compiler_options=run_once_options())
+  return jax.jit(functools.partial(_forward, model=model),
+                 compiler_options=quick_compile_options())
 
 
 def compile_forwards(nets: Sequence[tuple[nn.Module, Params]], x: jax.Array) -> float:
@@ -438,9 +458,9 @@ def _evaluation(params, images, labels, *, model):
 
 @functools.cache
 def _evaluation_fns() -> tuple[Callable[..., Evaluation], Callable[..., Evaluation]]:
-  """The jitted evaluation of one net and of a stack (made on first use: `run_once_options`
-  asks which backend runs them)."""
-  options = run_once_options()
+  """The jitted evaluation of one net and of a stack (made on first use:
+  `quick_compile_options` asks which backend runs them)."""
+  options = quick_compile_options()
   return (jax.jit(_evaluation, static_argnames=("model",), compiler_options=options),
           jax.jit(_over_nets(_evaluation, (0, None, None)), static_argnames=("model",),
                   compiler_options=options))
@@ -454,7 +474,7 @@ def evaluate(model: nn.Module, params: Params, images: jax.Array,
   that an accuracy does not depend on the platform's matmul precision (TF32 on recent NVIDIA
   GPUs): a net evaluated here and its shrunk or padded form checked at "highest" give the same
   logits. Training keeps the platform's precision (or `--matmul_precision`). Compiled with
-  `run_once_options`.
+  `quick_compile_options`.
   """
   with equivalence.highest_precision():
     return _evaluation_fns()[0](params, jnp.asarray(images), jnp.asarray(labels), model=model)

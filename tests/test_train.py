@@ -146,11 +146,11 @@ def test_evaluate_and_evaluate_many_agree(toy_data):
   assert_agree(many.loss, [one.loss] * 2, rtol=1e-6)
 
 
-def test_compile_forwards_compiles_the_evaluation_forwards_with_the_run_once_options(
+def test_compile_forwards_compiles_the_evaluation_forwards_with_the_quick_options(
     toy_data, monkeypatch):
   x, _ = toy_data
-  # The GPU's options (no autotuning) also compile on a CPU, where they change nothing.
-  monkeypatch.setattr(train, "run_once_options", lambda: {"xla_gpu_autotune_level": 0})
+  # The GPU's options (no autotuning, cuBLAS) also compile on a CPU, where they change nothing.
+  monkeypatch.setattr(train, "quick_compile_options", lambda: dict(train._QUICK_GPU_OPTIONS[0]))
   nets = [(MLP(hidden=widths), init_mlp(jax.random.key(0), MLP(hidden=widths)))
           for widths in ((7, 5), (6, 4))]
   with timing.CompileTally() as tally:
@@ -162,10 +162,11 @@ def test_compile_forwards_compiles_the_evaluation_forwards_with_the_run_once_opt
   for (model, params), got in zip(nets, logits):
     with equivalence.highest_precision():
       assert_agree(got, model.apply({"params": params}, x))
-  assert train.run_once_options() == {"xla_gpu_autotune_level": 0}
   monkeypatch.undo()
   if jax.default_backend() != "gpu":
-    assert train.run_once_options() is None  # XLA's defaults
+    assert train.quick_compile_options() is None  # XLA's defaults
+  else:
+    assert train.quick_compile_options() in [dict(o) for o in train._QUICK_GPU_OPTIONS]
 
 
 @pytest.mark.needs_mnist
