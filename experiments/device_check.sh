@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Every accelerator check of the project in one run, for a machine with a GPU (or TPU) whose
-# Python already has JAX for it, most wanted first: what it finds; how long one training program
-# takes to compile under a few XLA settings (the benchmark's bare loop; on an H200 with the
-# defaults it took 5.6 s, which is what keeps reproduce far from its target); reproduce timed
-# with 1 seed (the defaults, then the fastest setting) and with 3 seeds (issue 12's targets:
-# <= 30 s and <= 60 s, compilation included); the test suite; the benchmark; study 5.
+# Python already has JAX for it, most wanted first: what it finds; reproduce timed with 1 seed and
+# with 3 seeds in fresh workdirs (issue 12's targets: <= 30 s and <= 60 s, compilation included;
+# on an H100 on 2026-11-26: 38 s and 45 s), then with 1 seed again on the first run's compiled
+# programs (--fresh keeps the workdir's compilation cache); the test suite; the benchmark;
+# study 5. Every reproduce logs each compilation (JAX_LOG_COMPILES), summed per program in
+# compilations_*.txt: on a GPU compiling, not computing, takes most of the time.
 #
 #   MNIST_DIR=<folder of the four MNIST .gz files> OUT=<folder> bash experiments/device_check.sh
 #
-# PYTHON picks the interpreter (default python3); it needs the packages of requirements.txt but
-# tensorflow-datasets (MNIST is read from MNIST_DIR; without tensorflow-datasets the 8 tests of
-# its download path fail). BUDGET (default 560 s) bounds the whole run: each step has its own
-# time limit, the last ones get what is left, and the steps go on after a failure. Logs and
-# results go to $OUT, packed after every step into $OUT/device_check.tgz (so a run cut short
-# still leaves them); each test failure is written to tests_failures.log as it happens; a summary
-# table is printed last.
+# PYTHON picks the interpreter (default python3); it needs the packages of requirements.txt.
+# WHEELS may name a folder of wheels (e.g. tensorflow-datasets' and its dependencies', from
+# `pip download`) installed first, without network, where the package is missing: without
+# tensorflow-datasets the 8 tests of its download path fail. BUDGET (default 560 s) bounds the
+# whole run: each step has its own time limit, the last ones get what is left, and the steps go
+# on after a failure. Logs and results go to $OUT, packed after every step into
+# $OUT/device_check.tgz (so a run cut short still leaves them); each test failure is written to
+# tests_failures.log as it happens; a summary table is printed last.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -35,9 +37,10 @@ pack() {  # the logs and results so far, as one file in $out
 
 left() { echo $((budget - SECONDS)); }
 
-step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit (SIGINT, then SIGKILL)
-  local name=$1 limit=$2
+step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit (SIGINT, then SIGKILL),
+  local name=$1 limit=$2  # at most what is left of the budget
   shift 2
+  (( limit > $(left) )) && limit=$(left)
   if ((limit < 10)); then
     summary+=("$(printf '%-20s skipped: %d s of the budget left' "$name" "$(left)")")
     return
@@ -69,42 +72,54 @@ for precision in ('default', 'highest'):
         f'(entries of scale {np.abs(exact).max():.0f})')
 "
 nvidia-smi >"$logs/nvidia-smi.txt" 2>&1 || true
-# Compile time of the benchmark's bare training loop under each XLA setting (a short benchmark).
-settings=("" "--xla_gpu_autotune_level=0" "--xla_gpu_enable_triton_gemm=false")
-for i in "${!settings[@]}"; do
-  step "compile_probe_$i" 45 env XLA_FLAGS="${settings[$i]}" "$python" -m experiments.benchmark \
-      --steps=100 --runs=1 --json_out="$logs/compile_probe_$i.json"
-done
-fastest=$("$python" -c "
-import json, sys
-seconds = {}
-for i, flags in enumerate(sys.argv[1:]):
+if [[ -n "${WHEELS:-}" ]]; then  # the wheels of packages this Python lacks, without network
+  step wheels 60 "$python" -c "
+import glob, importlib.metadata as md, subprocess, sys
+missing = []
+for wheel in sorted(glob.glob('$WHEELS/*.whl')):
   try:
-    seconds[flags] = json.load(open(f'$logs/compile_probe_{i}.json'))['bare_jax_loop_compile_s']
-  except (OSError, ValueError, KeyError):
-    pass
-for flags, s in seconds.items():
-  print(f'compile {s:6.2f} s with XLA_FLAGS={flags!r}', file=sys.stderr)
-print(min(seconds, key=seconds.get) if seconds else '')
-" "${settings[@]}" 2>"$logs/compile_probe.txt")
-summary+=("fastest XLA_FLAGS: '$fastest' ($(tr '\n' ';' <"$logs/compile_probe.txt"))")
-step reproduce_1_seed 100 "$python" -m experiments.reproduce --workdir="$work/work1" --fresh
-cp "$work/work1/REPORT.md" "$logs/REPORT_1_seed.md" 2>/dev/null
-if [[ -n "$fastest" ]]; then
-  step reproduce_1_seed_fast 100 env XLA_FLAGS="$fastest" "$python" -m experiments.reproduce \
-      --workdir="$work/work1f" --fresh
-  cp "$work/work1f/REPORT.md" "$logs/REPORT_1_seed_fast.md" 2>/dev/null
+    md.version(wheel.split('/')[-1].split('-')[0].replace('_', '-'))
+  except md.PackageNotFoundError:
+    missing.append(wheel)
+print('installing', missing)
+sys.exit(subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index',
+                         *missing]).returncode)
+"
 fi
-step reproduce_3_seeds 120 env XLA_FLAGS="$fastest" "$python" -m experiments.reproduce \
-    --workdir="$work/work3" --seeds=0,1,2 --fresh
+
+compilations() {  # the seconds each program took to compile in a reproduce log, largest first
+  "$python" - "$1" >"$2" 2>&1 <<'PY'
+import collections, re, sys
+programs = collections.defaultdict(lambda: [0, 0.0])
+for line in open(sys.argv[1], errors="replace"):
+  found = re.search(r"Finished XLA compilation of (\S+) in ([\d.]+) sec", line)
+  if found:
+    programs[found[1]][0] += 1
+    programs[found[1]][1] += float(found[2])
+for name, (count, seconds) in sorted(programs.items(), key=lambda p: -p[1][1]):
+  print(f"{seconds:8.2f} s {count:4d} x {name}")
+PY
+}
+
+reproduce() {  # reproduce NAME LIMIT ARGS...: timed, every compilation logged
+  local name=$1 limit=$2
+  shift 2
+  step "$name" "$limit" env JAX_LOG_COMPILES=1 "$python" -m experiments.reproduce "$@"
+  compilations "$logs/$name.log" "$logs/compilations_$name.txt"
+}
+reproduce reproduce_1_seed 100 --workdir="$work/work1" --fresh
+cp "$work/work1/REPORT.md" "$logs/REPORT_1_seed.md" 2>/dev/null
+reproduce reproduce_3_seeds 120 --workdir="$work/work3" --seeds=0,1,2 --fresh
 cp "$work/work3/REPORT.md" "$logs/REPORT_3_seeds.md" 2>/dev/null
+reproduce reproduce_1_seed_warm 60 --workdir="$work/work1" --fresh
+cp "$work/work1/REPORT.md" "$logs/REPORT_1_seed_warm.md" 2>/dev/null
 tests_limit=$(($(left) - 60))
 ((tests_limit > 330)) && tests_limit=330
 step tests "$tests_limit" env PRUNE_JAX_FAILURE_LOG="$logs/tests_failures.log" "$python" -m pytest \
-    -n 4 -v -rfE --tb=short -p no:cacheprovider --durations=20
+    -n 8 -v -rfE --tb=short -p no:cacheprovider --durations=20
 step benchmark 40 "$python" -m experiments.benchmark --json_out="$logs/benchmark.json"
 # Study 5 (every method's levels as one stack per method), on the 3-seed run's base nets.
-step methods_3_seeds $(($(left) - 5)) env XLA_FLAGS="$fastest" "$python" -m experiments.methods \
+step methods_3_seeds $(($(left) - 5)) "$python" -m experiments.methods \
     --workdir="$work/work3" --seeds=0,1,2
 for kind in weight unit; do
   cp "$work/work3/methods_$kind/table.csv" "$logs/methods_$kind.csv" 2>/dev/null

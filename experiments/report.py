@@ -161,7 +161,8 @@ def shrink_section(payload: Payload) -> list[str]:
     for fmt, by_batch in ws.get("beats_dense_from", {}).items():
       for batch, level in by_batch.items():
         lines.append(f"Weight pruning, {fmt.upper()} sparse form at batch {batch}: "
-                     + ("never faster than dense with zeros on this CPU." if level is None else
+                     + (f"never faster than dense with zeros on {_device(timing)}."
+                        if level is None else
                         f"faster than dense with zeros from {level:g}% sparsity."))
   return lines + [""]
 
@@ -258,7 +259,7 @@ def methods_section(payload: Payload) -> list[str]:
 
 def _device(timing: Mapping[str, Any]) -> str:
   device = timing.get("device") or timing.get("reference", {}).get("device")
-  if isinstance(device, Mapping):
+  if isinstance(device, Mapping) and device.get("platform") != "cpu":
     return f"{device.get('kind')} ({device.get('platform')})"
   return "the CPU"
 

@@ -103,6 +103,16 @@ class Progress:
   def elapsed(self) -> float:
     return time.perf_counter() - self.start
 
+  def close(self) -> None:
+    """Stops counting compilations (idempotent; also done by the last `finish`)."""
+    self._tally.close()
+
+  def __enter__(self) -> "Progress":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()  # also when a phase raised: no listener is left behind in the process
+
 
 def phase_costs(config: dict[str, Any], *, steps: dict[str, int], cached: int,
                 share_retrained: bool, conv_config: dict[str, Any] | None = None,
@@ -152,69 +162,70 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
   store = frame.units(config)
   cached = 0 if config["retrain_base"] else sum(
       store.contains("base", base_nets.base_key(config, s)) for s in config["seeds"])
-  progress = Progress(phase_costs(config, steps=steps, cached=cached, share_retrained=share,
-                                  conv_config=conv_config, methods_config=methods_config))
-  phases = iter(progress.costs)
+  with Progress(phase_costs(config, steps=steps, cached=cached, share_retrained=share,
+                            conv_config=conv_config,
+                            methods_config=methods_config)) as progress:
+    phases = iter(progress.costs)
 
-  mnist = data_lib.on_device(mnist or data_lib.load_mnist(config["mnist_dir"]))
-  progress.finish(next(phases))
-  bases, _ = frame.load_bases(config, mnist, store=store)
-  progress.finish(next(phases))
-
-  writer = jax.process_index() == 0  # with several processes, process 0 writes for all
-  payloads = {}
-  # Studies 1-3's files are written and plotted on a thread while the next study trains; all of
-  # them are done before study 4, whose timings want a quiet machine.
-  with concurrent.futures.ThreadPoolExecutor(1) as background:
-    written = []
-    payloads["sweep"] = sweep.run_sweep(config, mnist, bases=bases, store=store)
-    if writer:
-      written.append(background.submit(frame.write_and_plot, payloads["sweep"], workdir))
+    mnist = data_lib.on_device(mnist or data_lib.load_mnist(config["mnist_dir"]))
+    progress.finish(next(phases))
+    bases, _ = frame.load_bases(config, mnist, store=store)
     progress.finish(next(phases))
 
-    for mode in ("weight", "unit"):
-      payload = recovery.run_recovery({**config, "mode": mode, "retrain_steps": steps[mode]},
-                                      mnist, bases=bases, store=store)
-      payloads[payload["study"]] = payload
+    writer = jax.process_index() == 0  # with several processes, process 0 writes for all
+    payloads = {}
+    # Studies 1-3's files are written and plotted on a thread while the next study trains; all of
+    # them are done before study 4, whose timings want a quiet machine.
+    with concurrent.futures.ThreadPoolExecutor(1) as background:
+      written = []
+      payloads["sweep"] = sweep.run_sweep(config, mnist, bases=bases, store=store)
       if writer:
-        written.append(background.submit(frame.write_and_plot, payload, workdir))
+        written.append(background.submit(frame.write_and_plot, payloads["sweep"], workdir))
       progress.finish(next(phases))
-    for done in written:
-      done.result()  # raises what the writing raised
 
-  payloads["shrink"] = shrink.run_shrink({**config, **shrink_config}, mnist, bases=bases,
-                                         store=store)
-  if writer:
-    shrink.write_outputs(payloads["shrink"], workdir)
-  progress.finish(next(phases))
+      for mode in ("weight", "unit"):
+        payload = recovery.run_recovery({**config, "mode": mode, "retrain_steps": steps[mode]},
+                                        mnist, bases=bases, store=store)
+        payloads[payload["study"]] = payload
+        if writer:
+          written.append(background.submit(frame.write_and_plot, payload, workdir))
+        progress.finish(next(phases))
+      for done in written:
+        done.result()  # raises what the writing raised
 
-  if methods_config is not None:
-    found = methods.run_methods(methods_config, mnist, bases=bases, store=store)
-    payloads.update(found)
+    payloads["shrink"] = shrink.run_shrink({**config, **shrink_config}, mnist, bases=bases,
+                                           store=store)
     if writer:
-      methods.write_outputs(found, workdir)
+      shrink.write_outputs(payloads["shrink"], workdir)
     progress.finish(next(phases))
 
-  if conv_config is not None:
-    payloads["conv"] = conv.run_conv(conv_config, mnist, store=store)
-    if writer:
-      conv.write_outputs(payloads["conv"], workdir)
-    progress.finish(next(phases))
+    if methods_config is not None:
+      found = methods.run_methods(methods_config, mnist, bases=bases, store=store)
+      payloads.update(found)
+      if writer:
+        methods.write_outputs(found, workdir)
+      progress.finish(next(phases))
 
-  path = os.path.join(workdir, "REPORT.md")
-  if not writer:
+    if conv_config is not None:
+      payloads["conv"] = conv.run_conv(conv_config, mnist, store=store)
+      if writer:
+        conv.write_outputs(payloads["conv"], workdir)
+      progress.finish(next(phases))
+
+    path = os.path.join(workdir, "REPORT.md")
+    if not writer:
+      return path
+
+    # The payloads as written (with versions and machine), so REPORT.md matches the JSON files.
+    written = report.load_payloads(workdir)
+    text = report.build_report({k: written[k] for k in payloads}, command=command,
+                               phases=progress.done, compilations=progress.compilations,
+                               total_seconds=progress.elapsed,
+                               workdir=workdir, units={"loaded": store.loaded,
+                                                       "computed": store.computed})
+    results.write_text(path, text)
+    progress.finish(next(phases))
     return path
-
-  # The payloads as written (with versions and machine), so REPORT.md matches the JSON files.
-  written = report.load_payloads(workdir)
-  text = report.build_report({k: written[k] for k in payloads}, command=command,
-                             phases=progress.done, compilations=progress.compilations,
-                             total_seconds=progress.elapsed,
-                             workdir=workdir, units={"loaded": store.loaded,
-                                                     "computed": store.computed})
-  results.write_text(path, text)
-  progress.finish(next(phases))
-  return path
 
 
 def reproduce_config() -> dict[str, Any]:

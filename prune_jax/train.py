@@ -409,11 +409,18 @@ def quick_compile_options() -> dict[str, Any] | None:
   return None
 
 
-@functools.lru_cache(maxsize=None)
 def evaluation_forward_fn(model: nn.Module) -> Callable[[Params, jax.Array], jax.Array]:
   """`forward_fn` for evaluations and equivalence checks, compiled with `quick_compile_options`;
   call it under `equivalence.highest_precision()`, as `evaluate` does, so that every evaluation and
-  check of a net shares one program."""
+  check of a net shares one program. Where those options are XLA's defaults (a CPU), it is
+  `forward_fn(model)` itself, whose programs the timings share."""
+  if quick_compile_options() is None:
+    return forward_fn(model)
+  return _quick_forward_fn(model)
+
+
+@functools.lru_cache(maxsize=None)
+def _quick_forward_fn(model: nn.Module) -> Callable[[Params, jax.Array], jax.Array]:
   return jax.jit(functools.partial(_forward, model=model),
                  compiler_options=quick_compile_options())
 

@@ -42,6 +42,16 @@ def test_progress_estimates_what_remains(monkeypatch):
 
 
 @pytest.mark.needs_mnist
+def test_progress_stops_counting_compilations_when_a_phase_raises():
+  with pytest.raises(RuntimeError, match="phase failed"):
+    with reproduce.Progress({"a": 1, "b": 1}) as progress:
+      progress.finish("a")
+      raise RuntimeError("phase failed")
+  before = progress._tally.total
+  jax.jit(lambda x: x * 3 - 4)(jnp.arange(3.0))  # compiled after: not counted
+  assert progress._tally.total == before
+
+
 def test_reproduce_runs_all_studies_and_writes_the_report(bases_in, mnist_dir, monkeypatch):
   monkeypatch.setenv("PRUNE_JAX_MNIST_DIR", str(mnist_dir))
   # The session's tiny base nets, copied: the run loads, not trains, them.
