@@ -1,5 +1,6 @@
 """Timing of compiled JAX functions: compile time apart, a warm-up, then the median of runs;
-and `CompileTally`, the compilations of a whole run (on a GPU they, not the arithmetic, dominate).
+`CompileTally`, the compilations of a whole run (on a GPU they, not the arithmetic, dominate);
+and `compile_many`, which compiles the programs a study needs together at once, in threads.
 
 The machine this runs on is shared and noisy, so absolute times mean little; compare rates with
 `matmul_gflops`, a plain float32 matmul measured in the same process.

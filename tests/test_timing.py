@@ -61,6 +61,11 @@ def test_compile_many_compiles_each_new_program_once_and_jit_calls_reuse_them():
       np.testing.assert_array_equal(exe(*args), fn(*args))
     assert tally.total.programs == 2  # the jit calls found their programs compiled
   assert timing.compile_once(fn, shapes[2]) == (compiled[2][0], 0.0)
+  # Other XLA options are another program (also compiled on a CPU, where they change nothing).
+  options = {"xla_gpu_autotune_level": 0}
+  (quick, seconds), = timing.compile_many([(fn, shapes[2], None)], compiler_options=options)
+  assert quick is not compiled[2][0] and seconds > 0
+  np.testing.assert_array_equal(quick(*shapes[2]), fn(*shapes[2]))
 
 
 def test_compile_tally_counts_overlapping_compilations_once():
