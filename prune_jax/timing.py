@@ -159,9 +159,11 @@ def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | N
     exe = low.compile(compiler_options=options)
     return exe, time.perf_counter() - start
 
-  workers = max(1, min(len(lowered), threads or os.cpu_count() or 1))
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    compiled = dict(zip(lowered, pool.map(compile_timed, lowered.values())))
+  compiled = {}
+  if lowered:
+    workers = min(len(lowered), threads or os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      compiled = dict(zip(lowered, pool.map(compile_timed, lowered.values())))
   for key, (exe, _) in compiled.items():
     _COMPILED[key] = exe
   for i, (fn, args, static) in enumerate(calls):
