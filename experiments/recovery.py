@@ -336,15 +336,15 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
         stacked = (_retrain_shrunk_masked if unit_stacks(config) == "masked"
                    else _retrain_shrunk_in_buckets)
         stacked(store, config, seed, model, pruned, masks, mnist, mesh=mesh, protocol=protocol)
+      retrained = [retrained_shrunk(
+          store, retrain_key(config, seed, lv, mode=mode, keep_masks=True, steps=steps),
+          model, level(pruned, i), level(masks, i), mnist,
+          name=f"seed {seed}: retrain {lv:g}%-unit-pruned net, shrunk to {shrunk_to(masks, i)}")
+          for i, lv in enumerate(levels)]
       # Every level's evaluation program (below) at once, in threads.
-      smalls = [shrink(level(pruned, i), level(masks, i)) for i in range(len(levels))]
-      train.compile_forwards([(model.clone(hidden=shrunk_widths(s)), s) for s in smalls],
+      train.compile_forwards([(small_model, small) for small, small_model, _ in retrained],
                              jnp.asarray(mnist.test_images))
-      for i, lv in enumerate(levels):
-        small, small_model, info = retrained_shrunk(
-            store, retrain_key(config, seed, lv, mode=mode, keep_masks=True, steps=steps),
-            model, level(pruned, i), level(masks, i), mnist,
-            name=f"seed {seed}: retrain {lv:g}%-unit-pruned net, shrunk to {shrunk_to(masks, i)}")
+      for i, (small, small_model, info) in enumerate(retrained):
         full = expand(small, level(pruned, i), level(masks, i))
         # The forward program study 4 checks and evaluates this shrunk net with, at the
         # precision of every evaluation (`train.evaluate`): one compilation.

@@ -6,7 +6,8 @@
 What is timed is the compiled forward pass alone, the batch already on the device, compile time
 reported apart, after a warm-up; the programs of one batch size compile at once, in threads, and
 on a GPU with `train.quick_compile_options()` (cuBLAS's kernels, without XLA's autotuning, which
-takes about a second per program; `--timing_autotune` to time autotuned programs). The calls of one batch size take turns in interleaved rounds
+takes about a second per program; `--timing_autotune` to time autotuned programs). The calls of
+one batch size take turns in interleaved rounds
 (`prune_jax.timing.time_interleaved`: on a shared machine, load hits them all alike), as many
 rounds as it takes to know every median to `--timing_precision` (at least 3, at most
 `--timing_runs`). Runs are warm, as in a loop of inferences over the batch: before each, a net
