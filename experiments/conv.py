@@ -383,11 +383,9 @@ def run_conv(config: dict[str, Any], mnist: data_lib.MNIST, *,
   runs, precision = int(config["timing_runs"]), float(config["timing_precision"])
   timing_key = {**base_nets.base_key(config, timed_seed, model), "study": STUDY,
                 "sparsities": list(levels), "scope": config["scope"], "timing_runs": runs,
-                "timing_precision": precision, "machine": results.machine(),
-                "device": shrink_timing.device()}
-  options = shrink_timing.compiler_options(config)
-  if options:  # (keys of runs with XLA's defaults, as on a CPU, stay as they were)
-    timing_key["compiler_options"] = options
+                "timing_precision": precision}
+  conditions, options = shrink_timing.timing_conditions(config)
+  timing_key.update(conditions)
   timed = [{"widths": u["widths"], "macs_dense": u["macs_dense"],
             "macs_shrunk": u["macs_shrunk"]} for u in records[str(timed_seed)]]
   tables = {}

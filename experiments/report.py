@@ -123,11 +123,12 @@ def shrink_section(payload: Payload) -> list[str]:
       f"{100 * timing.get('precision', 0):g}%), compiled forward pass only, seed "
       f"{timing['timed_seed']}'s nets before retraining, on {_device(timing)}; the multiply-add "
       "(MAC) ratio is what the arithmetic allows. The roofline is what the machine allows the "
-      "shrunk net: per layer, a plain matmul of its shape or moving its bytes at the measured "
-      "memory bandwidth, whichever takes longer, measured in the same run; 'vs limit' is the "
-      "larger of the roofline and the arithmetic time (dense time / MAC ratio) over the measured "
-      "time (1 = as fast as allowed). The seed kept hidden layer 4 whole and timed one pass on "
-      "a 2017 laptop.",
+      "shrunk net: the fixed cost of a call (an almost empty call's time), plus per layer a "
+      "plain matmul of its shape (less that cost) or moving its bytes at the measured memory "
+      "bandwidth, whichever takes longer, measured in the same run; 'vs limit' is the larger of "
+      "the roofline and the arithmetic time (the call's cost plus the dense net's remaining "
+      "time / MAC ratio) over the measured time (1 = as fast as allowed). The seed kept hidden "
+      "layer 4 whole and timed one pass on a 2017 laptop.",
       "",
       *_table(["sparsity %", "widths", "accuracy before retraining", "seed",
                f"after {payload['config']['retrain_steps']} steps", "seed", "MAC ratio",
@@ -137,8 +138,10 @@ def shrink_section(payload: Payload) -> list[str]:
       "",
       f"Dense inference at batch {ref['batch']}: {ref['dense']['gflops']:.1f} GFLOP/s, "
       f"{ref['dense_vs_matmul']:.2f} x a plain [{ref['batch']},784]@[784,1000] matmul measured in "
-      "the same run" + (f"; memory bandwidth {ref['bandwidth_gbs']:.1f} GB/s." if "bandwidth_gbs"
-                        in ref else "."),
+      "the same run" + (f"; memory bandwidth {ref['bandwidth_gbs']:.1f} GB/s" if "bandwidth_gbs"
+                        in ref else "") + (f"; a call costs {1e3 * ref['call_overhead_ms']:.0f} µs "
+                                           "besides its work." if "call_overhead_ms" in ref
+                                           else "."),
   ]
   masked = timing.get("masked", {}).get(batches[-1])
   if masked:

@@ -348,16 +348,17 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
   timing_key = {**base_nets.base_key(config, timed_seed), "study": STUDY,
                 "sparsities": list(levels),
                 **{k: config[k] for k in ("scope", "keep_last_hidden", "pad_multiple",
-                                          "timing_runs", "timing_precision")},
-                "machine": results.machine(), "device": shrink_timing.device()}
-  options = shrink_timing.compiler_options(config)
-  if options:  # (keys of runs with XLA's defaults, as on a CPU, stay as they were)
-    timing_key["compiler_options"] = options
+                                          "timing_runs", "timing_precision")}}
+  conditions, options = shrink_timing.timing_conditions(config)
+  timing_key.update(conditions)
   tables = {}
   for batch in batches:
     tables[str(batch)] = store.get_or_compute(
         "shrink_timing", {**timing_key, "table": "unit", "batch": batch,
-                          "machine_reference": batch == batches[-1]},
+                          "machine_reference": batch == batches[-1],
+                          # (the roofline's method: its probe's size, the overhead counted once)
+                          **({"bandwidth_probe_bytes": shrink_timing.BANDWIDTH_PROBE_BYTES}
+                             if batch == batches[-1] else {})},
         lambda batch=batch: (shrink_timing.time_unit_levels(
             model, params_by_seed[timed_seed], timed_nets, levels, test_x, batch, runs=runs,
             precision=precision, machine=batch == batches[-1], compiler_options=options),

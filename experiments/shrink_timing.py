@@ -22,15 +22,20 @@ every level's shrunk net (padded with zero units to `--pad_multiple`; before ret
 retraining it has the same shapes, so the same speed). The speed-up is dense median / shrunk
 median, beside the multiply-add (MAC) ratio of `sparsity_report` (dense / shrunk).
 
-At the largest batch, in the same rounds, what the machine allows each shrunk net (`roofline`):
-for each of its layers `[batch, k] @ [k, n]`, the time of a plain jitted matmul of that shape, or
-the time to move the layer's bytes (`4 (batch k + k n + batch n)`) at the measured memory
-bandwidth (a row sum of the input), whichever is longer; summed over the layers. The calls of a
-round run in order of decreasing cost, so that only one fast call per round follows a slow one. The
-*limit* of a level is the larger of that and the arithmetic time (the dense time divided by the
-MAC ratio); the target asks every level up to 90% to run within `1 / TARGET_FRACTION` = 1.25 x
-its limit, i.e. a speed-up of at least 0.8 x the MAC ratio, or within 1.25 x the roofline where
-the roofline, not the arithmetic, is the limit.
+At the largest batch, in the same rounds, what the machine allows each shrunk net (`roofline`).
+Every timed call costs a fixed amount besides its arithmetic (dispatch, kernel launch, the wait
+for the result: tens of microseconds on a GPU, where it exceeds a small layer's work), measured by
+an almost empty call (`call_overhead`), which a forward pays once, not once per layer. The
+roofline is that overhead plus, for each layer `[batch, k] @ [k, n]`, the device time of a plain
+jitted matmul of that shape (its median less the overhead), or the time to move the layer's bytes
+(`4 (batch k + k n + batch n)`) at the measured memory bandwidth, whichever is longer. The
+bandwidth is read off a program that sums the input's rows `bandwidth_reads(...)` times (at least
+`BANDWIDTH_PROBE_BYTES` read in all, so that the overhead is small beside it), less the overhead.
+The calls of a round run in order of decreasing cost, so that only one fast call per round follows
+a slow one. The *limit* of a level is the larger of that and the arithmetic time (the overhead
+plus the dense forward's device time divided by the MAC ratio); the target asks every level up to
+90% to run within `1 / TARGET_FRACTION` = 1.25 x its limit, i.e. a speed-up of at least 0.8 x the
+MAC ratio, or within 1.25 x the roofline where the roofline, not the arithmetic, is the limit.
 
 Weight-pruned nets (`time_weight_levels`): dense with zeros (once per batch size: it has the
 dense shapes at every level) against every level's unstructured-sparse forms of
@@ -47,7 +52,7 @@ import numpy as np
 from absl import logging
 
 from experiments.sweep import prune_levels
-from prune_jax import equivalence, grid, sparse_dense, timing, train
+from prune_jax import equivalence, grid, results, sparse_dense, timing, train
 from prune_jax.models import MLP
 
 Params = Any
@@ -68,6 +73,9 @@ ESTIMATE_FROM_BATCH = 100
 # ones (a fraction of a millisecond each, dozens of them at the high levels) are bounded by
 # their bytes alone, which makes the roofline, if anything, stricter.
 ROOFLINE_MIN_MACS = 50_000_000
+# The bandwidth probe reads the input this many bytes in all (repeatedly), so that on a GPU its
+# device time, not the per-call overhead, is what is measured; part of the timing units' keys.
+BANDWIDTH_PROBE_BYTES = 2**30
 # See the module docstring.
 MIN_RUN_SECONDS = 0.02
 REWARM_SECONDS = 0.05
@@ -106,6 +114,17 @@ def compiler_options(config: Mapping[str, Any]) -> dict[str, Any] | None:
   return None if config.get("timing_autotune") else train.quick_compile_options()
 
 
+def timing_conditions(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """What a timing depends on besides the nets, for the timing units' keys: the machine, the
+  device and the XLA options (`compiler_options`; only when set, so that the keys of runs with
+  XLA's defaults, as on a CPU, stay as they were); and the options themselves."""
+  options = compiler_options(config)
+  conditions = {"machine": results.machine(), "device": device()}
+  if options:
+    conditions["compiler_options"] = options
+  return conditions, options
+
+
 def entry(t: timing.Timing, batch: int) -> dict[str, float]:
   """A timing as a JSON row: milliseconds, images per second, runs and compile seconds."""
   return {"median_ms": 1e3 * t.median, "min_ms": 1e3 * t.min, "max_ms": 1e3 * t.max,
@@ -134,7 +153,7 @@ def forward_call(model: nn.Module, params: Params, x: jax.Array) -> tuple[Any, t
 
 def _reference(measured: Mapping[str, timing.Timing], model: MLP, x: jax.Array) -> dict[str, Any]:
   """The `reference` section: the dense forward's FLOP rate beside plain matmuls, the memory
-  bandwidth and the cost of an almost empty call, from one set of rounds."""
+  bandwidth and the cost of an almost empty call (`call_overhead_ms`), from one set of rounds."""
   batch, features = int(x.shape[0]), int(x.shape[1])
   flops = {"dense": 2 * batch * macs([features, *model.hidden, model.num_classes]),
            "matmul_first_layer": 2 * batch * features * 1000,
@@ -148,8 +167,20 @@ def _reference(measured: Mapping[str, timing.Timing], model: MLP, x: jax.Array) 
   out["matmul_1000"]["shape"] = [batch, 1000, 1000]
   out["dense_vs_matmul"] = out["dense"]["gflops"] / out["matmul_first_layer"]["gflops"]
   out["dense_vs_matmul_1000"] = out["dense"]["gflops"] / out["matmul_1000"]["gflops"]
-  out["bandwidth_gbs"] = 4 * x.size / measured["read_input"].median / 1e9
+  overhead = measured["empty_call"].median
+  reads = bandwidth_reads(x)
+  out["read_input"].update(reads=reads, bytes=reads * x.nbytes)
+  out["call_overhead_ms"] = 1e3 * overhead
+  out["bandwidth_gbs"] = bandwidth_gbs(reads * x.nbytes, measured["read_input"].median, overhead)
   return out
+
+
+def bandwidth_gbs(nbytes: int, seconds: float, overhead: float) -> float:
+  """GB/s of a call that moved `nbytes` in `seconds`, of which `overhead` is the fixed cost of any
+  call; where the call was no slower than the overhead (noise: nothing tells the bytes' time
+  apart), the whole `seconds`, which understates the bandwidth (and so loosens the roofline)."""
+  moving = seconds - overhead if seconds > overhead else seconds
+  return nbytes / moving / 1e9
 
 
 @jax.jit
@@ -157,9 +188,20 @@ def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   return a @ b
 
 
+def bandwidth_reads(x: jax.Array) -> int:
+  """How many times the bandwidth probe reads `x`: enough for `BANDWIDTH_PROBE_BYTES` in all."""
+  return max(1, -(-BANDWIDTH_PROBE_BYTES // max(x.size * x.dtype.itemsize, 1)))
+
+
 @jax.jit
-def _row_sum(x: jax.Array) -> jax.Array:
-  return jnp.sum(x, axis=1)
+def _read_rows(x: jax.Array, reads: jax.Array) -> jax.Array:
+  """The rows' sums of `x`, `[batch]`, `reads` (an int32 scalar) times over: each pass reads all
+  of `x` (it depends on the previous pass, so XLA can neither hoist it out of the loop nor merge
+  the passes)."""
+  def one_pass(_, acc):
+    return acc + jnp.sum(x * (1.0 + 1e-30 * acc[:, None]), axis=1)
+
+  return jax.lax.fori_loop(0, reads, one_pass, jnp.zeros(x.shape[:1], x.dtype))
 
 
 @jax.jit
@@ -184,17 +226,19 @@ def _matmul_name(shape: tuple[int, int, int]) -> str:
 
 
 def roofline_seconds(shapes: Sequence[tuple[int, int, int]],
-                     matmuls: Mapping[str, timing.Timing], bandwidth_gbs: float) -> float:
-  """What the machine allows a Dense chain: per layer the longer of its plain matmul's median
-  time (`matmuls[_matmul_name(shape)]`, if timed) and the time to move its bytes at
-  `bandwidth_gbs`, summed (see the module docstring). A layer with an empty dimension costs
-  nothing; a layer whose matmul was not timed (fewer than `ROOFLINE_MIN_MACS`) costs its bytes."""
-  total = 0.0
+                     matmuls: Mapping[str, timing.Timing], bandwidth_gbs: float,
+                     overhead: float = 0.0) -> float:
+  """What the machine allows one call of a Dense chain: `overhead` (the fixed cost of a call),
+  plus per layer the longer of its plain matmul's device time (`matmuls[_matmul_name(shape)]`'s
+  median less `overhead`, if timed) and the time to move its bytes at `bandwidth_gbs` (see the
+  module docstring). A layer with an empty dimension costs nothing; a layer whose matmul was not
+  timed (fewer than `ROOFLINE_MIN_MACS`) costs its bytes."""
+  total = overhead
   for m, k, n in shapes:
     if m and k and n:
       memory = 4 * (m * k + k * n + m * n) / (bandwidth_gbs * 1e9)
       timed = matmuls.get(_matmul_name((m, k, n)))
-      total += max(timed.median if timed is not None else 0.0, memory)
+      total += max(timed.median - overhead if timed is not None else 0.0, memory)
   return total
 
 
@@ -273,8 +317,8 @@ def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
     runs, precision, compiler_options: see `time_calls`.
     machine: also time, in the same rounds, what the machine allows: plain matmuls of every
       layer shape of the shrunk nets (the roofline), the dense net's first two layer shapes, a
-      row sum of the input (the memory bandwidth) and an almost empty call (normally at the
-      largest batch).
+      probe that reads the input (the memory bandwidth) and an almost empty call (the per-call
+      overhead; normally at the largest batch).
 
   Returns:
     `time_levels`' table, each row also with `padded_widths` and `macs_padded`, and with
@@ -291,7 +335,8 @@ def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
               if all(s) and s[0] * s[1] * s[2] >= ROOFLINE_MIN_MACS}
     shapes |= {(batch, features, 1000), (batch, 1000, 1000)}
     extra += [(_matmul_name(s), _matmul_call(*s), s[0] * s[1] * s[2]) for s in shapes]
-    extra += [("read_input", (_row_sum, (x,)), 0), ("empty_call", (_first_element, (x,)), -1)]
+    extra += [("read_input", (_read_rows, (x, jnp.int32(bandwidth_reads(x)))), 0),
+              ("empty_call", (_first_element, (x,)), -1)]
   out, measured = time_levels(
       forward_call(model, params, x), forward_call(model, nets[-1]["masked"], x),
       [forward_call(net["padded_model"], net["padded"], x) for net in nets],
@@ -304,9 +349,10 @@ def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
   for i, (row, net, chain) in enumerate(zip(out["rows"], nets, chains)):
     row.update(padded_widths=list(net["padded_widths"]), macs_padded=macs(chain))
     if machine:
+      overhead = measured["empty_call"].median
       roof = roofline_seconds(layer_shapes(chain, batch), measured,
-                              out["reference"]["bandwidth_gbs"])
-      arithmetic = measured["dense"].median / row["macs_ratio"]
+                              out["reference"]["bandwidth_gbs"], overhead)
+      arithmetic = overhead + max(measured["dense"].median - overhead, 0.0) / row["macs_ratio"]
       row.update(roofline_ms=1e3 * roof, arithmetic_ms=1e3 * arithmetic,
                  limit="roofline" if roof > arithmetic else "arithmetic",
                  vs_limit=max(roof, arithmetic) / measured[f"shrunk/{i}"].median)
@@ -513,7 +559,9 @@ def summary(payload: dict[str, Any]) -> str:
                  f"= {ref['dense_vs_matmul']:.2f} x matmul [{ref['batch']},784]@[784,1000] "
                  f"({ref['matmul_first_layer']['gflops']:.1f} GFLOP/s), "
                  f"{ref['dense_vs_matmul_1000']:.2f} x [{ref['batch']},1000]@[1000,1000]; "
-                 f"memory {ref['bandwidth_gbs']:.1f} GB/s")
+                 f"memory {ref['bandwidth_gbs']:.1f} GB/s"
+                 + (f", {1e3 * ref['call_overhead_ms']:.0f} µs per call besides its work"
+                    if "call_overhead_ms" in ref else ""))
   for batch, rows in timing_["before_retraining"].items():
     masked = timing_["masked"][batch]
     lines.append(f"batch {batch} (masked dense net at {masked['sparsity']:g}%: "

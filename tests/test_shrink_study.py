@@ -11,6 +11,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from _runs import scaled
@@ -178,16 +179,21 @@ def test_run_shrink_smoke(mnist, trained, workdir, monkeypatch):
     for net in ("dense", "shrunk"):
       assert r[net]["runs"] == 2 and r[net]["median_ms"] > 0 and r[net]["images_per_s"] > 0
     assert r["speedup"] > 0
-    # The largest batch has what the machine allows: a roofline from plain matmuls.
-    assert r["roofline_ms"] > 0 and r["limit"] in ("arithmetic", "roofline")
+    # The largest batch has what the machine allows: a roofline from plain matmuls, the per-call
+    # overhead counted once (in the arithmetic time too).
+    overhead = tables["reference"]["call_overhead_ms"]
+    assert r["roofline_ms"] > overhead > 0 and r["limit"] in ("arithmetic", "roofline")
+    assert r["arithmetic_ms"] == pytest.approx(
+        overhead + max(r["dense"]["median_ms"] - overhead, 0) / r["macs_ratio"])
     assert r["vs_limit"] == pytest.approx(
-        max(r["roofline_ms"], r["dense"]["median_ms"] / r["macs_ratio"])
-        / r["shrunk"]["median_ms"])
+        max(r["roofline_ms"], r["arithmetic_ms"]) / r["shrunk"]["median_ms"])
   assert "roofline_ms" not in tables["before_retraining"]["1"][0]
   masked = tables["masked"]["100"]
   assert masked["sparsity"] == 90 and masked["runs"] == 2 and masked["speedup"] > 0
   assert tables["reference"]["dense"]["gflops"] > 0
   assert tables["reference"]["bandwidth_gbs"] > 0
+  probe = tables["reference"]["read_input"]
+  assert probe["bytes"] == probe["reads"] * 100 * 784 * 4 >= shrink_timing.BANDWIDTH_PROBE_BYTES
   assert tables["device"]["platform"] == jax.devices()[0].platform
   sparse = saved["weight_sparse"]
   assert sparse["formats"] == ["bcsr"]
@@ -231,3 +237,36 @@ def test_entry_point_refuses_bad_flags_with_a_clear_message(tmp_path):
 def test_retrain_steps_is_one_flag_for_studies_3_and_4():
   assert common_flags.RETRAIN_STEPS.name == "retrain_steps"
   assert not hasattr(study, "RETRAIN_STEPS") and not hasattr(recovery, "RETRAIN_STEPS")
+
+
+def test_roofline_counts_the_call_overhead_once():
+  matmuls = {"matmul/8x4x2": timing.Timing(0.010, 0.010, 0.010, 3, 0.0),
+             "matmul/8x2x3": timing.Timing(0.003, 0.003, 0.003, 3, 0.0)}
+  shapes = [(8, 4, 2), (8, 2, 3), (8, 3, 0)]  # the last layer is empty: it costs nothing
+  # Without overhead: the matmuls' medians (their bytes take no time at 1e9 GB/s).
+  assert shrink_timing.roofline_seconds(shapes, matmuls, 1e9) == pytest.approx(0.013)
+  # With 2 ms per call: paid once, not per layer; a layer faster than it costs its bytes.
+  assert shrink_timing.roofline_seconds(shapes, matmuls, 1e9, 0.002) == pytest.approx(
+      0.002 + 0.008 + 0.001)
+  bytes_ = 4 * (8 * 2 + 2 * 3 + 8 * 3) / 1e9  # the second layer's bytes at 1 GB/s
+  assert shrink_timing.roofline_seconds(shapes, matmuls, 1.0, 0.002) == pytest.approx(
+      0.002 + 0.008 + max(0.001, bytes_))
+
+
+def test_bandwidth_is_read_net_of_the_call_overhead():
+  assert shrink_timing.bandwidth_gbs(2e9, 1.5, 0.5) == pytest.approx(2.0)
+  # A probe no slower than the overhead (noise) falls back to its whole time.
+  assert shrink_timing.bandwidth_gbs(2e9, 0.4, 0.5) == pytest.approx(5.0)
+
+
+def test_bandwidth_probe_reads_the_input_over_and_over():
+  x = jnp.arange(12.0, dtype=jnp.float32).reshape(3, 4) / 10
+  assert shrink_timing.bandwidth_reads(x) == -(-shrink_timing.BANDWIDTH_PROBE_BYTES // 48)
+  big = jax.ShapeDtypeStruct((shrink_timing.BANDWIDTH_PROBE_BYTES // 4 + 1,), jnp.float32)
+  assert shrink_timing.bandwidth_reads(big) == 1
+  out = shrink_timing._read_rows(x, jnp.int32(5))
+  assert out.shape == (3,)
+  np.testing.assert_allclose(out, 5 * np.sum(np.asarray(x), axis=1), rtol=1e-6)
+  # Every pass is in the program: a loop over them, not hoisted into one read times 5.
+  hlo = shrink_timing._read_rows.lower(x, jnp.int32(5)).compile().as_text()
+  assert "while" in hlo
