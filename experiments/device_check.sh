@@ -16,7 +16,12 @@
 # whole run: each step has its own time limit, the last ones get what is left, and the steps go
 # on after a failure. Logs and results go to $OUT, packed after every step into
 # $OUT/device_check.tgz (so a run cut short still leaves them); each test failure is written to
-# tests_failures.log as it happens; a summary table is printed last.
+# tests_failures.log as it happens; a summary table is printed last. STEPS (default: all) picks
+# some of: reproduce tests benchmark methods cusparse (e.g. STEPS="reproduce cusparse" in one
+# device call and STEPS=tests in the next, when one call cannot hold both). `cusparse` times
+# study 4's weight-sparse forms (BCSR, BCOO; batch 100) on the 1-seed run's nets twice: with JAX's
+# generic sparse products, and with them lowered to cuSPARSE (JAX_BCOO_CUSPARSE_LOWERING, off by
+# default in JAX), in weight_sparse_{generic,cusparse}.csv.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -29,6 +34,8 @@ mkdir -p "$out" "$logs"
 export PRUNE_JAX_MNIST_DIR="${MNIST_DIR:?set MNIST_DIR to the folder of the four MNIST files}"
 export PRUNE_JAX_REQUIRE_MNIST=1 PYTHONUNBUFFERED=1
 summary=()
+steps="${STEPS:-reproduce tests benchmark methods cusparse}"
+want() { [[ " $steps " == *" $1 "* ]]; }
 
 pack() {  # the logs and results so far, as one file in $out
   tar -czf "$out/device_check.tgz.tmp" -C "$work" logs && \
@@ -107,23 +114,43 @@ reproduce() {  # reproduce NAME LIMIT ARGS...: timed, every compilation logged
   step "$name" "$limit" env JAX_LOG_COMPILES=1 "$python" -m experiments.reproduce "$@"
   compilations "$logs/$name.log" "$logs/compilations_$name.txt"
 }
-reproduce reproduce_1_seed 100 --workdir="$work/work1" --fresh
-cp "$work/work1/REPORT.md" "$logs/REPORT_1_seed.md" 2>/dev/null
-reproduce reproduce_3_seeds 120 --workdir="$work/work3" --seeds=0,1,2 --fresh
-cp "$work/work3/REPORT.md" "$logs/REPORT_3_seeds.md" 2>/dev/null
-reproduce reproduce_1_seed_warm 60 --workdir="$work/work1" --fresh
-cp "$work/work1/REPORT.md" "$logs/REPORT_1_seed_warm.md" 2>/dev/null
-tests_limit=$(($(left) - 60))
-((tests_limit > 330)) && tests_limit=330
-step tests "$tests_limit" env PRUNE_JAX_FAILURE_LOG="$logs/tests_failures.log" "$python" -m pytest \
-    -n 8 -v -rfE --tb=short -p no:cacheprovider --durations=20
-step benchmark 40 "$python" -m experiments.benchmark --json_out="$logs/benchmark.json"
-# Study 5 (every method's levels as one stack per method), on the 3-seed run's base nets.
-step methods_3_seeds $(($(left) - 5)) "$python" -m experiments.methods \
-    --workdir="$work/work3" --seeds=0,1,2
-for kind in weight unit; do
-  cp "$work/work3/methods_$kind/table.csv" "$logs/methods_$kind.csv" 2>/dev/null
-done
+if want reproduce || want cusparse; then
+  reproduce reproduce_1_seed 100 --workdir="$work/work1" --fresh
+  cp "$work/work1/REPORT.md" "$logs/REPORT_1_seed.md" 2>/dev/null
+fi
+if want reproduce; then
+  reproduce reproduce_3_seeds 120 --workdir="$work/work3" --seeds=0,1,2 --fresh
+  cp "$work/work3/REPORT.md" "$logs/REPORT_3_seeds.md" 2>/dev/null
+  reproduce reproduce_1_seed_warm 60 --workdir="$work/work1" --fresh
+  cp "$work/work1/REPORT.md" "$logs/REPORT_1_seed_warm.md" 2>/dev/null
+fi
+if want cusparse; then  # the same nets and flags (the units are loaded), only the lowering differs
+  for lowering in generic cusparse; do
+    cp -r "$work/work1" "$work/sparse_$lowering"
+    step "sparse_$lowering" 60 env JAX_BCOO_CUSPARSE_LOWERING="$([[ $lowering == cusparse ]] \
+        && echo true || echo false)" "$python" -m experiments.shrink \
+        --workdir="$work/sparse_$lowering" --eval_batches=100 --weight_sparse_batches=100 \
+        --weight_sparse_formats=bcsr,bcoo --timing_runs=9
+    cp "$work/sparse_$lowering/shrink/weight_sparse.csv" "$logs/weight_sparse_$lowering.csv" \
+        2>/dev/null
+  done
+fi
+if want tests; then
+  tests_limit=$(($(left) - 60))
+  ((tests_limit > 330)) && tests_limit=330
+  step tests "$tests_limit" env PRUNE_JAX_FAILURE_LOG="$logs/tests_failures.log" "$python" \
+      -m pytest -n 8 -v -rfE --tb=short -p no:cacheprovider --durations=20
+fi
+want benchmark && step benchmark 40 "$python" -m experiments.benchmark \
+    --json_out="$logs/benchmark.json"
+if want methods && [[ -d "$work/work3" ]]; then
+  # Study 5 (every method's levels as one stack per method), on the 3-seed run's base nets.
+  step methods_3_seeds $(($(left) - 5)) "$python" -m experiments.methods \
+      --workdir="$work/work3" --seeds=0,1,2
+  for kind in weight unit; do
+    cp "$work/work3/methods_$kind/table.csv" "$logs/methods_$kind.csv" 2>/dev/null
+  done
+fi
 {
   echo "device check ($(date -u +%FT%TZ)), ${SECONDS} s:"
   printf '%s\n' "${summary[@]}"
