@@ -346,10 +346,10 @@ def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
     out["reference"] = _reference(
         {**measured, "matmul_first_layer": measured[_matmul_name((batch, features, 1000))],
          "matmul_1000": measured[_matmul_name((batch, 1000, 1000))]}, model, x)
+    overhead = measured["empty_call"].median
   for i, (row, net, chain) in enumerate(zip(out["rows"], nets, chains)):
     row.update(padded_widths=list(net["padded_widths"]), macs_padded=macs(chain))
     if machine:
-      overhead = measured["empty_call"].median
       roof = roofline_seconds(layer_shapes(chain, batch), measured,
                               out["reference"]["bandwidth_gbs"], overhead)
       arithmetic = overhead + max(measured["dense"].median - overhead, 0.0) / row["macs_ratio"]

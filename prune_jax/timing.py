@@ -145,14 +145,11 @@ def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | N
     a program compiled before (or twice in `calls`).
   """
   options = dict(compiler_options) if compiler_options else None
-  lowered, results = {}, [None] * len(calls)
-  for i, (fn, args, static) in enumerate(calls):
-    static = dict(static or {})
-    key = _compile_key(fn, args, static, options)
-    if key in _COMPILED:
-      results[i] = (_COMPILED[key], 0.0)
-    elif key not in lowered:
-      lowered[key] = fn.lower(*args, **static)
+  keys = [_compile_key(fn, args, dict(static or {}), options) for fn, args, static in calls]
+  lowered = {}
+  for key, (fn, args, static) in zip(keys, calls):
+    if key not in _COMPILED and key not in lowered:
+      lowered[key] = fn.lower(*args, **dict(static or {}))
 
   def compile_timed(low):
     start = time.perf_counter()
@@ -166,12 +163,8 @@ def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | N
       compiled = dict(zip(lowered, pool.map(compile_timed, lowered.values())))
   for key, (exe, _) in compiled.items():
     _COMPILED[key] = exe
-  for i, (fn, args, static) in enumerate(calls):
-    if results[i] is None:
-      key = _compile_key(fn, args, dict(static or {}), options)
-      exe, seconds = compiled.pop(key, (_COMPILED[key], 0.0))
-      results[i] = (exe, seconds)
-  return results
+  # The seconds go to a program's first call only (a program in `calls` twice compiled once).
+  return [compiled.pop(key, (_COMPILED[key], 0.0)) for key in keys]
 
 
 def compile_once(fn: Any, args: Sequence[Any],
