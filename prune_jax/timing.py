@@ -117,9 +117,12 @@ _COMPILED: dict = {}
 
 def _compile_key(fn: Any, args: Sequence[Any], static: Mapping[str, Any],
                  options: Mapping[str, Any] | None = None) -> tuple:
+  # The matmul precision in force (thread-local under `jax.default_matmul_precision`) is fixed
+  # when a program is traced: a program traced at another precision is another program.
   return (fn, tuple(sorted(static.items())), jax.tree.structure(args),
           tuple((a.shape, str(a.dtype), getattr(a, "sharding", None))
-                for a in jax.tree.leaves(args)), tuple(sorted((options or {}).items())))
+                for a in jax.tree.leaves(args)), tuple(sorted((options or {}).items())),
+          jax.config.jax_default_matmul_precision)
 
 
 def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | None]], *,
@@ -169,8 +172,9 @@ def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | N
 
 def compile_once(fn: Any, args: Sequence[Any],
                  static: Mapping[str, Any] | None = None) -> tuple[Any, float]:
-  """`fn.lower(*args, **static).compile()`, kept per function, static arguments and the args'
-  shapes, dtypes and shardings.
+  """`fn.lower(*args, **static).compile()`, kept per function, static arguments, the args'
+  shapes, dtypes and shardings, and the matmul precision in force (`jax.default_matmul_precision`,
+  as `jax.jit`'s own cache does).
 
   Args:
     fn: a `jax.jit` function; args: its positional arguments (a pytree of arrays or

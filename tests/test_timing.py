@@ -46,6 +46,20 @@ def test_compile_once_compiles_each_shape_once():
   assert other is not exe
 
 
+def test_a_program_traced_at_another_matmul_precision_is_another_program():
+  # Inside `equivalence.highest_precision()` a check must not get the default-precision program
+  # of the same shapes (TF32 on a GPU) compiled before it.
+  fn = jax.jit(lambda a, b: a @ b)
+  x = jnp.ones((8, 8))
+  default, _ = timing.compile_once(fn, (x, x))
+  with jax.default_matmul_precision("highest"):
+    highest, seconds = timing.compile_once(fn, (x, x))
+  assert highest is not default and seconds > 0
+  assert "operand_precision={highest,highest}" in highest.as_text()
+  assert "operand_precision" not in default.as_text()
+  assert timing.compile_once(fn, (x, x)) == (default, 0.0)  # outside the block: the first again
+
+
 def test_compile_many_compiles_each_new_program_once_and_jit_calls_reuse_them():
   fn = jax.jit(lambda w, x: jnp.tanh(x @ w))
   shapes = [(jnp.ones((n, n)), jnp.ones((3, n))) for n in (5, 6, 7)]
