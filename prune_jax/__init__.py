@@ -1,5 +1,9 @@
 """prune_jax: pruning of Flax models, as pure functions over parameter pytrees."""
 
+from prune_jax import tf32
+
+tf32.emulate_if_asked()  # $PRUNE_JAX_EMULATE_TF32=1: the CPU rounds products as a GPU would
+
 from prune_jax.allocation import erk_densities
 from prune_jax.equivalence import check_close, highest_precision, max_difference
 from prune_jax.rewinding import IMPResult, imp, imp_sparsities

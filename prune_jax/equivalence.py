@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
+from prune_jax import tf32
+
 # A difference above this times the logit scale (max |logit|, at least 1) is an error.
 RTOL = 1e-4
 
@@ -25,9 +27,11 @@ def highest_precision() -> Iterator[None]:
   Functions traced inside the block compile with this precision (it is part of jit's cache
   key), so a program compiled here is not reused outside it, nor the other way round. On a CPU
   at the default precision, where XLA computes float32 products in float32 anyway, the block
-  changes nothing, so that the programs compiled in it are the ones compiled outside it.
+  changes nothing, so that the programs compiled in it are the ones compiled outside it (unless
+  the CPU emulates TF32: `prune_jax.tf32`).
   """
-  if jax.default_backend() == "cpu" and jax.config.jax_default_matmul_precision is None:
+  if (jax.default_backend() == "cpu" and jax.config.jax_default_matmul_precision is None
+      and not tf32.emulating()):
     yield
     return
   with jax.default_matmul_precision("highest"):
