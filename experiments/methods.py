@@ -78,11 +78,14 @@ IMP_MIN_FRACTION = 0.2
 
 class Method(NamedTuple):
   """A way to prune: `run(context, sparsities) -> [Outcome per sparsity]`, for weights or for
-  units; `options`: the config entries (flags) of this method alone, part of its units' keys."""
+  units; `options`: the config entries (flags) of this method alone, part of its units' keys;
+  `stacked`: whether `run` trains its levels' nets together (one program for every level, so a
+  rerun missing some levels pads the stack), not one level at a time (`_per_level`)."""
   kind: str
   summary: str
   run: Callable[["Context", Sequence[float]], list["Outcome"]]
   options: tuple[str, ...] = ()
+  stacked: bool = True
 
 
 class Outcome(NamedTuple):
@@ -191,14 +194,11 @@ class Context(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # Weight methods
 # ---------------------------------------------------------------------------------------------
-def _one_level_at_a_time(run: Callable[[Context, float], Outcome]
-                         ) -> Callable[[Context, Sequence[float]], list[Outcome]]:
-  """A method of one level (nets of different shapes or protocols per level) run per level."""
-  @functools.wraps(run)
+def _per_level(kind: str, summary: str, run: Callable[[Context, float], Outcome]) -> Method:
+  """A method whose nets differ in shape or protocol per level, run one level at a time."""
   def runs(ctx: Context, levels: Sequence[float]) -> list[Outcome]:
     return [run(ctx, s) for s in levels]
-  runs.one_level_at_a_time = True
-  return runs
+  return Method(kind, summary, runs, stacked=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -292,7 +292,6 @@ def _snip(ctx: Context, levels: Sequence[float]) -> list[Outcome]:
   return _with_masks(ctx, masks, ctx.base_steps + ctx.budget, "snip", levels, from_init=True)
 
 
-@_one_level_at_a_time
 def _imp(ctx: Context, s: float) -> Outcome:
   """IMP with rewinding: rounds prune a fraction of what remains (global magnitude) and rewind
   the survivors to the base net (the values at step 2000, before any pruning), within the
@@ -320,7 +319,6 @@ def _train_shrunk(ctx: Context, masks: Masks, steps: int, name: str, **overrides
   return expand(trained, masked, masks)
 
 
-@_one_level_at_a_time
 def _unit_oneshot_1000(ctx: Context, s: float) -> Outcome:
   steps = SEED_RETRAIN["unit"]
   return Outcome(_train_shrunk(ctx, unit_masks(ctx.base, s), steps, f"oneshot_1000 {s:g}",
@@ -328,20 +326,17 @@ def _unit_oneshot_1000(ctx: Context, s: float) -> Outcome:
                  ctx.base_steps + steps)
 
 
-@_one_level_at_a_time
 def _unit_oneshot(ctx: Context, s: float) -> Outcome:
   return Outcome(_train_shrunk(ctx, unit_masks(ctx.base, s), ctx.budget, f"unit oneshot {s:g}"),
                  ctx.base_steps + ctx.budget)
 
 
-@_one_level_at_a_time
 def _random_units(ctx: Context, s: float) -> Outcome:
   masks = unit_masks(ctx.base, s, criterion="random", key=ctx.random_key("random_units"))
   return Outcome(_train_shrunk(ctx, masks, ctx.budget, f"random_units {s:g}"),
                  ctx.base_steps + ctx.budget)
 
 
-@_one_level_at_a_time
 def _scratch(ctx: Context, s: float) -> Outcome:
   """Liu et al. 2019's control: a net of the pruned widths trained from scratch (its own
   initialisation, the base net's init key) for the base steps plus the budget."""
@@ -374,17 +369,18 @@ METHODS = {
     "random_gradual": Method("weight", "random weights per layer, gradual (floor)",
                              _random_gradual),
     "snip": Method("weight", "SNIP |w g| at init, global, trained from scratch", _snip),
-    "imp": Method("weight", "iterative magnitude pruning, rewinding to the base net", _imp),
-    "oneshot_1000": Method("unit", "one-shot unit L2, 1000 steps of SGD 0.1 (study 3)",
-                           _unit_oneshot_1000),
-    "unit_oneshot": Method("unit", "one-shot unit L2 per layer, the budget", _unit_oneshot),
+    "imp": _per_level("weight", "iterative magnitude pruning, rewinding to the base net", _imp),
+    "oneshot_1000": _per_level("unit", "one-shot unit L2, 1000 steps of SGD 0.1 (study 3)",
+                               _unit_oneshot_1000),
+    "unit_oneshot": _per_level("unit", "one-shot unit L2 per layer, the budget", _unit_oneshot),
     "gradual_unit": Method("unit", "gradual unit L2, every layer alike",
                            _gradual_method("unit", "layer")),
     "gradual_unit_global": Method("unit", "gradual unit L2, ranked globally (normalised)",
                                   _gradual_method("unit", "global")),
-    "random_units": Method("unit", "random units per layer, one-shot (floor)", _random_units),
-    "scratch": Method("unit", "the pruned widths trained from scratch (Liu et al. 2019)",
-                      _scratch),
+    "random_units": _per_level("unit", "random units per layer, one-shot (floor)",
+                               _random_units),
+    "scratch": _per_level("unit", "the pruned widths trained from scratch (Liu et al. 2019)",
+                          _scratch),
 }
 DENSE = "dense_same_budget"
 
@@ -583,7 +579,7 @@ def _method_units(store: store_lib.Store, config: dict[str, Any], ctx: Context, 
   # time are not (a copy would cost a whole training).
   return frame.stored_or_computed(
       store, "methods", keys, compute, together=ctx.mesh is not None,
-      pad_stack=not getattr(METHODS[name].run, "one_level_at_a_time", False))
+      pad_stack=METHODS[name].stacked)
 
 
 def _context(config: dict[str, Any], seed: int, model: MLP, base: Params,

@@ -11,7 +11,8 @@ from typing import Any
 from absl import app
 
 from experiments import common_flags, seed_results
-from prune_jax import results, timing
+from prune_jax import results
+from prune_jax import timing as timing_lib  # (the sections call a payload's section `timing`)
 
 Payload = dict[str, Any]
 
@@ -275,7 +276,7 @@ SECTIONS = {"sweep": sweep_section, "recovery_weight": recovery_section,
 
 def build_report(payloads: Mapping[str, Payload], *, command: str = "",
                  phases: Sequence[tuple[str, float]] = (),
-                 compilations: Sequence[timing.Compilations] = (),
+                 compilations: Sequence[timing_lib.Compilations] = (),
                  total_seconds: float | None = None, workdir: str = ".",
                  units: Mapping[str, int] | None = None) -> str:
   """REPORT.md's text for the studies in `payloads` (by study name); plots linked relatively.

@@ -171,11 +171,12 @@ def _reference(measured: Mapping[str, timing.Timing], model: MLP, x: jax.Array) 
   reads = bandwidth_reads(x)
   out["read_input"].update(reads=reads, bytes=reads * x.nbytes)
   out["call_overhead_ms"] = 1e3 * overhead
-  out["bandwidth_gbs"] = bandwidth_gbs(reads * x.nbytes, measured["read_input"].median, overhead)
+  out["bandwidth_gbs"] = measured_bandwidth_gbs(reads * x.nbytes, measured["read_input"].median,
+                                                overhead)
   return out
 
 
-def bandwidth_gbs(nbytes: int, seconds: float, overhead: float) -> float:
+def measured_bandwidth_gbs(nbytes: int, seconds: float, overhead: float) -> float:
   """GB/s of a call that moved `nbytes` in `seconds`, of which `overhead` is the fixed cost of any
   call; where the call was no slower than the overhead (noise: nothing tells the bytes' time
   apart), the whole `seconds`, which understates the bandwidth (and so loosens the roofline)."""
