@@ -140,8 +140,7 @@ def retrain_levels(model: nn.Module, pruned: Params, masks: Masks, images: jax.A
   """
   how = "mask kept" if keep_masks else "without mask"
   if vmapped or mesh is not None:
-    stack_masks = masks if keep_masks else jax.tree.map(
-        lambda m: None if m is None else jnp.ones_like(m), masks, is_leaf=lambda x: x is None)
+    stack_masks = _stack_masks(masks, keep_masks)
     out, stats = train.train_many(model, pruned, stack_masks, images, labels, key=key,
                                   name=f"{name}: {len(levels)} nets, {how}", mesh=mesh,
                                   **protocol)
@@ -155,6 +154,42 @@ def retrain_levels(model: nn.Module, pruned: Params, masks: Masks, images: jax.A
     seconds += stats.seconds
     compile_seconds += stats.compile_seconds
   return jax.tree.map(lambda *xs: jnp.stack(xs), *nets), seconds, compile_seconds
+
+
+def _stack_masks(masks: Masks, keep_masks: bool) -> Masks:
+  """A stack's masks: kept, or all ones (one program for both: the masks are its arguments)."""
+  if keep_masks:
+    return masks
+  return jax.tree.map(lambda m: None if m is None else jnp.ones_like(m), masks,
+                      is_leaf=lambda x: x is None)
+
+
+def training_calls(config: dict[str, Any], mnist: data_lib.MNIST) -> list[tuple[Any, tuple, dict]]:
+  """The training programs that `run_recovery(config)` compiles for the full-size nets (study 2's
+  retraining; study 3's, too, as masked stacks on an accelerator), as `(fn, args, static)` calls
+  of `timing.compile_ahead`: a freshly initialised net pruned at every level stands for the base
+  nets (`train.training_calls`: only shapes matter), so they compile before the base nets exist.
+  """
+  mode = config["mode"]
+  model = base_nets.base_model()
+  init = base_nets.init_params(jax.random.key(0), model)
+  pruned, masks = sweep.prune_levels(init, frame.fractions(config["sparsities"]), mode=mode,
+                                     scope=config["scope"])
+  protocol = dict(steps=retrain_steps(mode, config.get("retrain_steps")),
+                  batch_size=config["batch_size"], learning_rate=config["learning_rate"],
+                  optimizer=config["optimizer"])
+  mesh = frame.grid_mesh(config)
+  calls = []
+  for keep_masks in (True, False) if config.get("regrow") else (True,):
+    if mesh is not None:  # as `retrain_levels` with a mesh: one stack of every level
+      calls += train.training_calls(model, pruned, mnist.train_images, mnist.train_labels,
+                                    masks=_stack_masks(masks, keep_masks), stacked=True,
+                                    mesh=mesh, **protocol)
+    else:  # one net at a time
+      calls += train.training_calls(model, level(pruned, 0), mnist.train_images,
+                                    mnist.train_labels,
+                                    masks=level(masks, 0) if keep_masks else None, **protocol)
+  return calls
 
 
 def retrain_shrunk(model: MLP, pruned: Params, masks: Masks, images: jax.Array,
@@ -233,6 +268,13 @@ def _evaluate_stack(model: nn.Module, stacked: Params, masks: Masks,
           np.asarray(measured, np.float64).tolist())
 
 
+def full_size_keys(config: dict[str, Any], seed: int, mnist: data_lib.MNIST, *, mode: str,
+                   keep_masks: bool, steps: int) -> list[dict[str, Any]]:
+  """The unit keys (`retrained_<mode>`) of seed `seed`'s retrained full-size nets, per level."""
+  return [{**retrain_key(config, seed, lv, mode=mode, keep_masks=keep_masks, steps=steps),
+           "test_images": int(mnist.test_images.shape[0])} for lv in config["sparsities"]]
+
+
 def _retrain_full_size(store: store_lib.Store, config: dict[str, Any], seed: int, model: MLP,
                        pruned: Params, masks: Masks, mnist: data_lib.MNIST, *, mode: str,
                        keep_masks: bool, protocol: dict[str, Any]) -> list[dict[str, Any]]:
@@ -246,9 +288,8 @@ def _retrain_full_size(store: store_lib.Store, config: dict[str, Any], seed: int
     One unit value per level: `{"accuracy", "measured_sparsity", "seconds", "compile_seconds"}`.
   """
   levels = config["sparsities"]
-  keys = [{**retrain_key(config, seed, lv, mode=mode, keep_masks=keep_masks,
-                        steps=protocol["steps"]), "test_images": int(mnist.test_images.shape[0])}
-          for lv in levels]
+  keys = full_size_keys(config, seed, mnist, mode=mode, keep_masks=keep_masks,
+                        steps=protocol["steps"])
   mesh = frame.grid_mesh(config)
 
   def compute(group: list[int]) -> list[dict[str, Any]]:

@@ -48,6 +48,12 @@ BEYOND = flags.DEFINE_bool(
     "method from the same base nets and step budget; its own flags --kind, --methods, "
     "--budget_steps...) and add its section '5. Beyond the seed' to REPORT.md. Long: about an "
     "hour per seed on 2 CPU cores; resumable.")
+COMPILE_AHEAD = flags.DEFINE_enum(
+    "compile_ahead", "auto", ["auto", "true", "false"], "Compile study 2's training programs "
+    "in a background thread from the start, while the base nets train and study 1 runs (a "
+    "freshly initialised net stands for the base nets: only shapes matter). 'auto': on an "
+    "accelerator, whose host is idle while the device trains; on a CPU the compilation takes "
+    "cores from the training. Never with several processes (jax.distributed).")
 CONV = flags.DEFINE_bool(
     "conv", False, "Also run study 6 (channel pruning of a LeNet-5 CNN, experiments.conv, with "
     "its own default --sparsities unless given) and add its section to REPORT.md.")
@@ -145,6 +151,25 @@ def phase_costs(config: dict[str, Any], *, steps: dict[str, int], cached: int,
   return costs
 
 
+def compiles_ahead(config: dict[str, Any]) -> bool:
+  """Whether `run` compiles study 2's training ahead (`--compile_ahead`; see its help)."""
+  choice = config.get("compile_ahead", "auto")
+  if choice not in ("auto", "true", "false"):
+    raise ValueError(f"--compile_ahead must be auto, true or false, got {choice!r}")
+  if jax.process_count() > 1:  # each process's background thread would place arrays on its own
+    return False
+  return jax.default_backend() != "cpu" if choice == "auto" else choice == "true"
+
+
+def study_2_stored(config: dict[str, Any], mnist: data_lib.MNIST, store) -> bool:
+  """Whether every net study 2 (`config`, mode "weight") retrains is already in `store`."""
+  steps = recovery.retrain_steps("weight", config.get("retrain_steps"))
+  return all(store.contains("retrained_weight", key) for seed in config["seeds"]
+             for keep_masks in ((True, False) if config.get("regrow") else (True,))
+             for key in recovery.full_size_keys(config, seed, mnist, mode="weight",
+                                                keep_masks=keep_masks, steps=steps))
+
+
 def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str = "",
         mnist: data_lib.MNIST | None = None, conv_config: dict[str, Any] | None = None,
         methods_config: dict[str, Any] | None = None) -> str:
@@ -168,6 +193,9 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
     phases = iter(progress.costs)
 
     mnist = data_lib.on_device(mnist or data_lib.load_mnist(config["mnist_dir"]))
+    weight_config = {**config, "mode": "weight", "retrain_steps": steps["weight"]}
+    if compiles_ahead(config) and not study_2_stored(weight_config, mnist, store):
+      timing.compile_ahead(lambda: recovery.training_calls(weight_config, mnist))
     progress.finish(next(phases))
     bases, _ = frame.load_bases(config, mnist, store=store)
     progress.finish(next(phases))
@@ -232,7 +260,8 @@ def reproduce_config() -> dict[str, Any]:
   """The parsed flags: the shared config, with study 4's own under `"shrink"`."""
   config = frame.study_config(retrain_steps=common_flags.RETRAIN_STEPS.value,
                               regrow=recovery.REGROW.value,
-                              unit_stacks=recovery.UNIT_STACKS.value)
+                              unit_stacks=recovery.UNIT_STACKS.value,
+                              compile_ahead=COMPILE_AHEAD.value)
   shrink_config = shrink.shrink_config()
   if not shrink.WEIGHT_SPARSE_BATCHES.present:
     # The sparse forms take seconds per call on the whole test set, and each level compiles

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 # JAX's monitoring events of one compilation: tracing, lowering, and XLA's compile (or the load
 # of the program from the persistent compilation cache, which it also covers).
@@ -113,6 +114,10 @@ class Timing(NamedTuple):
 
 
 _COMPILED: dict = {}
+# Programs being compiled in the background (`compile_ahead`): key -> Future of the executable.
+_PENDING: dict[tuple, concurrent.futures.Future] = {}
+_LOCK = threading.Lock()  # guards _COMPILED and _PENDING across the background thread
+_AHEAD: list[concurrent.futures.ThreadPoolExecutor] = []  # the background thread, made on use
 
 
 def _compile_key(fn: Any, args: Sequence[Any], static: Mapping[str, Any],
@@ -125,6 +130,25 @@ def _compile_key(fn: Any, args: Sequence[Any], static: Mapping[str, Any],
           jax.config.jax_default_matmul_precision)
 
 
+def _compile_new(calls: Mapping[tuple, tuple[Any, Sequence[Any], Mapping[str, Any] | None]],
+                 options: dict[str, Any] | None, threads: int | None) -> dict[tuple, tuple]:
+  """Lowers each call here, in this thread, then compiles them in a pool of threads; returns
+  `{key: (executable, seconds its compilation took in its thread)}`."""
+  lowered = {key: fn.lower(*args, **dict(static or {}))
+             for key, (fn, args, static) in calls.items()}
+
+  def compile_timed(low):
+    start = time.perf_counter()
+    exe = low.compile(compiler_options=options)
+    return exe, time.perf_counter() - start
+
+  if not lowered:
+    return {}
+  workers = min(len(lowered), threads or os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return dict(zip(lowered, pool.map(compile_timed, lowered.values())))
+
+
 def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | None]], *,
                  threads: int | None = None,
                  compiler_options: Mapping[str, Any] | None = None) -> list[tuple[Any, float]]:
@@ -134,7 +158,8 @@ def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | N
 
   On a GPU one program takes 0.5-3 s to compile and several compile at once on the host's cores;
   on a CPU compilations are short and the pool changes little. A program compiled here is also
-  in `jax.jit`'s own cache: calling `fn(*args, **static)` afterwards compiles nothing.
+  in `jax.jit`'s own cache: calling `fn(*args, **static)` afterwards compiles nothing. A program
+  that `compile_ahead` is compiling in the background is waited for, not compiled again.
 
   Args:
     calls: `(fn, args, static)` per program, as the arguments of `compile_once`.
@@ -145,29 +170,88 @@ def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | N
 
   Returns:
     `(executable, seconds its compilation took in its thread)` per call, in order; 0 seconds for
-    a program compiled before (or twice in `calls`).
+    a program compiled before (or twice in `calls`); for one compiled in the background, the
+    seconds spent waiting for it.
   """
   options = dict(compiler_options) if compiler_options else None
   keys = [_compile_key(fn, args, dict(static or {}), options) for fn, args, static in calls]
-  lowered = {}
-  for key, (fn, args, static) in zip(keys, calls):
-    if key not in _COMPILED and key not in lowered:
-      lowered[key] = fn.lower(*args, **dict(static or {}))
-
-  def compile_timed(low):
-    start = time.perf_counter()
-    exe = low.compile(compiler_options=options)
-    return exe, time.perf_counter() - start
-
+  new, waiting = {}, {}
+  with _LOCK:
+    for key, call in zip(keys, calls):
+      if key in _PENDING:
+        waiting[key] = _PENDING[key]
+      elif key not in _COMPILED:
+        new[key] = call
   compiled = {}
-  if lowered:
-    workers = min(len(lowered), threads or os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      compiled = dict(zip(lowered, pool.map(compile_timed, lowered.values())))
-  for key, (exe, _) in compiled.items():
-    _COMPILED[key] = exe
+  for key, future in waiting.items():
+    start = time.perf_counter()
+    try:
+      compiled[key] = (future.result()[0], time.perf_counter() - start)
+    except Exception:  # pylint: disable=broad-except (compiled below, raising its own error)
+      new[key] = calls[keys.index(key)]
+  compiled.update(_compile_new(new, options, threads))
+  with _LOCK:
+    for key, (exe, _) in compiled.items():
+      _COMPILED[key] = exe
   # The seconds go to a program's first call only (a program in `calls` twice compiled once).
   return [compiled.pop(key, (_COMPILED[key], 0.0)) for key in keys]
+
+
+def compile_ahead(make_calls: Callable[[], Sequence[tuple[Any, Sequence[Any],
+                                                          Mapping[str, Any] | None]]], *,
+                  compiler_options: Mapping[str, Any] | None = None
+                  ) -> concurrent.futures.Future:
+  """Compiles programs needed later in a background thread, while this one goes on.
+
+  `make_calls()` runs in that thread and returns the `(fn, args, static)` calls (as in
+  `compile_many`; arrays standing for the later ones need only their shapes, dtypes and
+  shardings). A later `compile_many` or `compile_once` of the same program waits for it instead
+  of compiling it again; one compiled before is not compiled again. On an accelerator the host
+  compiles while the device computes; on a CPU the compilation takes cores from the work.
+
+  The matmul precision in force here (`jax.default_matmul_precision`, thread-local) is the one
+  the calls are traced at. If making or compiling a program fails, the error is logged and set
+  on the future, and a later `compile_many` of it compiles it itself (raising its own error).
+
+  Returns:
+    A future of `[(executable, seconds its compilation took)]` for the programs this call
+    compiled (not those already compiled or pending); its exception, if one failed.
+  """
+  precision = jax.config.jax_default_matmul_precision
+  options = dict(compiler_options) if compiler_options else None
+  with _LOCK:
+    if not _AHEAD:
+      _AHEAD.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead"))
+    executor = _AHEAD[0]
+
+  def run() -> list[tuple[Any, float]]:
+    mine: dict[tuple, concurrent.futures.Future] = {}
+    try:
+      with jax.default_matmul_precision(precision):
+        calls = list(make_calls())
+        keys = [_compile_key(fn, args, dict(static or {}), options) for fn, args, static in calls]
+        with _LOCK:
+          for key in keys:
+            if key not in _COMPILED and key not in _PENDING and key not in mine:
+              mine[key] = _PENDING[key] = concurrent.futures.Future()
+        compiled = _compile_new({k: calls[keys.index(k)] for k in mine}, options, None)
+      with _LOCK:
+        for key, future in mine.items():
+          _COMPILED[key] = compiled[key][0]
+          del _PENDING[key]
+          future.set_result(compiled[key])
+      return list(compiled.values())
+    except BaseException as e:
+      logging.warning("compile_ahead: making or compiling the programs failed (they will be "
+                      "compiled when needed): %r", e)
+      with _LOCK:
+        for key, future in mine.items():
+          if not future.done():
+            _PENDING.pop(key, None)
+            future.set_exception(e)
+      raise
+
+  return executor.submit(run)
 
 
 def compile_once(fn: Any, args: Sequence[Any],

@@ -212,13 +212,22 @@ _prepare_jit = jax.jit(_prepare, static_argnames=("optimizer", "learning_rate", 
                                                   "pruner", "stacked"))
 
 
-def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_rate, optimizer,
-         model, log_every, name, pruner, pruner_args, mesh=None):
-  """Shared driver of `train` and `train_many`: chunks, compiles, logs and checks the loss.
+class _Setup(NamedTuple):
+  """A training run's compiled step's arguments before its batches (see `_setup`)."""
+  params: Params
+  opt_state: Any
+  pruner_args: dict[str, Any]
+  images: jax.Array
+  labels: jax.Array
+  static: dict[str, Any]
+  nets: int | None  # the stack's size before padding to the mesh, with a mesh
+  learning_rate: LearningRate
 
-  With `mesh` (stacks only), the stack is padded to a multiple of the mesh's devices and sharded
-  over them, the data replicated, and the trained stack gathered (unpadded) on every process.
-  """
+
+def _setup(fn, params, masks, images, labels, *, steps, batch_size, learning_rate, optimizer,
+           model, pruner, pruner_args, mesh=None) -> _Setup:
+  """Checks the arguments, places them (padded and sharded over `mesh`, if given) and makes the
+  optimizer state: everything the compiled steps take but the batches."""
   if steps < 0:
     raise ValueError(f"steps must be >= 0, got {steps}")
   if batch_size < 1:
@@ -244,6 +253,30 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
   params, opt_state = _prepare_jit(params, masks, pruner_args, optimizer=optimizer,
                                    learning_rate=learning_rate, pruned=pruned, pruner=pruner,
                                    stacked=fn is not _train_steps_jit)
+  return _Setup(params, opt_state, pruner_args, images, labels, static, nets, learning_rate)
+
+
+def _chunks(steps: int, log_every: int) -> list[int]:
+  """The steps of each compiled chunk of a run: `log_every` each, the last one the rest."""
+  chunk = min(steps, log_every) if log_every else steps
+  return [min(chunk, steps - done) for done in range(0, steps, chunk)] if steps else []
+
+
+def _batch_indices(idx: np.ndarray, mesh: Any) -> jax.Array:
+  return jnp.asarray(idx) if mesh is None else grid.replicate(idx, mesh)
+
+
+def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_rate, optimizer,
+         model, log_every, name, pruner, pruner_args, mesh=None):
+  """Shared driver of `train` and `train_many`: chunks, compiles, logs and checks the loss.
+
+  With `mesh` (stacks only), the stack is padded to a multiple of the mesh's devices and sharded
+  over them, the data replicated, and the trained stack gathered (unpadded) on every process.
+  """
+  params, opt_state, pruner_args, images, labels, static, nets, learning_rate = _setup(
+      fn, params, masks, images, labels, steps=steps, batch_size=batch_size,
+      learning_rate=learning_rate, optimizer=optimizer, model=model, pruner=pruner,
+      pruner_args=pruner_args, mesh=mesh)
 
   def result(params, opt_state, losses, *times):
     final = _final_masks(opt_state)
@@ -257,11 +290,9 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
                   if fn is not _train_steps_jit else np.zeros((0,), np.float32), 0.0, 0.0, 0.0)
   batches = np.asarray(draw_batches(key, num_examples=images.shape[0], steps=steps,
                                     batch_size=batch_size))
-  chunk = min(steps, log_every) if log_every else steps
   losses, seconds, compile_seconds, done = [], 0.0, 0.0, 0
-  while done < steps:
-    idx = batches[done:done + chunk]
-    idx = jnp.asarray(idx) if mesh is None else grid.replicate(idx, mesh)
+  for chunk in _chunks(steps, log_every):
+    idx = _batch_indices(batches[done:done + chunk], mesh)
     exe, secs = timing.compile_once(fn, (params, opt_state, pruner_args, images, labels, idx),
                                     static)
     compile_seconds += secs
@@ -322,8 +353,7 @@ def train(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array
     >>> params, stats = train(model, params, x, y, key=key, steps=1500,   # doctest: +SKIP
     ...                       pruner=functools.partial(pruning, schedule=sched))
   """
-  if masks is not None:
-    params = apply_masks(params, masks)  # also checks that the mask tree matches
+  params = _masked(params, masks, stacked=False)
   return _run(_train_steps_jit, params, masks, images, labels, key=key, steps=steps,
               batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
               model=model, log_every=log_every, name=name, pruner=pruner,
@@ -358,12 +388,45 @@ def train_many(model: nn.Module, params: Params, masks: Masks | None, images: ja
   whole to every process (with several processes joined by `jax.distributed`, every process
   calls this with the same arguments).
   """
-  if masks is not None:
-    params = jax.vmap(apply_masks)(params, masks)
+  params = _masked(params, masks, stacked=True)
   return _run(_train_steps_vmap_jit, params, masks, images, labels, key=key, steps=steps,
               batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
               model=model, log_every=log_every, name=name, pruner=pruner,
               pruner_args=pruner_args, mesh=mesh)
+
+
+def _masked(params: Params, masks: Masks | None, *, stacked: bool) -> Params:
+  """`params` with `masks` applied (each net's, if `stacked`); also checks that the trees match."""
+  if masks is None:
+    return params
+  return jax.vmap(apply_masks)(params, masks) if stacked else apply_masks(params, masks)
+
+
+def training_calls(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array, *,
+                   steps: int, batch_size: int = SEED_BATCH_SIZE,
+                   learning_rate: LearningRate = SEED_LEARNING_RATE, optimizer: str = "sgd",
+                   masks: Masks | None = None, log_every: int = 500,
+                   pruner: Pruner | None = None, pruner_args: dict[str, Any] | None = None,
+                   stacked: bool = False, mesh: Any = None) -> list[tuple[Any, tuple, dict]]:
+  """The programs that `train` (or, with `stacked`, `train_many`) compiles for these arguments,
+  as `(fn, args, static)` calls of `timing.compile_many` or `timing.compile_ahead`: one per
+  chunk length (`log_every` steps, and the rest).
+
+  Only the shapes, dtypes and shardings of `params`, `masks` and the data matter, so a freshly
+  initialised net (or a stack of them) stands for the trained ones: the programs can be compiled
+  before the nets they will train exist, and the later `train` compiles nothing. The arguments
+  are those of `train` / `train_many` (`key` and `name` change no program).
+  """
+  if mesh is not None and not stacked:
+    raise ValueError("a mesh spreads a stack of nets: pass stacked=True with mesh")
+  fn = _train_steps_vmap_jit if stacked else _train_steps_jit
+  setup = _setup(fn, _masked(params, masks, stacked=stacked), masks, images, labels,
+                 steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                 optimizer=optimizer, model=model, pruner=pruner, pruner_args=pruner_args,
+                 mesh=mesh)
+  return [(fn, (setup.params, setup.opt_state, setup.pruner_args, setup.images, setup.labels,
+                _batch_indices(np.zeros((chunk, batch_size), np.int32), mesh)), setup.static)
+          for chunk in sorted(set(_chunks(steps, log_every)))]
 
 
 def _forward(params: Params, x: jax.Array, *, model: nn.Module) -> jax.Array:

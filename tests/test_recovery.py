@@ -14,7 +14,7 @@ import pytest
 from _runs import run_entry_point
 from _trees import assert_agree, assert_trees_agree
 from experiments import frame, outputs, recovery, sweep
-from prune_jax import equivalence, grid, train
+from prune_jax import equivalence, grid, timing, train
 from prune_jax import store as store_lib
 from prune_jax.masks import apply_masks, unit_masks
 from prune_jax.models import MLP, init_mlp
@@ -214,3 +214,21 @@ def test_unit_stacks_must_be_known(small_mnist, tmp_path):
   with pytest.raises(ValueError, match="--unit_stacks must be auto, masked or buckets"):
     recovery.unit_stacks({"unit_stacks": "padded"})
   assert recovery.unit_stacks({}) == ("buckets" if jax.default_backend() == "cpu" else "masked")
+
+
+@pytest.mark.parametrize("on_a_mesh", [False, True])
+def test_compiled_ahead_study_2_compiles_nothing_more(on_a_mesh, small_mnist, base_params,
+                                                       tmp_path, monkeypatch):
+  """`training_calls` gives the very programs study 2 then runs, from a fresh net standing in
+  for the base nets: compiled ahead, retraining (masks kept, and regrowing) compiles nothing."""
+  if on_a_mesh:  # the stacked program, sharded over a mesh (here of this CPU's one device)
+    monkeypatch.setattr(frame, "grid_mesh", lambda config: grid.net_mesh(1))
+  # Chunk lengths no other test uses: the programs are new to this process.
+  config = {**TINY, "seeds": [0], "workdir": str(tmp_path), "mode": "weight",
+            "retrain_steps": 13 if on_a_mesh else 11}
+  compiled = timing.compile_ahead(lambda: recovery.training_calls(config, small_mnist)).result()
+  # One program on a mesh (kept and dropped masks are both its arguments); two one at a time.
+  assert len(compiled) == (1 if on_a_mesh else 2) and all(s > 0 for _, s in compiled)
+  found = recovery.run_recovery(config, small_mnist, bases=base_params)
+  assert found["timings"]["retrain_compile_seconds"] == [0.0]
+  assert found["timings"]["regrow_compile_seconds"] == [0.0]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from absl import logging
 
-from experiments import report, reproduce, seed_results
+from experiments import frame, report, reproduce, seed_results
 
 TINY = {"mnist_dir": None, "seeds": [0], "sparsities": [0, 50, 90], "train_steps": 50,
         "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer",
@@ -52,12 +52,26 @@ def test_progress_stops_counting_compilations_when_a_phase_raises():
   assert progress._tally.total == before
 
 
-def test_reproduce_runs_all_studies_and_writes_the_report(bases_in, mnist_dir, monkeypatch):
+def test_compile_ahead_is_for_accelerators_unless_asked():
+  on_accelerator = jax.default_backend() != "cpu"
+  assert reproduce.compiles_ahead({}) == on_accelerator
+  assert reproduce.compiles_ahead({"compile_ahead": "auto"}) == on_accelerator
+  assert reproduce.compiles_ahead({"compile_ahead": "true"})
+  assert not reproduce.compiles_ahead({"compile_ahead": "false"})
+  with pytest.raises(ValueError, match="--compile_ahead must be auto, true or false"):
+    reproduce.compiles_ahead({"compile_ahead": "yes"})
+
+
+def test_reproduce_runs_all_studies_and_writes_the_report(bases_in, mnist_dir, mnist,
+                                                          monkeypatch):
   monkeypatch.setenv("PRUNE_JAX_MNIST_DIR", str(mnist_dir))
   # The session's tiny base nets, copied: the run loads, not trains, them.
   workdir = bases_in()
-  config = {**TINY, "workdir": str(workdir)}
+  # Study 2's training compiled ahead, as on an accelerator: the same files and numbers.
+  config = {**TINY, "workdir": str(workdir), "compile_ahead": "true"}
+  assert not reproduce.study_2_stored(config, mnist, frame.units(config))  # so it compiles ahead
   path = reproduce.run(config, TINY_SHRINK, command="python -m experiments.reproduce --tiny")
+  assert reproduce.study_2_stored(config, mnist, frame.units(config))  # a rerun would not
   assert path == os.path.join(str(workdir), "REPORT.md")
   text = open(path).read()
   for heading in ("## 1. Sweep", "## 2. Recovery after weight", "## 3. Recovery after unit",

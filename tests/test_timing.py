@@ -2,6 +2,7 @@
 
 import math
 import statistics
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -90,3 +91,51 @@ def test_compile_tally_counts_overlapping_compilations_once():
     assert tally.total.programs == 2 and 1.0 <= tally.total.seconds < 1.5
     tally._listen(timing._CACHE_LOAD_EVENT, 0.1)
     assert tally.total.from_cache == 1
+
+
+def test_compile_ahead_compiles_in_the_background_and_compile_many_waits_for_it():
+  traced = threading.Event()
+  release = threading.Event()
+
+  def slow_to_trace(x):
+    traced.set()
+    release.wait(30)  # holds the background thread in tracing until the main thread is ready
+    return jnp.sin(x) * 3
+
+  fn = jax.jit(slow_to_trace)
+  x = jnp.ones(17)
+  future = timing.compile_ahead(lambda: [(fn, (x,), None)])
+  assert traced.wait(30)  # the program is being made in the background: pending
+  release.set()
+  (exe, waited), = timing.compile_many([(fn, (x,), None)])  # waits, does not compile again
+  (ahead, seconds), = future.result()
+  assert exe is ahead and seconds > 0 and waited >= 0
+  np.testing.assert_allclose(exe(x), np.sin(np.ones(17)) * 3, rtol=1e-6)
+  assert timing.compile_once(fn, (x,)) == (ahead, 0.0)
+  # Compiled already: nothing to do in the background.
+  assert timing.compile_ahead(lambda: [(fn, (x,), None)]).result() == []
+
+
+def test_compile_ahead_failures_leave_the_programs_to_be_compiled_when_needed():
+  def broken():
+    raise RuntimeError("cannot make the calls")
+
+  with pytest.raises(RuntimeError, match="cannot make the calls"):
+    timing.compile_ahead(broken).result()
+  fn = jax.jit(lambda x: x.reshape(5))  # fails when traced at the wrong size
+  future = timing.compile_ahead(lambda: [(fn, (jnp.ones(4),), None)])
+  with pytest.raises(TypeError):
+    future.result()
+  with pytest.raises(TypeError):  # not pending: compiled here, raising its own error
+    timing.compile_many([(fn, (jnp.ones(4),), None)])
+  (exe, seconds), = timing.compile_many([(fn, (jnp.ones(5),), None)])
+  assert seconds > 0 and exe(jnp.ones(5)).shape == (5,)
+
+
+def test_compile_ahead_traces_at_the_callers_matmul_precision():
+  fn = jax.jit(lambda a, b: a @ b)
+  x = jnp.ones((9, 9))
+  with jax.default_matmul_precision("highest"):
+    (ahead, _), = timing.compile_ahead(lambda: [(fn, (x, x), None)]).result()
+    assert timing.compile_once(fn, (x, x)) == (ahead, 0.0)
+  assert "operand_precision={highest,highest}" in ahead.as_text()

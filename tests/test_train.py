@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from _trees import assert_agree
-from prune_jax import equivalence, timing, train
+from prune_jax import equivalence, grid, timing, train
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from prune_jax.models import MLP, init_mlp
 from prune_jax.pruner import pruning
@@ -214,3 +214,30 @@ def test_train_many_with_per_net_pruner_args_matches_a_loop_of_train(toy_data):
                  one_stats.masks)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
       assert_agree(a, b[i], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_training_calls_are_the_programs_train_compiles(toy_data, stacked):
+  """Compiled from a fresh net, `training_calls` leave `train`/`train_many` nothing to compile."""
+  x, y = toy_data
+  fresh = init_mlp(jax.random.key(7), SMALL)
+  nets = [init_mlp(jax.random.key(k), SMALL) for k in (8, 9)]
+  masks = [weight_masks(n, 0.5) for n in nets]
+  # 23 steps in chunks of 10: two programs (10 and 3 steps), at a batch size no other test uses.
+  protocol = dict(steps=23, batch_size=19, log_every=10, optimizer="momentum")
+  if stacked:
+    calls = train.training_calls(SMALL, grid.stack([fresh, fresh]), x, y, stacked=True,
+                                 masks=grid.stack([weight_masks(fresh, 0.9)] * 2), **protocol)
+  else:
+    calls = train.training_calls(SMALL, fresh, x, y, masks=weight_masks(fresh, 0.9), **protocol)
+  assert [args[-1].shape for _, args, _ in calls] == [(3, 19), (10, 19)]
+  assert all(seconds > 0 for _, seconds in timing.compile_many(calls))
+  if stacked:
+    _, stats = train.train_many(SMALL, grid.stack(nets), grid.stack(masks), x, y,
+                                key=jax.random.key(1), **protocol)
+  else:
+    _, stats = train.train(SMALL, nets[0], x, y, key=jax.random.key(1), masks=masks[0],
+                           **protocol)
+  assert stats.compile_seconds == 0.0
+  with pytest.raises(ValueError, match="pass stacked=True with mesh"):
+    train.training_calls(SMALL, fresh, x, y, steps=5, mesh=object())
