@@ -21,7 +21,10 @@ net, the masked dense net once, and each level's shrunk net padded to `--pad_mul
 interleaved rounds; at the largest batch also what the machine allows each shrunk net (a
 roofline from plain matmuls of its layers' shapes and the memory bandwidth, measured in the same
 run). The weight-pruned nets are timed as dense with zeros and in the unstructured-sparse forms
-of `prune_jax.sparse_dense` (`--weight_sparse_formats`), after checking their logits.
+of `prune_jax.sparse_dense` (`--weight_sparse_formats`), after checking their logits against
+dense with zeros' at "highest", with the programs timed at batch 100 (the precision in force:
+within `equivalence.rtol_in_force()`, 2**-6 of the logit scale in TF32 on a GPU, `RTOL` where
+products keep float32).
 
 Each seed and level, and each batch size's timing table, is a unit of the workdir's store: an
 interrupted run continues where it stopped (`--fresh` to start over).

@@ -6,6 +6,9 @@ a relative difference of about 1e-6 of the logit scale on a CPU. They differ by 
 matrix products run at a lower precision (TF32 on recent NVIDIA GPUs, bfloat16 passes on TPUs),
 so the checks compute both sides at `"highest"` precision (`jax.default_matmul_precision`), where
 a difference above `RTOL` of the logit scale means the computations differ, on every backend.
+Where that would compile a second program of the checked side (one at "highest" besides the one
+used), a check may compare the side as used against the other at "highest", within the
+tolerance of the precision in force (`rtol_in_force`).
 """
 
 import contextlib
@@ -18,6 +21,14 @@ from prune_jax import tf32
 
 # A difference above this times the logit scale (max |logit|, at least 1) is an error.
 RTOL = 1e-4
+# Float32 products below "highest" precision keep this many mantissa bits, by backend (TF32 on
+# NVIDIA GPUs since Ampere, bfloat16 passes on TPUs; other accelerators are assumed bfloat16).
+REDUCED_MANTISSA_BITS = {"gpu": 10, "tpu": 7}
+_FULL = ("highest", "float32")  # `jax_default_matmul_precision` values that keep float32
+# Units of the reduced format's roundoff (2**-(bits+1)) that a computation at the precision in
+# force may differ by from one at "highest", relative to the logit scale: 1.6e-2 in TF32, where
+# the seed's net differed by up to 9e-4 (sparse forms, emulated TF32: `prune_jax.tf32`).
+REDUCED_ROUNDOFFS = 32
 
 
 @contextlib.contextmanager
@@ -36,6 +47,27 @@ def highest_precision() -> Iterator[None]:
     return
   with jax.default_matmul_precision("highest"):
     yield
+
+
+def mantissa_bits_in_force() -> int:
+  """The mantissa bits that float32 matrix products keep at the precision in force
+  (`jax.default_matmul_precision`) on the default backend: 23 (full float32) on a CPU (unless it
+  emulates TF32: 10) and at "highest"; else `REDUCED_MANTISSA_BITS` of the backend."""
+  full = jax.config.jax_default_matmul_precision in _FULL
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return 10 if tf32.emulating() and not full else 23
+  return 23 if full else REDUCED_MANTISSA_BITS.get(backend, 7)
+
+
+def rtol_in_force() -> float:
+  """The tolerance (relative to the logit scale) for a computation at the precision in force
+  against the same at "highest": `RTOL` where products keep float32, else `REDUCED_ROUNDOFFS`
+  units of the reduced format's roundoff (TF32: 2**-6, bfloat16: 2**-3). For checks that would
+  otherwise compile a second program at "highest" (e.g. study 4's sparse forms, checked with
+  the programs it times): a wrong weight or index still moves the logits by far more."""
+  bits = mantissa_bits_in_force()
+  return RTOL if bits >= 23 else max(RTOL, REDUCED_ROUNDOFFS * 2.0 ** -(bits + 1))
 
 
 def max_difference(a: jax.Array, b: jax.Array) -> tuple[float, float]:

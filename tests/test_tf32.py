@@ -73,6 +73,20 @@ SCRIPT = textwrap.dedent("""
     out["shrunk_gap_default"] = relative_gap()
     with equivalence.highest_precision():
       out["shrunk_gap_highest"] = relative_gap()
+
+    # Precision in force: TF32's bits and tolerance, float32's at "highest".
+    out["bits"], out["rtol"] = equivalence.mantissa_bits_in_force(), equivalence.rtol_in_force()
+    with equivalence.highest_precision():
+      out["bits_highest"] = equivalence.mantissa_bits_in_force()
+    # Study 4 checks its sparse forms with the programs it times, at the precision in force.
+    from experiments import shrink_timing
+    small_model = MLP(hidden=(300, 100))
+    small = jax.tree.map(lambda p: 4 * p, init_mlp(jax.random.key(2), small_model))
+    sparse = shrink_timing.time_weight_levels(
+        small_model, small, jnp.array([0.5, 0.9]), [50, 90], images[:200], [100],
+        formats=["bcsr", "bcoo"], scope="layer", runs=1, precision=0.0)
+    out["sparse_check"] = sparse["check"]
+    out["sparse_diffs"] = [max(lv["max_abs_logit_diff"].values()) for lv in sparse["levels"]]
     print(json.dumps(out))
 """)
 
@@ -109,6 +123,18 @@ def test_emulation_reproduces_the_gpu_failure_that_highest_precision_fixes(emula
   # scale, above equivalence.RTOL (1e-4); at "highest" both sides agree to float32 noise.
   assert emulated["shrunk_gap_default"] > equivalence.RTOL
   assert emulated["shrunk_gap_highest"] < equivalence.RTOL / 10
+
+
+def test_tolerances_follow_the_precision_in_force(emulated):
+  assert emulated["bits"] == 10 and emulated["bits_highest"] == 23
+  assert emulated["rtol"] == 2.0 ** -6
+  # The sparse forms, checked at TF32 against dense with zeros at "highest": more apart than
+  # float32's tolerance allows (about 1e-4 of logits of scale ~10 and more), within TF32's.
+  assert emulated["sparse_check"] == {"images": 100, "rtol": 2.0 ** -6, "mantissa_bits": 10}
+  assert max(emulated["sparse_diffs"]) > 1e-3
+  if not tf32.emulating():
+    assert equivalence.mantissa_bits_in_force() == 23
+    assert equivalence.rtol_in_force() == equivalence.RTOL
 
 
 def test_this_process_rounds_only_if_asked():
