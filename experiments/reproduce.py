@@ -33,6 +33,7 @@ from experiments import base_nets, common_flags, conv, frame, methods, recovery,
 from experiments import sweep
 from prune_jax import data as data_lib
 from prune_jax import results, timing
+from prune_jax import store as store_lib
 
 # Relative costs, in training steps of the full seed network (measured: one step of it is ~3
 # forward passes of a batch of 100); used only to estimate the time that remains.
@@ -161,7 +162,8 @@ def compiles_ahead(config: dict[str, Any]) -> bool:
   return jax.default_backend() != "cpu" if choice == "auto" else choice == "true"
 
 
-def study_2_stored(config: dict[str, Any], mnist: data_lib.MNIST, store) -> bool:
+def study_2_stored(config: dict[str, Any], mnist: data_lib.MNIST,
+                   store: store_lib.Store) -> bool:
   """Whether every net study 2 (`config`, mode "weight") retrains is already in `store`."""
   steps = recovery.retrain_steps("weight", config.get("retrain_steps"))
   return all(store.contains("retrained_weight", key) for seed in config["seeds"]
