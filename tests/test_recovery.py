@@ -221,8 +221,9 @@ def test_compiled_ahead_study_2_compiles_nothing_more(on_a_mesh, small_mnist, ba
                                                        tmp_path, monkeypatch):
   """`training_calls` gives the very programs study 2 then runs, from a fresh net standing in
   for the base nets: compiled ahead, retraining (masks kept, and regrowing) compiles nothing."""
-  if on_a_mesh:  # the stacked program, sharded over a mesh (here of this CPU's one device)
-    monkeypatch.setattr(frame, "grid_mesh", lambda config: grid.net_mesh(1))
+  # The stacked program sharded over a mesh (of one device), or one net at a time, on any backend.
+  mesh = grid.net_mesh(1) if on_a_mesh else None
+  monkeypatch.setattr(frame, "grid_mesh", lambda config: mesh)
   # Chunk lengths no other test uses: the programs are new to this process.
   config = {**TINY, "seeds": [0], "workdir": str(tmp_path), "mode": "weight",
             "retrain_steps": 13 if on_a_mesh else 11}

@@ -132,7 +132,12 @@ def test_tolerances_follow_the_precision_in_force(emulated):
   # float32's tolerance allows (about 1e-4 of logits of scale ~10 and more), within TF32's.
   assert emulated["sparse_check"] == {"images": 100, "rtol": 2.0 ** -6, "mantissa_bits": 10}
   assert max(emulated["sparse_diffs"]) > 1e-3
-  if not tf32.emulating():
+  # This process: float32 on a CPU (unless emulating), TF32 on a GPU.
+  bits = 10 if tf32.emulating() or jax.default_backend() == "gpu" else 23
+  if jax.default_backend() in ("cpu", "gpu"):
+    assert equivalence.mantissa_bits_in_force() == bits
+    assert equivalence.rtol_in_force() == (equivalence.RTOL if bits == 23 else 2.0 ** -6)
+  with equivalence.highest_precision():
     assert equivalence.mantissa_bits_in_force() == 23
     assert equivalence.rtol_in_force() == equivalence.RTOL
 
@@ -142,7 +147,8 @@ def test_this_process_rounds_only_if_asked():
   assert tf32.emulating() == (os.environ.get(tf32.ENV_VAR) == "1")
   a = np.arange(1, 7, dtype=np.float64).reshape(2, 3)
   x, integers = (a * (1 + 2.0 ** -20)).astype(np.float32), a @ a.T
-  y = np.asarray(jax.jit(lambda a: a @ a.T)(x), np.float64)
+  cpu = jax.devices("cpu")[0]  # also where a GPU is the default (it rounds by itself)
+  y = np.asarray(jax.jit(lambda a: a @ a.T)(jax.device_put(x, cpu)), np.float64)
   # TF32 drops the 2**-20 (it keeps 10 mantissa bits); float32 keeps it: (1 + 2**-20)**2 - 1.
   np.testing.assert_allclose(y / integers - 1, 0.0 if tf32.emulating() else 2.0 ** -19,
                              atol=2.0 ** -22)

@@ -56,9 +56,10 @@ def test_a_program_traced_at_another_matmul_precision_is_another_program():
   with jax.default_matmul_precision("highest"):
     highest, seconds = timing.compile_once(fn, (x, x))
   assert highest is not default and seconds > 0
-  assert "operand_precision={highest,highest}" in highest.as_text()
-  assert "operand_precision" not in default.as_text()
   assert timing.compile_once(fn, (x, x)) == (default, 0.0)  # outside the block: the first again
+  if jax.default_backend() == "cpu":  # (a GPU's program calls cuBLAS: other text)
+    assert "operand_precision={highest,highest}" in highest.as_text()
+    assert "operand_precision" not in default.as_text()
 
 
 def test_compile_many_compiles_each_new_program_once_and_jit_calls_reuse_them():
@@ -138,4 +139,6 @@ def test_compile_ahead_traces_at_the_callers_matmul_precision():
   with jax.default_matmul_precision("highest"):
     (ahead, _), = timing.compile_ahead(lambda: [(fn, (x, x), None)]).result()
     assert timing.compile_once(fn, (x, x)) == (ahead, 0.0)
-  assert "operand_precision={highest,highest}" in ahead.as_text()
+  assert timing.compile_once(fn, (x, x))[0] is not ahead  # the default precision's program
+  if jax.default_backend() == "cpu":
+    assert "operand_precision={highest,highest}" in ahead.as_text()
