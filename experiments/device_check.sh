@@ -2,9 +2,9 @@
 # Every accelerator check of the project in one run, for a machine with a GPU (or TPU) whose
 # Python already has JAX for it, most wanted first: what it finds; reproduce timed with 1 seed and
 # with 3 seeds in fresh workdirs (issue 12's targets: <= 30 s and <= 60 s, compilation included;
-# on an H100 on 2026-11-26: 38 s and 45 s), with 1 seed without compiling study 2's training
-# ahead (--compile_ahead=false, to weigh it), then with 1 seed again on the first run's compiled
-# programs (--fresh keeps the workdir's compilation cache); the test suite; the benchmark;
+# on an H100 on 2026-11-26: 38 s and 45 s), with 1 seed without compiling studies 2 and 4's
+# programs ahead (--compile_ahead=false, to weigh it), then with 1 seed again on the first run's
+# compiled programs (--fresh keeps the workdir's compilation cache); the test suite; the benchmark;
 # study 5. Every reproduce logs each compilation (JAX_LOG_COMPILES), summed per program in
 # compilations_*.txt: on a GPU compiling, not computing, takes most of the time.
 #
@@ -120,7 +120,7 @@ if want reproduce || want cusparse; then
   cp "$work/work1/REPORT.md" "$logs/REPORT_1_seed.md" 2>/dev/null
 fi
 if want reproduce; then
-  # The same without compiling study 2's training ahead (on by default on an accelerator).
+  # The same without compiling studies 2 and 4's programs ahead (on by default on an accelerator).
   reproduce reproduce_1_seed_not_ahead 100 --workdir="$work/work1b" --fresh --compile_ahead=false
   cp "$work/work1b/REPORT.md" "$logs/REPORT_1_seed_not_ahead.md" 2>/dev/null
   reproduce reproduce_3_seeds 120 --workdir="$work/work3" --seeds=0,1,2 --fresh

@@ -19,6 +19,7 @@ continues where it stopped and gives the same numbers; `--fresh` recomputes ever
 """
 
 import concurrent.futures
+import functools
 import os
 import shlex
 import sys
@@ -30,9 +31,9 @@ import jax
 from absl import app, flags, logging
 
 from experiments import base_nets, common_flags, conv, frame, methods, recovery, report, shrink
-from experiments import sweep
+from experiments import shrink_timing, sweep
 from prune_jax import data as data_lib
-from prune_jax import results, timing
+from prune_jax import equivalence, results, timing
 from prune_jax import store as store_lib
 
 # Relative costs, in training steps of the full seed network (measured: one step of it is ~3
@@ -51,8 +52,9 @@ BEYOND = flags.DEFINE_bool(
     "hour per seed on 2 CPU cores; resumable.")
 COMPILE_AHEAD = flags.DEFINE_enum(
     "compile_ahead", "auto", ["auto", "true", "false"], "Compile study 2's training programs "
-    "in a background thread from the start, while the base nets train and study 1 runs (a "
-    "freshly initialised net stands for the base nets: only shapes matter). 'auto': on an "
+    "and study 4's checked and timed ones in a background thread from the start, while the "
+    "base nets train and studies 1-3 run (a freshly initialised net stands for the base nets: "
+    "only shapes matter; study 4 waits until all are done). 'auto': on an "
     "accelerator, whose host is idle while the device trains; on a CPU the compilation takes "
     "cores from the training. Never with several processes (jax.distributed).")
 CONV = flags.DEFINE_bool(
@@ -172,6 +174,25 @@ def study_2_stored(config: dict[str, Any], mnist: data_lib.MNIST,
                                                 keep_masks=keep_masks, steps=steps))
 
 
+def compile_ahead(config: dict[str, Any], shrink_config: dict[str, Any], weight_steps: int,
+                  mnist: data_lib.MNIST, store: store_lib.Store
+                  ) -> list[concurrent.futures.Future]:
+  """Starts compiling, in the background, study 2's training programs and study 4's checked and
+  timed programs (`--compile_ahead`), unless this run retrains nothing (study 2 stored: a rerun);
+  returns the futures (`timing.compile_ahead`)."""
+  weight_config = {**config, "mode": "weight", "retrain_steps": weight_steps}
+  if not compiles_ahead(config) or study_2_stored(weight_config, mnist, store):
+    return []
+  study_4 = {**config, **shrink_config}
+  study_4_calls = functools.cache(lambda: shrink.ahead_calls(study_4, mnist))  # made once
+  futures = [timing.compile_ahead(lambda: recovery.training_calls(weight_config, mnist))]
+  with equivalence.highest_precision():
+    futures.append(timing.compile_ahead(lambda: study_4_calls()[0]))
+  futures.append(timing.compile_ahead(lambda: study_4_calls()[1],
+                                      compiler_options=shrink_timing.compiler_options(study_4)))
+  return futures
+
+
 def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str = "",
         mnist: data_lib.MNIST | None = None, conv_config: dict[str, Any] | None = None,
         methods_config: dict[str, Any] | None = None) -> str:
@@ -195,9 +216,7 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
     phases = iter(progress.costs)
 
     mnist = data_lib.on_device(mnist or data_lib.load_mnist(config["mnist_dir"]))
-    weight_config = {**config, "mode": "weight", "retrain_steps": steps["weight"]}
-    if compiles_ahead(config) and not study_2_stored(weight_config, mnist, store):
-      timing.compile_ahead(lambda: recovery.training_calls(weight_config, mnist))
+    ahead = compile_ahead(config, shrink_config, steps["weight"], mnist, store)
     progress.finish(next(phases))
     bases, _ = frame.load_bases(config, mnist, store=store)
     progress.finish(next(phases))
@@ -223,6 +242,7 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
       for done in written:
         done.result()  # raises what the writing raised
 
+    concurrent.futures.wait(ahead)  # study 4 times: nothing may compile beside it
     payloads["shrink"] = shrink.run_shrink({**config, **shrink_config}, mnist, bases=bases,
                                            store=store)
     if writer:

@@ -259,11 +259,56 @@ def _level_key(config: dict[str, Any], seed: int, level: float, test_size: int) 
           "test_images": test_size}
 
 
+def _checked_nets(model: Any, nets: Sequence[LevelNets]) -> list[tuple[Any, Params]]:
+  """The `(model, params)` whose forwards `_level_unit` checks (masked, shrunk, padded)."""
+  return [(model, nets[0].masked)] + [
+      (m, p) for n in nets for m, p in ((n.small_model, n.small), (n.padded_model, n.padded))]
+
+
 def _compile_checks(model: Any, nets: Sequence[LevelNets], test_x: jax.Array) -> None:
-  """Compiles the forwards `_level_unit` checks `nets` with (masked, shrunk, padded), at once."""
-  train.compile_forwards([(model, nets[0].masked)] + [
-      (m, p) for n in nets for m, p in ((n.small_model, n.small), (n.padded_model, n.padded))],
-      test_x)
+  """Compiles the forwards `_level_unit` checks `nets` with, at once."""
+  train.compile_forwards(_checked_nets(model, nets), test_x)
+
+
+def _timed_net(nets: LevelNets) -> dict[str, Any]:
+  """A level's nets as `shrink_timing.time_unit_levels` takes them."""
+  return {"masked": nets.masked, "padded_model": nets.padded_model, "padded": nets.padded,
+          "widths": list(nets.small_model.hidden),
+          "padded_widths": list(nets.padded_model.hidden),
+          "macs_dense": nets.report["macs_dense"], "macs_shrunk": nets.report["macs_shrunk"]}
+
+
+def ahead_calls(config: dict[str, Any], mnist: data_lib.MNIST
+                ) -> tuple[list[tuple[Any, tuple, None]], list[tuple[Any, tuple, None]]]:
+  """The programs `run_shrink(config)` compiles, for `timing.compile_ahead`: `(checks, timed)`,
+  the checks' forwards (to compile at "highest") and the timed ones (with
+  `shrink_timing.compiler_options(config)`). A freshly initialised net stands for the base net
+  (only shapes matter: at `--scope=layer` the shrunk widths and the sparse forms' sizes depend
+  on the level alone; with `global` some programs differ and are compiled when needed)."""
+  config = check_shrink_config(dict(config), test_size=int(mnist.test_images.shape[0]))
+  model = base_nets.base_model()
+  params = base_nets.init_params(jax.random.key(0), model)
+  test_x = jnp.asarray(mnist.test_images)
+  fracs = frame.fractions(config["sparsities"])
+  prunable = unit_prunable(params, keep_last_hidden=config["keep_last_hidden"])
+  nets = [LevelNets(model, params, fracs[i], scope=config["scope"], prunable=prunable,
+                    pad_multiple=int(config["pad_multiple"])) for i in range(len(fracs))]
+  checks = train.evaluation_calls(_checked_nets(model, nets), test_x)
+  timed = []
+  batches = config["eval_batches"]
+  for batch in batches:
+    x = jax.device_put(test_x[:batch])
+    dense, masked, shrunk, extra, _ = shrink_timing.unit_level_calls(
+        model, params, [_timed_net(n) for n in nets], x, machine=batch == batches[-1])
+    timed += [dense, masked, *shrunk, *(call for _, call, _ in extra)]
+  if config["weight_sparse_formats"]:
+    weight_nets = shrink_timing.weight_level_nets(
+        params, fracs, formats=config["weight_sparse_formats"], scope=config["scope"])
+    reference, calls = shrink_timing.weight_level_calls(
+        model, weight_nets, test_x, config["weight_sparse_batches"])
+    checks.append((*reference, None))
+    timed += calls
+  return checks, [(fn, args, None) for fn, args in timed]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,12 +382,7 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
                    "%.2f%% after retraining", seed, level, unit["widths"],
                    unit["equivalence"]["max_abs_diff"], unit["before"], unit["after"])
       if seed == timed_seed:
-        nets = level_nets()
-        timed_nets.append({"masked": nets.masked, "padded_model": nets.padded_model,
-                           "padded": nets.padded, "widths": unit["widths"],
-                           "padded_widths": list(nets.padded_model.hidden),
-                           "macs_dense": nets.report["macs_dense"],
-                           "macs_shrunk": nets.report["macs_shrunk"]})
+        timed_nets.append(_timed_net(level_nets()))
     acc_before.append([u["before"] for u in units])
     acc_after.append([u["after"] for u in units])
     equivalences.append([u["equivalence"] for u in units])

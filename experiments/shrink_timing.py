@@ -305,6 +305,25 @@ def time_levels(dense: tuple[Any, tuple], masked: tuple[Any, tuple],
   return table, measured
 
 
+def unit_level_calls(model: MLP, params: Params, nets: Sequence[Mapping[str, Any]], x: jax.Array,
+                     *, machine: bool):
+  """The calls `time_unit_levels` times on `x`: `(dense, masked, [shrunk per level], extra,
+  chains)`, each call `(fn, args)`; `extra` the machine's `(name, call, multiply-adds)` (with
+  `machine`); `chains` each level's layer widths as timed (input, padded hidden, classes)."""
+  batch, features = int(x.shape[0]), int(x.shape[1])
+  chains = [[features, *net["padded_widths"], model.num_classes] for net in nets]
+  extra = []
+  if machine:
+    shapes = {s for chain in chains for s in layer_shapes(chain, batch)
+              if all(s) and s[0] * s[1] * s[2] >= ROOFLINE_MIN_MACS}
+    shapes |= {(batch, features, 1000), (batch, 1000, 1000)}
+    extra += [(_matmul_name(s), _matmul_call(*s), s[0] * s[1] * s[2]) for s in sorted(shapes)]
+    extra += [("read_input", (_read_rows, (x, jnp.int32(bandwidth_reads(x)))), 0),
+              ("empty_call", (_first_element, (x,)), -1)]
+  return (forward_call(model, params, x), forward_call(model, nets[-1]["masked"], x),
+          [forward_call(net["padded_model"], net["padded"], x) for net in nets], extra, chains)
+
+
 def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
                      levels: Sequence[float], test_x: jax.Array, batch: int, *, runs: int,
                      precision: float, machine: bool = False,
@@ -330,18 +349,9 @@ def time_unit_levels(model: MLP, params: Params, nets: Sequence[dict[str, Any]],
   """
   x = jax.device_put(test_x[:batch])
   features = int(x.shape[1])
-  chains = [[features, *net["padded_widths"], model.num_classes] for net in nets]
-  extra = []
-  if machine:
-    shapes = {s for chain in chains for s in layer_shapes(chain, batch)
-              if all(s) and s[0] * s[1] * s[2] >= ROOFLINE_MIN_MACS}
-    shapes |= {(batch, features, 1000), (batch, 1000, 1000)}
-    extra += [(_matmul_name(s), _matmul_call(*s), s[0] * s[1] * s[2]) for s in shapes]
-    extra += [("read_input", (_read_rows, (x, jnp.int32(bandwidth_reads(x)))), 0),
-              ("empty_call", (_first_element, (x,)), -1)]
+  dense, masked, shrunk, extra, chains = unit_level_calls(model, params, nets, x, machine=machine)
   out, measured = time_levels(
-      forward_call(model, params, x), forward_call(model, nets[-1]["masked"], x),
-      [forward_call(net["padded_model"], net["padded"], x) for net in nets],
+      dense, masked, shrunk,
       [{**net, "macs_timed": macs(chain)} for net, chain in zip(nets, chains)], levels, batch,
       runs=runs, precision=precision, extra=extra, compiler_options=compiler_options)
   if machine:
@@ -384,6 +394,40 @@ def target_check(rows: Sequence[dict[str, Any]], *, batch: int,
                                          and r["speedup_vs_macs_ratio"] < TARGET_FRACTION]}
 
 
+_sparse_forward = jax.jit(sparse_dense.sparse_forward)  # one function: its programs are shared
+
+
+def weight_level_nets(params: Params, fracs: jax.Array, *, formats: Sequence[str],
+                      scope: str) -> list[tuple[Params, dict[str, Any]]]:
+  """Per level, `(pruned net, {format: sparse form})` of the weight-pruned net. Every level's
+  masks and pruned net come from one program (the one study 2 compiles): the weights are sorted
+  once for all levels."""
+  pruned_all, masks_all = prune_levels(params, fracs, mode="weight", scope=scope)
+  nets = []
+  for i in range(int(fracs.shape[0])):
+    pruned, masks = grid.take((pruned_all, masks_all), i)
+    nets.append((pruned, {fmt: sparse_dense.sparsify(params, masks, fmt=fmt)
+                          for fmt in formats}))
+  return nets
+
+
+def weight_level_calls(model: MLP, nets: Sequence[tuple[Params, dict[str, Any]]],
+                       test_x: jax.Array, batches: Sequence[int]
+                       ) -> tuple[tuple[Any, tuple], list[tuple[Any, tuple]]]:
+  """The programs `time_weight_levels` checks and times (up to `ESTIMATE_FROM_BATCH`, beyond
+  which it may skip forms): `(reference, calls)`, the check's dense-with-zeros forward (to run
+  at "highest") and the `(fn, args)` of the rest (dense with zeros, each form, at each batch)."""
+  check_x = test_x[:SPARSE_CHECK_IMAGES]
+  reference = (train.evaluation_forward_fn(model), (nets[0][0], check_x))
+  calls = [(_sparse_forward, (net, check_x)) for _, forms in nets for net in forms.values()]
+  for batch in batches:
+    if batch <= ESTIMATE_FROM_BATCH:
+      x = jax.device_put(test_x[:batch])
+      calls += [forward_call(model, nets[-1][0], x)]
+      calls += [(_sparse_forward, (net, x)) for _, forms in nets for net in forms.values()]
+  return reference, calls
+
+
 def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Sequence[float],
                        test_x: jax.Array, batches: Sequence[int], *, formats: Sequence[str],
                        scope: str, runs: int, precision: float,
@@ -406,15 +450,8 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
   if not formats:
     return out
   check_x = test_x[:SPARSE_CHECK_IMAGES]
-  sparse_fn = jax.jit(sparse_dense.sparse_forward)
-  # Every level's masks and pruned net from one program (the one study 2 compiles): the weights
-  # are sorted once for all levels.
-  pruned_all, masks_all = prune_levels(params, fracs, mode="weight", scope=scope)
-  nets = []
-  for i in range(len(levels)):
-    pruned, masks = grid.take((pruned_all, masks_all), i)
-    nets.append((pruned, {fmt: sparse_dense.sparsify(params, masks, fmt=fmt)
-                          for fmt in formats}))
+  sparse_fn = _sparse_forward
+  nets = weight_level_nets(params, fracs, formats=formats, scope=scope)
   # Dense with zeros at "highest" (one program for every level); each sparse form with the
   # program timed at this batch (the precision in force, the timing's XLA options) within the
   # precision's tolerance: on a GPU a check at "highest" would compile a second program per

@@ -503,10 +503,15 @@ def compile_forwards(nets: Sequence[tuple[nn.Module, Params]], x: jax.Array) -> 
   Returns:
     The longest compilation's seconds (0 if all were compiled before).
   """
-  calls = [(evaluation_forward_fn(model), (params, x), None) for model, params in nets]
   with equivalence.highest_precision():
-    compiled = timing.compile_many(calls)
+    compiled = timing.compile_many(evaluation_calls(nets, x))
   return max((seconds for _, seconds in compiled), default=0.0)
+
+
+def evaluation_calls(nets: Sequence[tuple[nn.Module, Params]],
+                     x: jax.Array) -> list[tuple[Any, tuple, None]]:
+  """The `(fn, args, static)` calls of `compile_forwards` (compile them at "highest")."""
+  return [(evaluation_forward_fn(model), (params, x), None) for model, params in nets]
 
 
 def accuracy_percent(logits: jax.Array, labels: jax.Array) -> float:
