@@ -278,12 +278,14 @@ def build_report(payloads: Mapping[str, Payload], *, command: str = "",
                  phases: Sequence[tuple[str, float]] = (),
                  compilations: Sequence[timing_lib.Compilations] = (),
                  total_seconds: float | None = None, workdir: str = ".",
-                 units: Mapping[str, int] | None = None) -> str:
+                 units: Mapping[str, int] | None = None, compiled_ahead: bool = False) -> str:
   """REPORT.md's text for the studies in `payloads` (by study name); plots linked relatively.
 
   `phases`: `(name, seconds)` of each phase of the run, and `compilations` what each compiled
   (`reproduce.Progress`). `units`: how many finished units were read back from the store and
   how many computed (a resumed run's wall time covers only the computed ones).
+  `compiled_ahead`: whether programs were compiled in the background (`--compile_ahead`), which
+  the phase table then counts in the phase during which they compiled.
   """
   first = next(iter(payloads.values()))
   machine = first.get("machine") or results.machine()
@@ -307,6 +309,10 @@ def build_report(payloads: Mapping[str, Payload], *, command: str = "",
     for row, c in zip(rows, compilations):
       row += [f"{c.seconds:.1f}", str(c.programs)]
     lines += ["", *_table(["phase", "seconds", *compiled], rows)]
+    if compiled_ahead and compilations:
+      lines += ["", "Studies 2 and 4's programs were compiled in the background from the start "
+                "(`--compile_ahead`): they count in the phases during which they compiled, "
+                "mostly the base nets'."]
   lines += ["", "Config: " + ", ".join(f"`{k}={v}`" for k, v in sorted(config.items())), ""]
   for study in (*STUDY_ORDER, *OPTIONAL_STUDIES):
     if study in payloads:

@@ -272,7 +272,8 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
                                phases=progress.done, compilations=progress.compilations,
                                total_seconds=progress.elapsed,
                                workdir=workdir, units={"loaded": store.loaded,
-                                                       "computed": store.computed})
+                                                       "computed": store.computed},
+                               compiled_ahead=bool(ahead))
     results.write_text(path, text)
     progress.finish(next(phases))
     return path

@@ -79,6 +79,7 @@ def test_reproduce_runs_all_studies_and_writes_the_report(bases_in, mnist_dir, m
     assert heading in text
   # Each phase's time, and what of it compiling took (the base nets are loaded: few programs).
   assert "| phase | seconds | of which compiling | programs compiled |" in text
+  assert "compiled in the background from the start (`--compile_ahead`)" in text
   assert f"JAX devices: {jax.device_count()} x {jax.devices()[0].device_kind}" in text
   for study in report.STUDY_ORDER:
     payload = json.load(open(workdir / study / "results.json"))
