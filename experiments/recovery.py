@@ -164,6 +164,12 @@ def _stack_masks(masks: Masks, keep_masks: bool) -> Masks:
                       is_leaf=lambda x: x is None)
 
 
+def mask_settings(config: dict[str, Any]) -> tuple[bool, ...]:
+  """How the full-size pruned nets are retrained (`keep_masks`): with their masks kept, and
+  also without them (regrowing) with `config["regrow"]`."""
+  return (True, False) if config.get("regrow") else (True,)
+
+
 def training_calls(config: dict[str, Any], mnist: data_lib.MNIST) -> list[tuple[Any, tuple, dict]]:
   """The training programs that `run_recovery(config)` compiles for the full-size nets (study 2's
   retraining; study 3's, too, as masked stacks on an accelerator), as `(fn, args, static)` calls
@@ -180,7 +186,7 @@ def training_calls(config: dict[str, Any], mnist: data_lib.MNIST) -> list[tuple[
                   optimizer=config["optimizer"])
   mesh = frame.grid_mesh(config)
   calls = []
-  for keep_masks in (True, False) if config.get("regrow") else (True,):
+  for keep_masks in mask_settings(config):
     if mesh is not None:  # as `retrain_levels` with a mesh: one stack of every level
       calls += train.training_calls(model, pruned, mnist.train_images, mnist.train_labels,
                                     masks=_stack_masks(masks, keep_masks), stacked=True,

@@ -155,7 +155,7 @@ def phase_costs(config: dict[str, Any], *, steps: dict[str, int], cached: int,
 
 
 def compiles_ahead(config: dict[str, Any]) -> bool:
-  """Whether `run` compiles study 2's training ahead (`--compile_ahead`; see its help)."""
+  """Whether `run` compiles studies 2 and 4's programs ahead (`--compile_ahead`; see its help)."""
   choice = config.get("compile_ahead", "auto")
   if choice not in ("auto", "true", "false"):
     raise ValueError(f"--compile_ahead must be auto, true or false, got {choice!r}")
@@ -169,7 +169,7 @@ def study_2_stored(config: dict[str, Any], mnist: data_lib.MNIST,
   """Whether every net study 2 (`config`, mode "weight") retrains is already in `store`."""
   steps = recovery.retrain_steps("weight", config.get("retrain_steps"))
   return all(store.contains("retrained_weight", key) for seed in config["seeds"]
-             for keep_masks in ((True, False) if config.get("regrow") else (True,))
+             for keep_masks in recovery.mask_settings(config)
              for key in recovery.full_size_keys(config, seed, mnist, mode="weight",
                                                 keep_masks=keep_masks, steps=steps))
 

@@ -207,6 +207,15 @@ class LevelNets:
     self.report = sparsity_report(params, self.masks)["total"]
 
 
+def _level_nets(model, params: Params, fracs: jax.Array,
+                config: dict[str, Any]) -> list[Callable[[], LevelNets]]:
+  """Per level, a function that makes (once) the level's `LevelNets` of `params`."""
+  prunable = unit_prunable(params, keep_last_hidden=config["keep_last_hidden"])
+  return [functools.cache(functools.partial(
+      LevelNets, model, params, fracs[i], scope=config["scope"], prunable=prunable,
+      pad_multiple=int(config["pad_multiple"]))) for i in range(len(fracs))]
+
+
 def _level_unit(store: store_lib.Store, config: dict[str, Any], seed: int, level: float,
                 level_nets: Callable[[], LevelNets], model,
                 mnist: data_lib.MNIST) -> dict[str, Any]:
@@ -290,9 +299,7 @@ def ahead_calls(config: dict[str, Any], mnist: data_lib.MNIST
   params = base_nets.init_params(jax.random.key(0), model)
   test_x = jnp.asarray(mnist.test_images)
   fracs = frame.fractions(config["sparsities"])
-  prunable = unit_prunable(params, keep_last_hidden=config["keep_last_hidden"])
-  nets = [LevelNets(model, params, fracs[i], scope=config["scope"], prunable=prunable,
-                    pad_multiple=int(config["pad_multiple"])) for i in range(len(fracs))]
+  nets = [make() for make in _level_nets(model, params, fracs, config)]
   checks = train.evaluation_calls(_checked_nets(model, nets), test_x)
   timed = []
   batches = config["eval_batches"]
@@ -304,10 +311,10 @@ def ahead_calls(config: dict[str, Any], mnist: data_lib.MNIST
   if config["weight_sparse_formats"]:
     weight_nets = shrink_timing.weight_level_nets(
         params, fracs, formats=config["weight_sparse_formats"], scope=config["scope"])
-    reference, calls = shrink_timing.weight_level_calls(
+    reference, checked, timed_sparse = shrink_timing.weight_level_calls(
         model, weight_nets, test_x, config["weight_sparse_batches"])
     checks.append((*reference, None))
-    timed += calls
+    timed += checked + timed_sparse
   return checks, [(fn, args, None) for fn, args in timed]
 
 
@@ -359,11 +366,8 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
     dense_acc.append(acc)
     dense_sparsity.append(sparsity)
     logging.info("seed %d: dense test accuracy %.2f%%", seed, acc)
-    prunable = unit_prunable(params, keep_last_hidden=config["keep_last_hidden"])
     units = []
-    all_level_nets = [functools.cache(functools.partial(
-        LevelNets, model, params, fracs[i], scope=config["scope"], prunable=prunable,
-        pad_multiple=int(config["pad_multiple"]))) for i in range(len(levels))]
+    all_level_nets = _level_nets(model, params, fracs, config)
     t0 = time.perf_counter()
     todo = [i for i, level in enumerate(levels)
             if not store.contains(STUDY, _level_key(config, seed, level, test_size))]

@@ -412,20 +412,23 @@ def weight_level_nets(params: Params, fracs: jax.Array, *, formats: Sequence[str
 
 
 def weight_level_calls(model: MLP, nets: Sequence[tuple[Params, dict[str, Any]]],
-                       test_x: jax.Array, batches: Sequence[int]
-                       ) -> tuple[tuple[Any, tuple], list[tuple[Any, tuple]]]:
-  """The programs `time_weight_levels` checks and times (up to `ESTIMATE_FROM_BATCH`, beyond
-  which it may skip forms): `(reference, calls)`, the check's dense-with-zeros forward (to run
-  at "highest") and the `(fn, args)` of the rest (dense with zeros, each form, at each batch)."""
+                       test_x: jax.Array, batches: Sequence[int] = ()
+                       ) -> tuple[tuple[Any, tuple], list[tuple[Any, tuple]],
+                                  list[tuple[Any, tuple]]]:
+  """The programs `time_weight_levels` checks and times, as `(fn, args)`: `(reference, checked,
+  timed)`, the check's dense-with-zeros forward (to run at "highest"), each level's forms on the
+  check's images (in `nets`' order, forms in their order), and at each of `batches` up to
+  `ESTIMATE_FROM_BATCH` (beyond it forms may be skipped) dense with zeros and each form."""
   check_x = test_x[:SPARSE_CHECK_IMAGES]
   reference = (train.evaluation_forward_fn(model), (nets[0][0], check_x))
-  calls = [(_sparse_forward, (net, check_x)) for _, forms in nets for net in forms.values()]
+  checked = [(_sparse_forward, (net, check_x)) for _, forms in nets for net in forms.values()]
+  timed = []
   for batch in batches:
     if batch <= ESTIMATE_FROM_BATCH:
       x = jax.device_put(test_x[:batch])
-      calls += [forward_call(model, nets[-1][0], x)]
-      calls += [(_sparse_forward, (net, x)) for _, forms in nets for net in forms.values()]
-  return reference, calls
+      timed += [forward_call(model, nets[-1][0], x)]
+      timed += [(_sparse_forward, (net, x)) for _, forms in nets for net in forms.values()]
+  return reference, checked, timed
 
 
 def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Sequence[float],
@@ -450,18 +453,16 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
   if not formats:
     return out
   check_x = test_x[:SPARSE_CHECK_IMAGES]
-  sparse_fn = _sparse_forward
   nets = weight_level_nets(params, fracs, formats=formats, scope=scope)
   # Dense with zeros at "highest" (one program for every level); each sparse form with the
   # program timed at this batch (the precision in force, the timing's XLA options) within the
   # precision's tolerance: on a GPU a check at "highest" would compile a second program per
   # level and form (on a CPU they are the same programs).
+  reference, checked_calls, _ = weight_level_calls(model, nets, test_x)
   with equivalence.highest_precision():
-    (reference_fn, _), = timing.compile_many(
-        [(train.evaluation_forward_fn(model), (nets[0][0], check_x), None)])
-  checked = iter(timing.compile_many(
-      [(sparse_fn, (net, check_x), None) for _, forms in nets for net in forms.values()],
-      compiler_options=compiler_options))
+    (reference_fn, _), = timing.compile_many([(*reference, None)])
+  checked = iter(timing.compile_many([(*call, None) for call in checked_calls],
+                                     compiler_options=compiler_options))
   rtol = max(SPARSE_RTOL, equivalence.rtol_in_force())
   out["check"] = {"images": int(check_x.shape[0]), "rtol": rtol,
                   "mantissa_bits": equivalence.mantissa_bits_in_force()}
@@ -497,7 +498,7 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
         if batch > ESTIMATE_FROM_BATCH:
           if (fmt, level) not in previous:  # probe once at the smaller batch
             probe = jax.device_put(test_x[:ESTIMATE_FROM_BATCH])
-            seconds = time_calls({fmt: (sparse_fn, (net, probe))}, runs=1, precision=0.0,
+            seconds = time_calls({fmt: (_sparse_forward, (net, probe))}, runs=1, precision=0.0,
                                  min_run_seconds=0.0,
                                  compiler_options=compiler_options)[fmt].median
             previous[(fmt, level)] = (ESTIMATE_FROM_BATCH, seconds)
@@ -508,7 +509,7 @@ def time_weight_levels(model: MLP, params: Params, fracs: jax.Array, levels: Seq
                                           f"batch {prev_batch}, above {SKIP_SECONDS:g} s",
                                "estimated_ms": 1e3 * estimate}
             continue
-        calls[f"{fmt}/{i}"] = (sparse_fn, (net, x))
+        calls[f"{fmt}/{i}"] = (_sparse_forward, (net, x))
     measured = time_calls(calls, runs=runs, precision=precision, slow_seconds=SLOW_CALL_SECONDS,
                           compiler_options=compiler_options)
     dense = measured["dense_zeros"]

@@ -7,6 +7,7 @@ The machine this runs on is shared and noisy, so absolute times mean little; com
 """
 
 import concurrent.futures
+import functools
 import math
 import os
 import statistics
@@ -117,7 +118,12 @@ _COMPILED: dict = {}
 # Programs being compiled in the background (`compile_ahead`): key -> Future of the executable.
 _PENDING: dict[tuple, concurrent.futures.Future] = {}
 _LOCK = threading.Lock()  # guards _COMPILED and _PENDING across the background thread
-_AHEAD: list[concurrent.futures.ThreadPoolExecutor] = []  # the background thread, made on use
+
+
+@functools.cache
+def _background() -> concurrent.futures.ThreadPoolExecutor:
+  """The one background thread of `compile_ahead` (made on first use)."""
+  return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
 
 
 def _compile_key(fn: Any, args: Sequence[Any], static: Mapping[str, Any],
@@ -175,20 +181,18 @@ def compile_many(calls: Sequence[tuple[Any, Sequence[Any], Mapping[str, Any] | N
   """
   options = dict(compiler_options) if compiler_options else None
   keys = [_compile_key(fn, args, dict(static or {}), options) for fn, args, static in calls]
-  new, waiting = {}, {}
+  by_key = dict(zip(keys, calls))
   with _LOCK:
-    for key, call in zip(keys, calls):
-      if key in _PENDING:
-        waiting[key] = _PENDING[key]
-      elif key not in _COMPILED:
-        new[key] = call
+    waiting = {key: _PENDING[key] for key in by_key if key in _PENDING}
+    new = {key: call for key, call in by_key.items()
+           if key not in waiting and key not in _COMPILED}
   compiled = {}
   for key, future in waiting.items():
     start = time.perf_counter()
     try:
       compiled[key] = (future.result()[0], time.perf_counter() - start)
     except Exception:  # pylint: disable=broad-except (compiled below, raising its own error)
-      new[key] = calls[keys.index(key)]
+      new[key] = by_key[key]
   compiled.update(_compile_new(new, options, threads))
   with _LOCK:
     for key, (exe, _) in compiled.items():
@@ -219,22 +223,18 @@ def compile_ahead(make_calls: Callable[[], Sequence[tuple[Any, Sequence[Any],
   """
   precision = jax.config.jax_default_matmul_precision
   options = dict(compiler_options) if compiler_options else None
-  with _LOCK:
-    if not _AHEAD:
-      _AHEAD.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead"))
-    executor = _AHEAD[0]
 
   def run() -> list[tuple[Any, float]]:
     mine: dict[tuple, concurrent.futures.Future] = {}
     try:
       with jax.default_matmul_precision(precision):
-        calls = list(make_calls())
-        keys = [_compile_key(fn, args, dict(static or {}), options) for fn, args, static in calls]
+        by_key = {_compile_key(fn, args, dict(static or {}), options): (fn, args, static)
+                  for fn, args, static in make_calls()}
         with _LOCK:
-          for key in keys:
-            if key not in _COMPILED and key not in _PENDING and key not in mine:
+          for key in by_key:
+            if key not in _COMPILED and key not in _PENDING:
               mine[key] = _PENDING[key] = concurrent.futures.Future()
-        compiled = _compile_new({k: calls[keys.index(k)] for k in mine}, options, None)
+        compiled = _compile_new({key: by_key[key] for key in mine}, options, None)
       with _LOCK:
         for key, future in mine.items():
           _COMPILED[key] = compiled[key][0]
@@ -251,7 +251,7 @@ def compile_ahead(make_calls: Callable[[], Sequence[tuple[Any, Sequence[Any],
             future.set_exception(e)
       raise
 
-  return executor.submit(run)
+  return _background().submit(run)
 
 
 def compile_once(fn: Any, args: Sequence[Any],

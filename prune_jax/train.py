@@ -221,13 +221,16 @@ class _Setup(NamedTuple):
   labels: jax.Array
   static: dict[str, Any]
   nets: int | None  # the stack's size before padding to the mesh, with a mesh
-  learning_rate: LearningRate
 
 
 def _setup(fn, params, masks, images, labels, *, steps, batch_size, learning_rate, optimizer,
            model, pruner, pruner_args, mesh=None) -> _Setup:
-  """Checks the arguments, places them (padded and sharded over `mesh`, if given) and makes the
-  optimizer state: everything the compiled steps take but the batches."""
+  """Applies `masks` to `params` (each net's, for a stack; this also checks that the trees
+  match), checks the other arguments, places them (padded and sharded over `mesh`, if given) and
+  makes the optimizer state: everything the compiled steps take but the batches."""
+  stacked = fn is not _train_steps_jit
+  if masks is not None:
+    params = jax.vmap(apply_masks)(params, masks) if stacked else apply_masks(params, masks)
   if steps < 0:
     raise ValueError(f"steps must be >= 0, got {steps}")
   if batch_size < 1:
@@ -252,8 +255,8 @@ def _setup(fn, params, masks, images, labels, *, steps, batch_size, learning_rat
     images, labels = grid.replicate((images, labels), mesh)
   params, opt_state = _prepare_jit(params, masks, pruner_args, optimizer=optimizer,
                                    learning_rate=learning_rate, pruned=pruned, pruner=pruner,
-                                   stacked=fn is not _train_steps_jit)
-  return _Setup(params, opt_state, pruner_args, images, labels, static, nets, learning_rate)
+                                   stacked=stacked)
+  return _Setup(params, opt_state, pruner_args, images, labels, static, nets)
 
 
 def _chunks(steps: int, log_every: int) -> list[int]:
@@ -273,7 +276,7 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
   With `mesh` (stacks only), the stack is padded to a multiple of the mesh's devices and sharded
   over them, the data replicated, and the trained stack gathered (unpadded) on every process.
   """
-  params, opt_state, pruner_args, images, labels, static, nets, learning_rate = _setup(
+  params, opt_state, pruner_args, images, labels, static, nets = _setup(
       fn, params, masks, images, labels, steps=steps, batch_size=batch_size,
       learning_rate=learning_rate, optimizer=optimizer, model=model, pruner=pruner,
       pruner_args=pruner_args, mesh=mesh)
@@ -303,7 +306,8 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
     done += idx.shape[0]
     if not np.all(np.isfinite(chunk_losses)):
       raise FloatingPointError(
-          f"{name}: non-finite loss by step {done}; lower --learning_rate (now {learning_rate})")
+          f"{name}: non-finite loss by step {done}; lower --learning_rate (now "
+          f"{static['learning_rate']})")
     losses.append(chunk_losses)
     if log_every:
       logging.info("%s: step %d/%d  loss %.4f  %.0f steps/s", name, done, steps,
@@ -353,7 +357,6 @@ def train(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array
     >>> params, stats = train(model, params, x, y, key=key, steps=1500,   # doctest: +SKIP
     ...                       pruner=functools.partial(pruning, schedule=sched))
   """
-  params = _masked(params, masks, stacked=False)
   return _run(_train_steps_jit, params, masks, images, labels, key=key, steps=steps,
               batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
               model=model, log_every=log_every, name=name, pruner=pruner,
@@ -388,18 +391,10 @@ def train_many(model: nn.Module, params: Params, masks: Masks | None, images: ja
   whole to every process (with several processes joined by `jax.distributed`, every process
   calls this with the same arguments).
   """
-  params = _masked(params, masks, stacked=True)
   return _run(_train_steps_vmap_jit, params, masks, images, labels, key=key, steps=steps,
               batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
               model=model, log_every=log_every, name=name, pruner=pruner,
               pruner_args=pruner_args, mesh=mesh)
-
-
-def _masked(params: Params, masks: Masks | None, *, stacked: bool) -> Params:
-  """`params` with `masks` applied (each net's, if `stacked`); also checks that the trees match."""
-  if masks is None:
-    return params
-  return jax.vmap(apply_masks)(params, masks) if stacked else apply_masks(params, masks)
 
 
 def training_calls(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array, *,
@@ -420,7 +415,7 @@ def training_calls(model: nn.Module, params: Params, images: jax.Array, labels: 
   if mesh is not None and not stacked:
     raise ValueError("a mesh spreads a stack of nets: pass stacked=True with mesh")
   fn = _train_steps_vmap_jit if stacked else _train_steps_jit
-  setup = _setup(fn, _masked(params, masks, stacked=stacked), masks, images, labels,
+  setup = _setup(fn, params, masks, images, labels,
                  steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                  optimizer=optimizer, model=model, pruner=pruner, pruner_args=pruner_args,
                  mesh=mesh)
