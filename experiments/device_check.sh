@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every accelerator check of the project in one run, for a machine with a GPU (or TPU) whose
-# Python already has JAX for it, most wanted first: what it finds; reproduce timed with 1 seed and
-# with 3 seeds in fresh workdirs (issue 12's targets: <= 30 s and <= 60 s, compilation included;
-# on an H100 on 2026-11-26: 38 s and 45 s), with 1 seed without compiling studies 2 and 4's
+# Python already has JAX for it, most wanted first: what it finds; training compiled with and
+# without autotuning; reproduce timed with 1 seed and with 3 seeds in fresh workdirs (issue 12's
+# targets: <= 30 s and <= 60 s, compilation included; on an H100 on 2026-11-26: 21 s and 25 s,
+# from 38 s and 45 s that morning), with 1 seed without compiling studies 2 and 4's
 # programs ahead (--compile_ahead=false, to weigh it), then with 1 seed again on the first run's
 # compiled programs (--fresh keeps the workdir's compilation cache); the test suite; the benchmark;
 # study 5. Every reproduce logs each compilation (JAX_LOG_COMPILES), summed per program in
@@ -18,8 +19,12 @@
 # on after a failure. Logs and results go to $OUT, packed after every step into
 # $OUT/device_check.tgz (so a run cut short still leaves them); each test failure is written to
 # tests_failures.log as it happens; a summary table is printed last. STEPS (default: all) picks
-# some of: reproduce tests benchmark methods cusparse (e.g. STEPS="reproduce cusparse" in one
-# device call and STEPS=tests in the next, when one call cannot hold both). `cusparse` times
+# some of: autotune reproduce not_ahead warm tests benchmark methods cusparse (e.g.
+# STEPS="reproduce tests" in one device call and STEPS="reproduce cusparse" in the next, when one
+# call cannot hold all); `autotune` weighs training compiled with and without XLA's autotuning;
+# `reproduce` runs 1 seed and 3 seeds, `not_ahead` 1 seed with --compile_ahead=false, `warm` the
+# 1-seed rerun on the compiled programs. TEST_WORKERS (default 8) is pytest-xdist's -n, TESTS the test
+# files to run (default all), and TESTS_LIMIT (default 330 s) caps their step. `cusparse` times
 # study 4's weight-sparse forms (BCSR, BCOO; batch 100) on the 1-seed run's nets twice: with JAX's
 # generic sparse products, and with them lowered to cuSPARSE (JAX_BCOO_CUSPARSE_LOWERING, off by
 # default in JAX), in weight_sparse_{generic,cusparse}.csv.
@@ -35,7 +40,7 @@ mkdir -p "$out" "$logs"
 export PRUNE_JAX_MNIST_DIR="${MNIST_DIR:?set MNIST_DIR to the folder of the four MNIST files}"
 export PRUNE_JAX_REQUIRE_MNIST=1 PYTHONUNBUFFERED=1
 summary=()
-steps="${STEPS:-reproduce tests benchmark methods cusparse}"
+steps="${STEPS:-autotune reproduce not_ahead warm tests benchmark methods cusparse}"
 want() { [[ " $steps " == *" $1 "* ]]; }
 
 pack() {  # the logs and results so far, as one file in $out
@@ -89,11 +94,37 @@ for wheel in sorted(glob.glob('$WHEELS/*.whl')):
     md.version(wheel.split('/')[-1].split('-')[0].replace('_', '-'))
   except md.PackageNotFoundError:
     missing.append(wheel)
-print('installing', missing)
-sys.exit(subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index',
+print('installing', missing or 'nothing: every package is present')
+sys.exit(missing and subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index',
                          *missing]).returncode)
 "
 fi
+
+# Training compiled with and without XLA's autotuning (train.autotunes): each program's compile
+# seconds and steps/s, for the seed's net (2000 steps, as the base nets) and a stack of 10 (500
+# steps, as study 2), after a warm-up that pays the first compilation's start-up costs.
+want autotune && step autotune 90 "$python" -c "
+import jax, jax.numpy as jnp, numpy as np
+from prune_jax import data, train
+from prune_jax.models import MLP, init_mlp
+mnist = data.on_device(data.load_mnist('$PRUNE_JAX_MNIST_DIR'))
+x, y = mnist.train_images, mnist.train_labels
+small = MLP(hidden=(8,))
+train.train(small, init_mlp(jax.random.key(0), small), x, y, key=jax.random.key(0), steps=10,
+            log_every=0)
+model = MLP()
+one = init_mlp(jax.random.key(0), model)
+stack = jax.tree.map(lambda a: jnp.stack([a] * 10), one)
+for autotune in (False, True):
+  _, s = train.train(model, one, x, y, key=jax.random.key(1), steps=2000, log_every=0,
+                     autotune=autotune)
+  print(f'autotune={autotune}: 1 net, 2000 steps: compile {s.compile_seconds:.2f} s, '
+        f'{s.steps_per_second:.0f} steps/s ({s.seconds:.3f} s)')
+  _, s = train.train_many(model, stack, None, x, y, key=jax.random.key(1), steps=500,
+                          log_every=0, autotune=autotune)
+  print(f'autotune={autotune}: 10 nets, 500 steps: compile {s.compile_seconds:.2f} s, '
+        f'{s.steps_per_second:.0f} steps/s ({s.seconds:.3f} s)')
+"
 
 compilations() {  # the seconds each program took to compile in a reproduce log, largest first
   "$python" - "$1" >"$2" 2>&1 <<'PY'
@@ -119,12 +150,16 @@ if want reproduce || want cusparse; then
   reproduce reproduce_1_seed 100 --workdir="$work/work1" --fresh
   cp "$work/work1/REPORT.md" "$logs/REPORT_1_seed.md" 2>/dev/null
 fi
-if want reproduce; then
+if want not_ahead; then
   # The same without compiling studies 2 and 4's programs ahead (on by default on an accelerator).
   reproduce reproduce_1_seed_not_ahead 100 --workdir="$work/work1b" --fresh --compile_ahead=false
   cp "$work/work1b/REPORT.md" "$logs/REPORT_1_seed_not_ahead.md" 2>/dev/null
+fi
+if want reproduce; then
   reproduce reproduce_3_seeds 120 --workdir="$work/work3" --seeds=0,1,2 --fresh
   cp "$work/work3/REPORT.md" "$logs/REPORT_3_seeds.md" 2>/dev/null
+fi
+if want warm && [[ -d "$work/work1" ]]; then
   reproduce reproduce_1_seed_warm 60 --workdir="$work/work1" --fresh
   cp "$work/work1/REPORT.md" "$logs/REPORT_1_seed_warm.md" 2>/dev/null
 fi
@@ -140,10 +175,14 @@ if want cusparse; then  # the same nets and flags (the units are loaded), only t
   done
 fi
 if want tests; then
-  tests_limit=$(($(left) - 60))
-  ((tests_limit > 330)) && tests_limit=330
+  reserve=10  # seconds kept for the steps after the tests, and the summary
+  { want benchmark || want methods; } && reserve=60
+  tests_limit=$(($(left) - reserve))
+  ((tests_limit > ${TESTS_LIMIT:-330})) && tests_limit=${TESTS_LIMIT:-330}
+  # shellcheck disable=SC2086 (TESTS: the test files or node ids to run, default all)
   step tests "$tests_limit" env PRUNE_JAX_FAILURE_LOG="$logs/tests_failures.log" "$python" \
-      -m pytest -n 8 -v -rfE --tb=short -p no:cacheprovider --durations=20
+      -m pytest -n "${TEST_WORKERS:-8}" -v -rfE --tb=short -p no:cacheprovider --durations=30 \
+      ${TESTS:-}
 fi
 want benchmark && step benchmark 40 "$python" -m experiments.benchmark \
     --json_out="$logs/benchmark.json"

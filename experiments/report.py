@@ -277,12 +277,15 @@ SECTIONS = {"sweep": sweep_section, "recovery_weight": recovery_section,
 def build_report(payloads: Mapping[str, Payload], *, command: str = "",
                  phases: Sequence[tuple[str, float]] = (),
                  compilations: Sequence[timing_lib.Compilations] = (),
-                 total_seconds: float | None = None, workdir: str = ".",
-                 units: Mapping[str, int] | None = None, compiled_ahead: bool = False) -> str:
+                 total_seconds: float | None = None, process_seconds: float | None = None,
+                 workdir: str = ".", units: Mapping[str, int] | None = None,
+                 compiled_ahead: bool = False) -> str:
   """REPORT.md's text for the studies in `payloads` (by study name); plots linked relatively.
 
   `phases`: `(name, seconds)` of each phase of the run, and `compilations` what each compiled
-  (`reproduce.Progress`). `units`: how many finished units were read back from the store and
+  (`reproduce.Progress`); `total_seconds` their sum, and `process_seconds` the time since the
+  process started (with Python's start-up, the imports and the device's initialisation before
+  the first phase). `units`: how many finished units were read back from the store and
   how many computed (a resumed run's wall time covers only the computed ones).
   `compiled_ahead`: whether programs were compiled in the background (`--compile_ahead`), which
   the phase table then counts in the phase during which they compiled.
@@ -299,7 +302,10 @@ def build_report(payloads: Mapping[str, Payload], *, command: str = "",
             f"{versions.get('jax')}, flax {versions.get('flax')}, Python "
             f"{versions.get('python')}.", ""]
   if total_seconds is not None:
-    lines.append(f"Wall time: {total_seconds:.1f} s in all, start-up and compilation included.")
+    since = (f"; {process_seconds:.1f} s since the process started (with Python's start-up, "
+             f"the imports and the device's initialisation)" if process_seconds else "")
+    lines.append(f"Wall time: {total_seconds:.1f} s for the phases below, compilation "
+                 f"included{since}.")
   if units and units.get("loaded"):
     lines.append(f"Resumed: {units['loaded']} finished units were read back from "
                  f"`cache/units/`, {units.get('computed', 0)} computed in this run.")

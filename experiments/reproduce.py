@@ -71,6 +71,19 @@ def macs_fraction(sparsity_percent: float, hidden: Sequence[int] = (1000, 1000, 
   return macs([784, *keep, 10]) / macs([784, *hidden, 10])
 
 
+def process_seconds() -> float | None:
+  """Seconds since this process started, from Linux's /proc (clock ticks of 10 ms); None where
+  that is unavailable."""
+  try:
+    with open("/proc/self/stat") as f:  # the 22nd field, `starttime`: ticks after boot
+      start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError, AttributeError):
+    return None
+
+
 class Progress:
   """Logs one line per finished phase: its time, what of it was compilation, the elapsed time
   and what probably remains.
@@ -271,6 +284,7 @@ def run(config: dict[str, Any], shrink_config: dict[str, Any], *, command: str =
     text = report.build_report({k: written[k] for k in payloads}, command=command,
                                phases=progress.done, compilations=progress.compilations,
                                total_seconds=progress.elapsed,
+                               process_seconds=process_seconds(),
                                workdir=workdir, units={"loaded": store.loaded,
                                                        "computed": store.computed},
                                compiled_ahead=bool(ahead))

@@ -176,6 +176,40 @@ def _train_steps_many(params, opt_state, pruner_args, images, labels, batch_indi
 _train_steps_vmap_jit = jax.jit(_train_steps_many, static_argnames=_STATIC,
                                 donate_argnums=(0, 1))
 
+# Training runs of fewer steps than this compile without XLA's autotuning on a GPU (`autotunes`).
+AUTOTUNE_MIN_STEPS = 100_000
+
+
+def autotunes(steps: int, autotune: bool | None = None) -> bool:
+  """Whether a training run of `steps` steps compiles them with XLA's default options, which on
+  a GPU autotune its matrix products, rather than with `quick_compile_options()`.
+
+  `autotune` if given, else `steps >= AUTOTUNE_MIN_STEPS`. Autotuning times candidate kernels
+  on the device while compiling. Measured on an H100 (`experiments/device_check.sh`, step
+  `autotune`): the seed's net trained at 11,071 steps/s autotuned against 8,354 without (0.03 ms
+  saved per step), but its program took 4.27 s to compile against 0.21 s, so autotuning pays
+  after about 140,000 steps (a stack of 10 nets: 2,959 against 2,750 steps/s, 5.47 against
+  0.21 s, after about 200,000). The threshold is a round figure below that: larger nets gain
+  more per step. The studies' runs (2,000 steps for a base net, 500 to retrain) are far
+  shorter. Where the quick options are XLA's defaults (a CPU), the choice changes nothing.
+  """
+  if autotune is not None:
+    return bool(autotune)
+  return steps >= AUTOTUNE_MIN_STEPS
+
+
+@functools.cache
+def _steps_fn(stacked: bool, autotune: bool) -> Callable[..., Any]:
+  """The jitted steps of one net (`train`) or of a stack (`train_many`), compiled with XLA's
+  defaults (`autotune`) or with `quick_compile_options()`; the same function where those are
+  the defaults."""
+  plain = _train_steps_vmap_jit if stacked else _train_steps_jit
+  options = None if autotune else quick_compile_options()
+  if options is None:
+    return plain
+  return jax.jit(_train_steps_many if stacked else _train_steps, static_argnames=_STATIC,
+                 donate_argnums=(0, 1), compiler_options=options)
+
 
 class TrainStats(NamedTuple):
   """What a training run measured.
@@ -223,12 +257,11 @@ class _Setup(NamedTuple):
   nets: int | None  # the stack's size before padding to the mesh, with a mesh
 
 
-def _setup(fn, params, masks, images, labels, *, steps, batch_size, learning_rate, optimizer,
-           model, pruner, pruner_args, mesh=None) -> _Setup:
+def _setup(stacked, params, masks, images, labels, *, steps, batch_size, learning_rate,
+           optimizer, model, pruner, pruner_args, mesh=None) -> _Setup:
   """Applies `masks` to `params` (each net's, for a stack; this also checks that the trees
   match), checks the other arguments, places them (padded and sharded over `mesh`, if given) and
   makes the optimizer state: everything the compiled steps take but the batches."""
-  stacked = fn is not _train_steps_jit
   if masks is not None:
     params = jax.vmap(apply_masks)(params, masks) if stacked else apply_masks(params, masks)
   if steps < 0:
@@ -269,15 +302,17 @@ def _batch_indices(idx: np.ndarray, mesh: Any) -> jax.Array:
   return jnp.asarray(idx) if mesh is None else grid.replicate(idx, mesh)
 
 
-def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_rate, optimizer,
-         model, log_every, name, pruner, pruner_args, mesh=None):
-  """Shared driver of `train` and `train_many`: chunks, compiles, logs and checks the loss.
+def _run(stacked, params, masks, images, labels, *, key, steps, batch_size, learning_rate,
+         optimizer, model, log_every, name, pruner, pruner_args, autotune, mesh=None):
+  """Shared driver of `train` and `train_many` (`stacked`): chunks, compiles (`autotunes`),
+  logs and checks the loss.
 
   With `mesh` (stacks only), the stack is padded to a multiple of the mesh's devices and sharded
   over them, the data replicated, and the trained stack gathered (unpadded) on every process.
   """
+  fn = _steps_fn(stacked, autotunes(steps, autotune))
   params, opt_state, pruner_args, images, labels, static, nets = _setup(
-      fn, params, masks, images, labels, steps=steps, batch_size=batch_size,
+      stacked, params, masks, images, labels, steps=steps, batch_size=batch_size,
       learning_rate=learning_rate, optimizer=optimizer, model=model, pruner=pruner,
       pruner_args=pruner_args, mesh=mesh)
 
@@ -290,7 +325,7 @@ def _run(fn, params, masks, images, labels, *, key, steps, batch_size, learning_
 
   if steps == 0:
     return result(params, opt_state, np.zeros((nets or 1, 0), np.float32)
-                  if fn is not _train_steps_jit else np.zeros((0,), np.float32), 0.0, 0.0, 0.0)
+                  if stacked else np.zeros((0,), np.float32), 0.0, 0.0, 0.0)
   batches = np.asarray(draw_batches(key, num_examples=images.shape[0], steps=steps,
                                     batch_size=batch_size))
   losses, seconds, compile_seconds, done = [], 0.0, 0.0, 0
@@ -325,8 +360,8 @@ def train(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array
           key: jax.Array, steps: int = SEED_STEPS, batch_size: int = SEED_BATCH_SIZE,
           learning_rate: LearningRate = SEED_LEARNING_RATE, optimizer: str = "sgd",
           masks: Masks | None = None, log_every: int = 500, name: str = "train",
-          pruner: Pruner | None = None,
-          pruner_args: dict[str, Any] | None = None) -> tuple[Params, TrainStats]:
+          pruner: Pruner | None = None, pruner_args: dict[str, Any] | None = None,
+          autotune: bool | None = None) -> tuple[Params, TrainStats]:
   """Trains `params` of `model` with minibatch `optimizer` steps; returns new params and stats.
 
   Args:
@@ -348,6 +383,8 @@ def train(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array
       object again to reuse the compilation. The final masks are in the returned stats.
     pruner_args: keyword arguments of `pruner` that are arrays (e.g. a final sparsity), passed as
       arguments of the compiled steps, not baked into them.
+    autotune: on a GPU, compile the steps with XLA's autotuning (slower to compile, faster to
+      run); None: only for runs of at least `AUTOTUNE_MIN_STEPS` steps (`autotunes`).
 
   Raises:
     FloatingPointError: if the loss becomes NaN or infinite.
@@ -357,10 +394,10 @@ def train(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array
     >>> params, stats = train(model, params, x, y, key=key, steps=1500,   # doctest: +SKIP
     ...                       pruner=functools.partial(pruning, schedule=sched))
   """
-  return _run(_train_steps_jit, params, masks, images, labels, key=key, steps=steps,
+  return _run(False, params, masks, images, labels, key=key, steps=steps,
               batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
               model=model, log_every=log_every, name=name, pruner=pruner,
-              pruner_args=pruner_args)
+              pruner_args=pruner_args, autotune=autotune)
 
 
 def train_many(model: nn.Module, params: Params, masks: Masks | None, images: jax.Array,
@@ -370,7 +407,7 @@ def train_many(model: nn.Module, params: Params, masks: Masks | None, images: ja
                optimizer: str = "sgd", log_every: int = 500, name: str = "train",
                pruner: Pruner | None = None,
                pruner_args: dict[str, Any] | None = None,
-               mesh: Any = None) -> tuple[Params, TrainStats]:
+               mesh: Any = None, autotune: bool | None = None) -> tuple[Params, TrainStats]:
   """`train` for a stack of nets at once: every leaf of `params` and `masks` has a leading axis.
 
   All nets see the same batches (common random numbers, so that differences between them come
@@ -391,10 +428,10 @@ def train_many(model: nn.Module, params: Params, masks: Masks | None, images: ja
   whole to every process (with several processes joined by `jax.distributed`, every process
   calls this with the same arguments).
   """
-  return _run(_train_steps_vmap_jit, params, masks, images, labels, key=key, steps=steps,
+  return _run(True, params, masks, images, labels, key=key, steps=steps,
               batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
               model=model, log_every=log_every, name=name, pruner=pruner,
-              pruner_args=pruner_args, mesh=mesh)
+              pruner_args=pruner_args, autotune=autotune, mesh=mesh)
 
 
 def training_calls(model: nn.Module, params: Params, images: jax.Array, labels: jax.Array, *,
@@ -402,7 +439,8 @@ def training_calls(model: nn.Module, params: Params, images: jax.Array, labels: 
                    learning_rate: LearningRate = SEED_LEARNING_RATE, optimizer: str = "sgd",
                    masks: Masks | None = None, log_every: int = 500,
                    pruner: Pruner | None = None, pruner_args: dict[str, Any] | None = None,
-                   stacked: bool = False, mesh: Any = None) -> list[tuple[Any, tuple, dict]]:
+                   stacked: bool = False, mesh: Any = None,
+                   autotune: bool | None = None) -> list[tuple[Any, tuple, dict]]:
   """The programs that `train` (or, with `stacked`, `train_many`) compiles for these arguments,
   as `(fn, args, static)` calls of `timing.compile_many` or `timing.compile_ahead`: one per
   chunk length (`log_every` steps, and the rest).
@@ -414,8 +452,8 @@ def training_calls(model: nn.Module, params: Params, images: jax.Array, labels: 
   """
   if mesh is not None and not stacked:
     raise ValueError("a mesh spreads a stack of nets: pass stacked=True with mesh")
-  fn = _train_steps_vmap_jit if stacked else _train_steps_jit
-  setup = _setup(fn, params, masks, images, labels,
+  fn = _steps_fn(stacked, autotunes(steps, autotune))
+  setup = _setup(stacked, params, masks, images, labels,
                  steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                  optimizer=optimizer, model=model, pruner=pruner, pruner_args=pruner_args,
                  mesh=mesh)
@@ -451,8 +489,9 @@ def quick_compile_options() -> dict[str, Any] | None:
   matmuls compiled in threads took about 8 s each), and pays off only for programs run many
   times, as a training loop is. These options hand every product to cuBLAS, with its own choice
   of kernel, untimed. Used by evaluations and equivalence checks (run once, at "highest"
-  precision: the results do not depend on it beyond float32 summation order) and by the studies'
-  timed forwards unless `--timing_autotune`. Checked once by compiling a small product; options
+  precision: the results do not depend on it beyond float32 summation order), by the studies'
+  timed forwards unless `--timing_autotune`, and by training runs too short for autotuning to
+  pay (`autotunes`). Checked once by compiling a small product; options
   this jaxlib lacks are dropped. None (XLA's defaults) on other backends.
   """
   if jax.default_backend() != "gpu":

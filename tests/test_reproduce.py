@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,19 @@ TINY = {"mnist_dir": None, "seeds": [0], "sparsities": [0, 50, 90], "train_steps
         "retrain_base": False, "retrain_steps": 10, "regrow": False}
 TINY_SHRINK = {"retrain_steps": 10, "keep_last_hidden": False, "eval_batches": [100],
                "timing_runs": 1, "pad_multiple": 1, "weight_sparse_formats": ["bcsr"]}
+
+
+def test_process_seconds_counts_from_the_process_start():
+  """`process_seconds` includes what happened before any of our code ran (here a 1 s sleep)."""
+  code = ("import time; time.sleep(1.0); from experiments import reproduce; "
+          "print(reproduce.process_seconds())")
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert run.returncode == 0, run.stderr[-2000:]
+  if os.path.exists("/proc/self/stat"):  # Linux
+    assert 1.0 <= float(run.stdout) < 100
+  else:
+    assert run.stdout.strip() == "None"
 
 
 def test_macs_fraction_matches_the_seeds_arithmetic():
@@ -81,6 +96,10 @@ def test_reproduce_runs_all_studies_and_writes_the_report(bases_in, mnist_dir, m
   assert "| phase | seconds | of which compiling | programs compiled |" in text
   assert "compiled in the background from the start (`--compile_ahead`)" in text
   assert f"JAX devices: {jax.device_count()} x {jax.devices()[0].device_kind}" in text
+  # The phases' time and, apart, the process's (this one's: pytest's start included).
+  assert "s for the phases below, compilation included; " in text
+  assert ("s since the process started (with Python's start-up" in text) == os.path.exists(
+      "/proc/self/stat")
   for study in report.STUDY_ORDER:
     payload = json.load(open(workdir / study / "results.json"))
     assert payload["sparsities"] == [0, 50, 90]

@@ -169,6 +169,34 @@ def test_compile_forwards_compiles_the_evaluation_forwards_with_the_quick_option
     assert train.quick_compile_options() in [dict(o) for o in train._QUICK_GPU_OPTIONS]
 
 
+def test_short_runs_compile_without_autotuning(toy_data, monkeypatch):
+  """Runs shorter than `AUTOTUNE_MIN_STEPS` compile with the quick options (on a GPU: no
+  autotuning), longer ones or `autotune=True` with XLA's defaults: two programs, one training."""
+  assert not train.autotunes(2000) and train.autotunes(train.AUTOTUNE_MIN_STEPS)
+  assert train.autotunes(10, autotune=True) and not train.autotunes(10**6, autotune=False)
+  x, y = toy_data
+  # The GPU's options also compile on a CPU, where they change nothing but the program.
+  monkeypatch.setattr(train, "quick_compile_options", lambda: dict(train._QUICK_GPU_OPTIONS[0]))
+  train._steps_fn.cache_clear()
+  try:
+    params = init_mlp(jax.random.key(4), SMALL)
+    protocol = dict(key=jax.random.key(5), steps=17, batch_size=13, log_every=0)  # new shapes
+    with equivalence.highest_precision():
+      quick, quick_stats = train.train(SMALL, params, x, y, **protocol)
+      tuned, tuned_stats = train.train(SMALL, params, x, y, autotune=True, **protocol)
+    assert quick_stats.compile_seconds > 0 and tuned_stats.compile_seconds > 0
+    for a, b in zip(jax.tree.leaves(quick), jax.tree.leaves(tuned)):
+      assert_agree(a, b, rtol=1e-5, atol=1e-6)
+    (fn, _, _), = train.training_calls(SMALL, params, x, y, steps=17, batch_size=13,
+                                       log_every=0)
+    assert fn is train._steps_fn(False, False) and fn is not train._steps_fn(False, True)
+  finally:
+    monkeypatch.undo()
+    train._steps_fn.cache_clear()
+  if train.quick_compile_options() is None:  # a CPU: XLA's defaults, one program either way
+    assert train._steps_fn(True, False) is train._steps_fn(True, True)
+
+
 @pytest.mark.needs_mnist
 def test_small_mlp_learns_mnist(mnist):
   model = MLP(hidden=(128,))
