@@ -10,7 +10,7 @@ from typing import Any
 
 from absl import app
 
-from experiments import common_flags, seed_results
+from experiments import common_flags, seed_results, shrink_timing
 from prune_jax import results
 from prune_jax import timing as timing_lib  # (the sections call a payload's section `timing`)
 
@@ -159,7 +159,9 @@ def shrink_section(payload: Payload) -> list[str]:
                 f"{v:g}%" for v in target["levels_short"]) + ".")
         + (" Below " + f"{target['fraction']:g} x the MAC ratio at " + ", ".join(
             f"{v:g}%" for v in target["levels_short_of_macs_ratio"]) + "."
-           if target.get("levels_short_of_macs_ratio") else ""))
+           if target.get("levels_short_of_macs_ratio") else "")
+        + (" " + shrink_timing.beyond_limit_note(target)
+           if shrink_timing.beyond_limit_note(target) else ""))
   ws = payload.get("weight_sparse")
   if ws:
     for fmt, by_batch in ws.get("beats_dense_from", {}).items():

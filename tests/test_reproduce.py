@@ -117,6 +117,11 @@ def test_reproduce_runs_all_studies_and_writes_the_report(bases_in, mnist_dir, m
   assert f"~{seed_results.at('sweep/weight', 90):g}" in text
   rebuilt = report.build_report(report.load_payloads(str(workdir)), workdir=str(workdir))
   assert rebuilt.split("## 1.")[1] == text.split("## 1.")[1]
+  # Levels measured faster than their limit allows are named, "met" or not.
+  payloads = report.load_payloads(str(workdir))
+  payloads["shrink"]["timing"]["target"]["levels_beyond_limit"] = [50]
+  assert "Faster than the limit allows (by more than 1.1 x) at 50%: the roofline understates" in \
+      report.build_report(payloads, workdir=str(workdir))
 
 
 def test_report_without_results_names_the_fix(tmp_path):

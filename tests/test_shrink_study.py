@@ -271,6 +271,27 @@ def test_roofline_counts_the_call_overhead_once():
       0.002 + 0.008 + max(0.001, bytes_))
 
 
+def test_target_check_judges_by_the_limit_and_names_levels_beyond_it():
+  def row(sparsity, vs_macs, vs_limit=None):
+    return {"sparsity": sparsity, "speedup_vs_macs_ratio": vs_macs,
+            **({} if vs_limit is None else {"vs_limit": vs_limit})}
+
+  # Judged by vs_limit where there is one (the 50% net: short of the MAC ratio, within its
+  # roofline), else by the MAC ratio; levels above up_to are not judged.
+  rows = [row(0, 0.95, 1.0), row(50, 0.4, 0.9), row(80, 0.5), row(95, 0.1, 0.2)]
+  target = shrink_timing.target_check(rows, batch=10000, up_to=90)
+  assert target["met"] is False and target["levels_short"] == [80]
+  assert target["levels_short_of_macs_ratio"] == [50, 80]
+  assert target["levels_beyond_limit"] == [] and shrink_timing.beyond_limit_note(target) == ""
+  # Measured 1.43 x faster than its limit allows (an H100's bandwidth probe, read at 1.1 TB/s):
+  # within the limit, but the limit is wrong there, and the note says so.
+  rows = [row(0, 0.92, 1.01), row(70, 0.45, 1.43), row(90, 0.14, 1.32)]
+  target = shrink_timing.target_check(rows, batch=10000)
+  assert target["met"] is True and target["levels_beyond_limit"] == [70, 90]
+  note = shrink_timing.beyond_limit_note(target)
+  assert "at 70%, 90%: the roofline understates this machine" in note
+
+
 def test_bandwidth_is_read_net_of_the_call_overhead():
   assert shrink_timing.measured_bandwidth_gbs(2e9, 1.5, 0.5) == pytest.approx(2.0)
   # A probe no slower than the overhead (noise) falls back to its whole time.
