@@ -166,7 +166,13 @@ def unit_prunable(params: Params, *, keep_last_hidden: bool):
   """
   if not keep_last_hidden:
     return None
-  kept = set(sorted(params, key=lambda name: int(name.rsplit("_", 1)[1]))[-2:])
+  return _prunable_but(frozenset(sorted(params, key=lambda name: int(name.rsplit("_", 1)[1]))[-2:]))
+
+
+@functools.cache
+def _prunable_but(kept: frozenset[str]) -> Callable[[str, jax.Array], bool]:
+  """The predicate "a 2-D kernel of a layer not in `kept`": one function per set of layers, so
+  that `_unit_masks` (`prunable` is a static argument) compiles once for every seed's net."""
 
   def prunable(path: str, leaf: jax.Array) -> bool:
     name, _, kind = path.partition("/")

@@ -83,6 +83,11 @@ def test_keep_last_hidden_leaves_dense_3_unpruned(trained):
   assert masks["Dense_3"]["kernel"] is None and masks["Dense_4"]["kernel"] is None
   assert masks["Dense_2"]["kernel"] is not None
   assert study.unit_prunable(trained, keep_last_hidden=False) is None
+  # One predicate for every net of these layers (another seed's too): `_unit_masks` takes it as
+  # a static argument, so a new function each time would compile each time.
+  other = jax.tree.map(lambda a: a + 1, trained)
+  assert study.unit_prunable(other, keep_last_hidden=True) is study.unit_prunable(
+      trained, keep_last_hidden=True)
 
 
 # ---------------------------------------------------------------------------------------------
