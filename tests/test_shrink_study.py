@@ -134,7 +134,9 @@ def test_time_interleaved_runs_and_reports_slow_calls_once():
   assert list(measured) == ["fast", "plain"]
   assert all(t.runs == 3 and 0 < t.min <= t.median <= t.max for t in measured.values())
   assert all(t.calls_per_run == 1 for t in measured.values())
-  blocks = timing.time_interleaved({"fast": (fast, (a, a))}, runs=2, min_run_seconds=0.002,
+  # Runs of at least 50 ms: many calls each, even on a loaded machine (a call of this product
+  # took 3.5 ms while the suite's 4 workers shared 2 cores; 2 ms runs were then one call).
+  blocks = timing.time_interleaved({"fast": (fast, (a, a))}, runs=2, min_run_seconds=0.05,
                                    rewarm_seconds=0.002)
   assert blocks["fast"].runs == 2 and blocks["fast"].calls_per_run > 1
   slow = timing.time_interleaved({"slow": (fast, (a, a))}, runs=5, slow_seconds=0.0)
