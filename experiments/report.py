@@ -151,17 +151,19 @@ def shrink_section(payload: Payload) -> list[str]:
                  "skipped.")
   target = timing.get("target")
   if target:
-    lines.append(
+    sentences = [
         f"Target (batch {target['batch']}, every level up to {target['up_to_sparsity']:g}%: "
         f"speed-up ≥ {target['fraction']:g} x MAC ratio, or within {1 / target['fraction']:g} x "
         "the roofline where that is the limit): " + (
             "met." if target["met"] else "not met at " + ", ".join(
-                f"{v:g}%" for v in target["levels_short"]) + ".")
-        + (" Below " + f"{target['fraction']:g} x the MAC ratio at " + ", ".join(
-            f"{v:g}%" for v in target["levels_short_of_macs_ratio"]) + "."
-           if target.get("levels_short_of_macs_ratio") else "")
-        + (" " + shrink_timing.beyond_limit_note(target)
-           if shrink_timing.beyond_limit_note(target) else ""))
+                f"{v:g}%" for v in target["levels_short"]) + ".")]
+    if target.get("levels_short_of_macs_ratio"):
+      sentences.append(f"Below {target['fraction']:g} x the MAC ratio at " + ", ".join(
+          f"{v:g}%" for v in target["levels_short_of_macs_ratio"]) + ".")
+    note = shrink_timing.beyond_limit_note(target)
+    if note:
+      sentences.append(note)
+    lines.append(" ".join(sentences))
   ws = payload.get("weight_sparse")
   if ws:
     for fmt, by_batch in ws.get("beats_dense_from", {}).items():

@@ -166,7 +166,8 @@ def unit_prunable(params: Params, *, keep_last_hidden: bool):
   """
   if not keep_last_hidden:
     return None
-  return _prunable_but(frozenset(sorted(params, key=lambda name: int(name.rsplit("_", 1)[1]))[-2:]))
+  by_depth = sorted(params, key=lambda name: int(name.rsplit("_", 1)[1]))
+  return _prunable_but(frozenset(by_depth[-2:]))
 
 
 @functools.cache

@@ -394,13 +394,10 @@ def target_check(rows: Sequence[dict[str, Any]], *, batch: int,
     bandwidth probe slower than the memory), so being within it proves nothing.
   """
   judged = [r for r in rows if r["sparsity"] <= up_to]
-
-  def short(row):
-    return row.get("vs_limit", row["speedup_vs_macs_ratio"]) < TARGET_FRACTION
-
+  short = [r["sparsity"] for r in judged
+           if r.get("vs_limit", r["speedup_vs_macs_ratio"]) < TARGET_FRACTION]
   return {"batch": batch, "fraction": TARGET_FRACTION, "up_to_sparsity": up_to,
-          "met": not [r for r in judged if short(r)],
-          "levels_short": [r["sparsity"] for r in judged if short(r)],
+          "met": not short, "levels_short": short,
           "levels_short_of_macs_ratio": [r["sparsity"] for r in judged
                                          if r["speedup_vs_macs_ratio"] < TARGET_FRACTION],
           "levels_beyond_limit": [r["sparsity"] for r in judged
@@ -661,8 +658,9 @@ def summary(payload: dict[str, Any]) -> str:
                  + (f"; below {target['fraction']:g} x the MAC ratio at "
                     + ", ".join(f"{v:g}%" for v in target["levels_short_of_macs_ratio"])
                     if target["levels_short_of_macs_ratio"] else ""))
-    if beyond_limit_note(target):
-      lines.append(beyond_limit_note(target))
+    note = beyond_limit_note(target)
+    if note:
+      lines.append(note)
   ws = payload.get("weight_sparse", {"batches": {}})
   for batch, rows in ws["batches"].items():
     lines.append(f"weight-pruned, batch {batch}: speed-up over dense with zeros " + ", ".join(

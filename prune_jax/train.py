@@ -247,7 +247,9 @@ _prepare_jit = jax.jit(_prepare, static_argnames=("optimizer", "learning_rate", 
 
 
 class _Setup(NamedTuple):
-  """A training run's compiled step's arguments before its batches (see `_setup`)."""
+  """A training run's jitted steps (`fn`, `_steps_fn`) and their arguments before its batches
+  (see `_setup`)."""
+  fn: Callable[..., Any]
   params: Params
   opt_state: Any
   pruner_args: dict[str, Any]
@@ -256,12 +258,18 @@ class _Setup(NamedTuple):
   static: dict[str, Any]
   nets: int | None  # the stack's size before padding to the mesh, with a mesh
 
+  def args(self, batch_indices: jax.Array) -> tuple:
+    """`fn`'s positional arguments for a chunk of `batch_indices` `[steps, batch]`."""
+    return (self.params, self.opt_state, self.pruner_args, self.images, self.labels,
+            batch_indices)
+
 
 def _setup(stacked, params, masks, images, labels, *, steps, batch_size, learning_rate,
-           optimizer, model, pruner, pruner_args, mesh=None) -> _Setup:
-  """Applies `masks` to `params` (each net's, for a stack; this also checks that the trees
-  match), checks the other arguments, places them (padded and sharded over `mesh`, if given) and
-  makes the optimizer state: everything the compiled steps take but the batches."""
+           optimizer, model, pruner, pruner_args, autotune, mesh=None) -> _Setup:
+  """Picks the jitted steps (`autotunes`), applies `masks` to `params` (each net's, for a stack;
+  this also checks that the trees match), checks the other arguments, places them (padded and
+  sharded over `mesh`, if given) and makes the optimizer state: everything the compiled steps
+  take but the batches."""
   if masks is not None:
     params = jax.vmap(apply_masks)(params, masks) if stacked else apply_masks(params, masks)
   if steps < 0:
@@ -289,7 +297,8 @@ def _setup(stacked, params, masks, images, labels, *, steps, batch_size, learnin
   params, opt_state = _prepare_jit(params, masks, pruner_args, optimizer=optimizer,
                                    learning_rate=learning_rate, pruned=pruned, pruner=pruner,
                                    stacked=stacked)
-  return _Setup(params, opt_state, pruner_args, images, labels, static, nets)
+  return _Setup(_steps_fn(stacked, autotunes(steps, autotune)), params, opt_state, pruner_args,
+                images, labels, static, nets)
 
 
 def _chunks(steps: int, log_every: int) -> list[int]:
@@ -310,45 +319,42 @@ def _run(stacked, params, masks, images, labels, *, key, steps, batch_size, lear
   With `mesh` (stacks only), the stack is padded to a multiple of the mesh's devices and sharded
   over them, the data replicated, and the trained stack gathered (unpadded) on every process.
   """
-  fn = _steps_fn(stacked, autotunes(steps, autotune))
-  params, opt_state, pruner_args, images, labels, static, nets = _setup(
-      stacked, params, masks, images, labels, steps=steps, batch_size=batch_size,
-      learning_rate=learning_rate, optimizer=optimizer, model=model, pruner=pruner,
-      pruner_args=pruner_args, mesh=mesh)
+  setup = _setup(stacked, params, masks, images, labels, steps=steps, batch_size=batch_size,
+                 learning_rate=learning_rate, optimizer=optimizer, model=model, pruner=pruner,
+                 pruner_args=pruner_args, autotune=autotune, mesh=mesh)
 
-  def result(params, opt_state, losses, *times):
-    final = _final_masks(opt_state)
+  def result(losses, *times):
+    params, final = setup.params, _final_masks(setup.opt_state)
     if mesh is not None:
-      params, final, losses = grid.unpad(grid.gather((params, final, losses)), nets)
+      params, final, losses = grid.unpad(grid.gather((params, final, losses)), setup.nets)
       params, final = grid.as_jax((params, final))
     return params, TrainStats(losses, *times, final)
 
   if steps == 0:
-    return result(params, opt_state, np.zeros((nets or 1, 0), np.float32)
+    return result(np.zeros((setup.nets or 1, 0), np.float32)
                   if stacked else np.zeros((0,), np.float32), 0.0, 0.0, 0.0)
-  batches = np.asarray(draw_batches(key, num_examples=images.shape[0], steps=steps,
+  batches = np.asarray(draw_batches(key, num_examples=setup.images.shape[0], steps=steps,
                                     batch_size=batch_size))
   losses, seconds, compile_seconds, done = [], 0.0, 0.0, 0
   for chunk in _chunks(steps, log_every):
-    idx = _batch_indices(batches[done:done + chunk], mesh)
-    exe, secs = timing.compile_once(fn, (params, opt_state, pruner_args, images, labels, idx),
-                                    static)
+    args = setup.args(_batch_indices(batches[done:done + chunk], mesh))
+    exe, secs = timing.compile_once(setup.fn, args, setup.static)
     compile_seconds += secs
     start = time.perf_counter()
-    params, opt_state, chunk_losses = exe(params, opt_state, pruner_args, images, labels, idx)
+    params, opt_state, chunk_losses = exe(*args)
+    setup = setup._replace(params=params, opt_state=opt_state)
     chunk_losses = grid.gather(chunk_losses)  # blocks until the chunk is done
     seconds += time.perf_counter() - start
-    done += idx.shape[0]
+    done += chunk
     if not np.all(np.isfinite(chunk_losses)):
       raise FloatingPointError(
           f"{name}: non-finite loss by step {done}; lower --learning_rate (now "
-          f"{static['learning_rate']})")
+          f"{setup.static['learning_rate']})")
     losses.append(chunk_losses)
     if log_every:
       logging.info("%s: step %d/%d  loss %.4f  %.0f steps/s", name, done, steps,
                    float(np.mean(chunk_losses[..., -min(100, chunk):])), done / seconds)
-  return result(params, opt_state, np.concatenate(losses, axis=-1), seconds, compile_seconds,
-                steps / seconds)
+  return result(np.concatenate(losses, axis=-1), seconds, compile_seconds, steps / seconds)
 
 
 def _final_masks(opt_state: optax.OptState) -> Masks | None:
@@ -452,14 +458,12 @@ def training_calls(model: nn.Module, params: Params, images: jax.Array, labels: 
   """
   if mesh is not None and not stacked:
     raise ValueError("a mesh spreads a stack of nets: pass stacked=True with mesh")
-  fn = _steps_fn(stacked, autotunes(steps, autotune))
   setup = _setup(stacked, params, masks, images, labels,
                  steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                  optimizer=optimizer, model=model, pruner=pruner, pruner_args=pruner_args,
-                 mesh=mesh)
-  return [(fn, (setup.params, setup.opt_state, setup.pruner_args, setup.images, setup.labels,
-                _batch_indices(np.zeros((chunk, batch_size), np.int32), mesh)), setup.static)
-          for chunk in sorted(set(_chunks(steps, log_every)))]
+                 autotune=autotune, mesh=mesh)
+  return [(setup.fn, setup.args(_batch_indices(np.zeros((chunk, batch_size), np.int32), mesh)),
+           setup.static) for chunk in sorted(set(_chunks(steps, log_every)))]
 
 
 def _forward(params: Params, x: jax.Array, *, model: nn.Module) -> jax.Array:
