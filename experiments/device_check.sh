@@ -11,6 +11,8 @@
 #
 #   MNIST_DIR=<folder of the four MNIST .gz files> OUT=<folder> bash experiments/device_check.sh
 #
+# SHAKESPEARE_DIR (default: ../shared/data/tinyshakespeare beside the clone) holds Tiny
+# Shakespeare's input.txt, which study 7's tests need.
 # PYTHON picks the interpreter (default python3); it needs the packages of requirements.txt.
 # WHEELS may name a folder of wheels (e.g. tensorflow-datasets' and its dependencies', from
 # `pip download`) installed first, without network, where the package is missing: without
@@ -38,7 +40,8 @@ work="$(mktemp -d /tmp/device_check_work.XXXXXX)"
 logs="$work/logs"
 mkdir -p "$out" "$logs"
 export PRUNE_JAX_MNIST_DIR="${MNIST_DIR:?set MNIST_DIR to the folder of the four MNIST files}"
-export PRUNE_JAX_REQUIRE_MNIST=1 PYTHONUNBUFFERED=1
+export PRUNE_JAX_SHAKESPEARE_DIR="${SHAKESPEARE_DIR:-$root/../shared/data/tinyshakespeare}"
+export PRUNE_JAX_REQUIRE_MNIST=1 PRUNE_JAX_REQUIRE_SHAKESPEARE=1 PYTHONUNBUFFERED=1
 summary=()
 steps="${STEPS:-autotune reproduce not_ahead warm tests benchmark methods cusparse}"
 want() { [[ " $steps " == *" $1 "* ]]; }

@@ -340,15 +340,22 @@ def stop_cleanly_on_sigterm() -> Iterator[None]:
     signal.signal(signal.SIGTERM, previous)
 
 
+def load_mnist(config: Config) -> data_lib.MNIST:
+  """MNIST from `config["mnist_dir"]` (or where `load_mnist` finds it), on the device."""
+  return data_lib.on_device(data_lib.load_mnist(config["mnist_dir"]))
+
+
 def main(run: Callable[..., Payload], config: Callable[[], Config], *,
-         write: Callable[[Payload, str], str] = write_and_plot) -> Callable[[Sequence[str]], None]:
-  """The absl `main` of a study: flags -> config -> MNIST -> `run` -> `write`.
+         write: Callable[[Payload, str], str] = write_and_plot,
+         load: Callable[[Config], Any] = load_mnist) -> Callable[[Sequence[str]], None]:
+  """The absl `main` of a study: flags -> config -> its data -> `run` -> `write`.
 
   Args:
-    run: `run(config, mnist) -> payload`.
+    run: `run(config, data) -> payload`.
     config: reads the parsed flags into the study's config (and checks them, raising
       `ValueError`, which becomes a usage error naming the flag).
     write: writes the payload into the workdir (default `write_and_plot`).
+    load: `load(config) -> data`, the study's data set (default: MNIST, `load_mnist`).
   """
   def study_main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
@@ -367,8 +374,7 @@ def main(run: Callable[..., Payload], config: Callable[[], Config], *,
     use_matmul_precision(cfg)
     with stop_cleanly_on_sigterm():
       try:
-        mnist = data_lib.on_device(data_lib.load_mnist(cfg["mnist_dir"]))
-        payload = run(cfg, mnist)
+        payload = run(cfg, load(cfg))
         if jax.process_index() == 0:  # the others computed the same; they write nothing
           write(payload, cfg["workdir"])
       except KeyboardInterrupt:

@@ -7,8 +7,9 @@ tf32.emulate_if_asked()  # $PRUNE_JAX_EMULATE_TF32=1: the CPU rounds products as
 from prune_jax.allocation import erk_densities
 from prune_jax.equivalence import check_close, highest_precision, max_difference
 from prune_jax.rewinding import IMPResult, imp, imp_sparsities
-from prune_jax.masks import apply_masks, unit_masks, weight_masks
-from prune_jax.models import MLP, LeNet5, init_lenet5, init_mlp, shrunk_model
+from prune_jax.masks import apply_masks, satisfies_pattern, unit_masks, weight_masks
+from prune_jax.models import (GPT, MLP, LeNet5, gpt_block_kernels, init_gpt, init_lenet5, init_mlp,
+                              shrunk_gpt, shrunk_model)
 from prune_jax.pruner import PruningState, current_masks, pruning, stack_axes
 from prune_jax.regrowth import regrow
 from prune_jax.report import sparsity_report
@@ -21,3 +22,6 @@ from prune_jax.group_masks import dense_groups
 from prune_jax.structured import ShrinkPlan, ShrunkApply, shrink_fn, shrink_opt_state, shrink_plan
 from prune_jax.exporting import load_shrunk, save_shrunk
 from prune_jax.macs import count_macs, macs_by_op
+from prune_jax.text_data import CharCorpus, load_shakespeare
+from prune_jax.language_model import evaluate_lm, lm_loss, nanogpt_optimizer, train_lm
+from prune_jax.calibration import KernelStats, calibration_stats, prune_calibrated

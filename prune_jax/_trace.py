@@ -173,3 +173,14 @@ def _body(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
   if len(inner.invars) != len(eqn.invars) or len(inner.outvars) != len(eqn.outvars):
     return None  # not a plain call (unexpected signature): treat as an opaque primitive
   return inner, consts
+
+
+def bind(eqn: Eqn, ins: Sequence[Any], params: dict[str, Any] | None = None) -> list[Any]:
+  """Applies `eqn`'s primitive to the values `ins` (with `params`, default the equation's own);
+  returns its outputs as a list."""
+  bind_params = eqn.prim.get_bind_params(eqn.params if params is None else params)
+  subfuns = []
+  if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
+    subfuns, bind_params = bind_params
+  outs = eqn.prim.bind(*subfuns, *ins, **bind_params)
+  return list(outs) if eqn.prim.multiple_results else [outs]

@@ -14,15 +14,14 @@ A folder must hold the four files under their official names (`FILENAMES`). What
 file is checked against the official SHA-256 before it is parsed, so a corrupt, truncated or different
 file raises `MnistFileError` instead of giving a wrong array. Without the files and without network,
 `load_mnist` fails within seconds (a short probe of the download host precedes the download), with a
-message saying where to put the files.
+message saying where to put the files. The resolution, the probe and that message live in `_download`,
+shared with the Tiny Shakespeare loader (`text_data.py`).
 """
 
 import functools
 import gzip
-import hashlib
 import os
 import pathlib
-import threading
 import time
 import zlib
 from collections.abc import Sequence
@@ -32,7 +31,9 @@ import jax
 import numpy as np
 from absl import logging
 
-PathLike = str | os.PathLike
+from prune_jax import _download
+
+PathLike = _download.PathLike
 
 ENV_VAR = "PRUNE_JAX_MNIST_DIR"
 NUM_CLASSES = 10
@@ -44,6 +45,8 @@ IMAGE_SIDE = 28
 _MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 # How long the download host may take to answer before we give up (seconds, per connect and per read).
 _PROBE_TIMEOUT_S = 5.0
+# Asks whether the download host answers, before tfds would download (an attribute: tests replace it).
+_probe = _download.probe
 
 
 # The official files' SHA-256, as tfds registers them (also in the experiments' results, naming the data).
@@ -114,6 +117,23 @@ class MnistDownloadError(OSError):
   """The MNIST files are not on this machine and could not be downloaded."""
 
 
+def _source() -> _download.Source:
+  """MNIST for `_download`; built at each call, so that tests may point `_MNIST_URL` elsewhere."""
+  return _download.Source(
+      title="MNIST",
+      tfds_name="mnist",
+      base_url=_MNIST_URL,
+      files={name: _download.RemoteFile(spec.filename, spec.sha256, spec.size)
+             for name, spec in _FILES.items()},
+      function="load_mnist",
+      argument="mnist_dir",
+      flag="--mnist_dir",
+      env_var=ENV_VAR,
+      file_error=MnistFileError,
+      download_error=MnistDownloadError,
+  )
+
+
 def load_mnist(mnist_dir: PathLike | None = None) -> MNIST:
   """Loads MNIST, from the first of these that is given (see the module docstring).
 
@@ -139,12 +159,7 @@ def load_mnist(mnist_dir: PathLike | None = None) -> MNIST:
     MnistDownloadError: no folder given, the files are in neither tfds' manual dir nor its cache, and the
       download host does not answer (offline) or the download fails.
   """
-  if mnist_dir is not None and os.fspath(mnist_dir) != "":
-    paths = _paths_in_folder(mnist_dir, source="the `mnist_dir` argument (`--mnist_dir` flag)")
-  elif os.environ.get(ENV_VAR):
-    paths = _paths_in_folder(os.environ[ENV_VAR], source=f"the environment variable {ENV_VAR}")
-  else:
-    paths = _paths_from_tfds()
+  paths = _download.resolve(_source(), mnist_dir, probe=_probe, timeout=_PROBE_TIMEOUT_S)
   key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (paths[name] for name in _FILES))
   return _load_files(key)
 
@@ -174,13 +189,7 @@ def read_idx(path: PathLike, *, shape: Sequence[int] | None = None, sha256: str 
     raise FileNotFoundError(f"IDX file {path} does not exist.")
   stored = path.read_bytes()
   if sha256 is not None:
-    actual = hashlib.sha256(stored).hexdigest()
-    if actual != sha256.lower():
-      raise MnistFileError(
-          f"{path} has the wrong SHA-256 (corrupt, truncated or not the official file):\n"
-          f"  expected {sha256.lower()}\n  actual   {actual} ({len(stored)} bytes)\n"
-          f"Delete it and put the official {path.name} there, or re-download it."
-      )
+    _download.check_sha256(path, stored, sha256, error=MnistFileError)
   try:
     raw = gzip.decompress(stored)
   except (OSError, EOFError, zlib.error) as e:
@@ -207,136 +216,6 @@ def read_idx(path: PathLike, *, shape: Sequence[int] | None = None, sha256: str 
         f"{expected_len - header_len}. Delete it and re-download it."
     )
   return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
-
-
-def _paths_in_folder(folder: PathLike, *, source: str) -> dict[str, pathlib.Path]:
-  """Returns `{name: path}` of the four files in `folder`, or raises naming what is missing."""
-  folder = pathlib.Path(folder).expanduser()
-  where = f"{folder} (resolved: {folder.resolve()}, from {source})"
-  if not folder.is_dir():
-    raise FileNotFoundError(
-        f"MNIST folder {where} does not exist or is not a folder. It must hold the four official files "
-        f"{', '.join(FILENAMES)} (from {_MNIST_URL})."
-    )
-  paths = {name: (folder / spec.filename).resolve() for name, spec in _FILES.items()}
-  missing = [_FILES[name].filename for name, path in paths.items() if not path.is_file()]
-  if missing:
-    raise FileNotFoundError(
-        f"MNIST file(s) {', '.join(missing)} missing from {where}. The folder must hold the four official "
-        f"files {', '.join(FILENAMES)}; get them from {_MNIST_URL}."
-    )
-  return paths
-
-
-def _tfds_data_dir() -> pathlib.Path:
-  """tfds' data dir, as `tensorflow_datasets.core.constants.get_default_data_dir` computes it."""
-  return pathlib.Path(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
-
-
-def _paths_from_tfds() -> dict[str, pathlib.Path]:
-  """Gets the files through tfds' download manager: manual dir, else its cache, else a download."""
-  download_dir = _tfds_data_dir() / "downloads"
-  manual_dir = download_dir / "manual"
-  urls = {name: _MNIST_URL + spec.filename for name, spec in _FILES.items()}
-
-  # tfds (about 0.3 s to import) is needed only here; importing it does not import TensorFlow.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.core.download import checksums as tfds_checksums  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.core.download import download_manager as tfds_dm  # pylint: disable=g-import-not-at-top
-
-  # tfds retries a failing download with backoff for minutes, so first make sure it will not need the
-  # network, or that the network answers.
-  not_local = [name for name in _FILES if not _in_tfds_manual_dir_or_cache(download_dir, manual_dir, urls[name], name)]
-  if not_local:
-    start = time.perf_counter()
-    problem = _probe(urls[not_local[0]], timeout=_PROBE_TIMEOUT_S)
-    if problem is not None:
-      raise MnistDownloadError(
-          _offline_message(manual_dir, [_FILES[n].filename for n in not_local], problem, time.perf_counter() - start)
-      )
-
-  url_infos = {
-      urls[name]: tfds_checksums.UrlInfo(size=spec.size, checksum=spec.sha256, filename=spec.filename)
-      for name, spec in _FILES.items()
-  }
-  manager = tfds.download.DownloadManager(
-      download_dir=download_dir,
-      manual_dir=manual_dir,
-      url_infos=url_infos,
-      dataset_name="mnist",
-      force_checksums_validation=True,
-  )
-  try:
-    paths = manager.download(urls)
-  except tfds_dm.NonMatchingChecksumError as e:
-    raise MnistFileError(
-        f"tfds found an MNIST file with the wrong checksum (corrupt, truncated or not the official file):\n{e}\n"
-        f"Delete that file: tfds downloads it again, or put the official file in {manual_dir}."
-    ) from e
-  except Exception as e:  # DownloadError, requests' errors, OSError...: all mean "could not download".
-    raise MnistDownloadError(
-        _offline_message(manual_dir, [_FILES[n].filename for n in not_local], f"{type(e).__name__}: {e}", None)
-    ) from e
-  logging.info("MNIST files from tfds' download manager: %s", {k: str(v) for k, v in paths.items()})
-  return {name: pathlib.Path(os.fspath(path)).resolve() for name, path in paths.items()}
-
-
-def _in_tfds_manual_dir_or_cache(download_dir: pathlib.Path, manual_dir: pathlib.Path, url: str, name: str) -> bool:
-  """Whether tfds' manager would find the file without the network: in its manual dir or its cache."""
-  spec = _FILES[name]
-  if (manual_dir / spec.filename).is_file():
-    return True
-  try:
-    # The cache layout of `DownloadManager._get_dl_path`: `<download_dir>[/<dataset>]/<url><checksum>.gz`
-    # next to a `.INFO` file. If a tfds upgrade changes it, this says "not cached": we probe the network.
-    from tensorflow_datasets.core.download import resource  # pylint: disable=g-import-not-at-top
-
-    fname = resource.get_dl_fname(url, spec.sha256)
-  except Exception:  # pylint: disable=broad-except
-    return False
-  for folder in (download_dir / "mnist", download_dir):
-    cached = folder / fname
-    if cached.is_file() and cached.with_suffix(cached.suffix + ".INFO").is_file():
-      return True
-  return False
-
-
-def _probe(url: str, *, timeout: float) -> str | None:
-  """Returns None if `url` answers HTTP 200 within about `timeout` seconds, else what went wrong.
-
-  Uses `requests`, as tfds does (so `HTTPS_PROXY` & co. apply), without retries, reading only the
-  headers. `requests`' timeouts do not cover the DNS lookup, so the request runs in a daemon thread that
-  is abandoned after `2 * timeout`.
-  """
-  outcome: list[str | None] = []
-
-  def get() -> None:
-    try:
-      import requests  # pylint: disable=g-import-not-at-top
-
-      with requests.get(url, stream=True, timeout=timeout) as response:
-        outcome.append(None if response.status_code == 200 else f"HTTP {response.status_code} from {url}")
-    except Exception as e:  # pylint: disable=broad-except
-      outcome.append(f"{type(e).__name__}: {e}")
-
-  thread = threading.Thread(target=get, name="mnist-download-probe", daemon=True)
-  thread.start()
-  thread.join(2 * timeout)
-  if not outcome:
-    return f"no answer from {url} within {2 * timeout:g} s"
-  return outcome[0]
-
-
-def _offline_message(manual_dir: pathlib.Path, missing: Sequence[str], problem: str, seconds: float | None) -> str:
-  took = "" if seconds is None else f" (gave up after {seconds:.1f} s)"
-  return (
-      f"MNIST is not on this machine and could not be downloaded from {_MNIST_URL}{took}: {problem}\n"
-      f"Not in tfds' manual dir or download cache: {', '.join(missing)}.\n"
-      f"Get the four official files {', '.join(FILENAMES)} (from {_MNIST_URL}) and either\n"
-      f"  * put them in a folder and pass it as `load_mnist(mnist_dir=...)` / the experiments' `--mnist_dir` flag,\n"
-      f"  * or put them in a folder and set the environment variable {ENV_VAR} to it,\n"
-      f"  * or put them in tfds' manual dir {manual_dir} (that is $TFDS_DATA_DIR/downloads/manual)."
-  )
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,10 @@ sparsity is contained in the mask at a lower one (nested).
 
 The weights are ranked by a criterion (`criterion=`: magnitude by default, random, SNIP saliency
 or a function of your own; `prune_jax.criteria`) and the pruned count is allocated across layers
-by `scope=` (`"layer"`, `"global"`, or `"erk"`: `prune_jax.allocation`).
+by `scope=` (`"layer"`, `"global"`, or `"erk"`: `prune_jax.allocation`) or to each output unit
+(`"output"`, Wanda's comparison group). `pattern=(N, M)` adds N:M structured sparsity (at most
+`M - N` pruned in every group of `M` consecutive inputs of an output unit: 2:4 for sparse tensor
+cores), which `satisfies_pattern` checks.
 
 Example:
   >>> params = init_mlp(jax.random.key(0), MLP(hidden=(64, 32)))
@@ -34,16 +37,22 @@ Params = Any
 Masks = Any
 Sparsity = float | jax.Array
 Prunable = Callable[[str, jax.Array], bool]
-Scope = Literal["layer", "global", "erk"]
+Scope = Literal["layer", "global", "erk", "output"]
 Criterion = criteria.Criterion
+Pattern = tuple[int, int]
 
 _SCOPES = ("layer", "global")
-_WEIGHT_SCOPES = ("layer", "global", "erk")
+_WEIGHT_SCOPES = ("layer", "global", "erk", "output")
+_PATTERN_SCOPES = ("layer", "output")
+# A concrete sparsity may exceed 1 - N/M by this much (float32 rounding of, e.g., 1 - 1/3) and
+# still mean the full pattern: the counts are capped at the pattern's.
+_PATTERN_SLACK = 1e-6
 
 
-def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
+def weight_masks(params: Params, sparsity: Sparsity | None = None, *, scope: Scope = "layer",
                  prunable: Prunable | None = None, criterion: Criterion = "magnitude",
-                 key: jax.Array | None = None, grads: Params | None = None) -> Masks:
+                 key: jax.Array | None = None, grads: Params | None = None,
+                 pattern: Pattern | None = None) -> Masks:
   """Masks the lowest-scoring weights (default: smallest `|w|`): exactly `round(sparsity * n)`.
 
   With `scope="layer"` (the seed's definition), each prunable leaf of `n` entries loses its
@@ -56,12 +65,29 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   lowest-scoring weights. The total is exact; the per-layer counts are rounded by largest
   remainder, so ERK masks are nested across sparsities only up to one weight per layer.
 
+  With `scope="output"` (Wanda's comparison group, Sun et al. 2023), each output unit of each
+  prunable leaf is pruned on its own: for a leaf of shape `[..., out]`, unit `j` is the slice
+  `w.reshape(-1, out)[:, j]` of `fan_in = prod(shape[:-1])` weights (a 1-D leaf `[out]` has
+  `fan_in = 1`), and every unit loses its `round(sparsity * fan_in)` lowest-scoring weights, so
+  every unit ends up with the same sparsity.
+
+  N:M structured sparsity (`pattern=(N, M)`, e.g. `(2, 4)` for sparse tensor cores): each unit's
+  input slice `w.reshape(-1, out)[:, j]` is split into consecutive groups of `M` (`M` must divide
+  `fan_in`), and a group loses at most `M - N` weights: only each group's `M - N` lowest-scoring
+  weights (ties: the lower index first) are eligible. With `sparsity=None` (or `1 - N/M`), the
+  full pattern: every group keeps exactly its `N` highest-scoring weights. With a lower sparsity,
+  `round(sparsity * n)` of the leaf's weights (with `scope="output"`, `round(sparsity * fan_in)`
+  of each unit's) are pruned, the lowest-scoring eligible ones. So the masks are nested across
+  sparsities and reach the full pattern at `1 - N/M`: the path of gradual N:M pruning. Patterns
+  take `scope="layer"` or `"output"` (the two prune the same weights at the full pattern).
+
   Criteria (`criterion=`, scores higher = kept; `prune_jax.criteria`): `"magnitude"` `|w|`;
   `"random"` uniform scores from `key` (reproducible: a leaf's scores depend on the key, its path
   and shape only); `"saliency"` `|w * g|` with `g` from `grads` (SNIP, Lee et al. 2019: the
   gradient of the loss on a batch at initialisation); or a function `criterion(path, w, g)`
   returning scores of `w`'s shape (`g` is `None` without `grads`), e.g.
-  `lambda path, w, g: -w * g` (a first-order movement score).
+  `lambda path, w, g: -w * g` (a first-order movement score). Every scope and pattern works with
+  every criterion.
 
   Counting: `round` rounds half to even. A Python `float`/`int` sparsity gives
   `round(sparsity * n)` computed in float64 (Python's `round`); an array sparsity (numpy/jax
@@ -70,15 +96,18 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   prune the same weights.
 
   Ties are broken deterministically by position: among equal scores, the entry with the lower
-  flat (row-major) index is pruned first; with `scope="global"` the pool is the concatenation of
-  the prunable leaves in layer order (see `prunable`), so an earlier layer loses a tied weight
-  first. Because this order does not depend on `sparsity`, masks are nested across sparsities.
+  flat (row-major) index is pruned first (with `scope="output"`, the lower index within the
+  unit); with `scope="global"` the pool is the concatenation of the prunable leaves in layer
+  order (see `prunable`), so an earlier layer loses a tied weight first. Because this order does
+  not depend on `sparsity`, masks are nested across sparsities.
 
   Args:
     params: a linen `params` dict or a variables dict `{"params": ...}`; leaves are arrays.
-    sparsity: the fraction of weights to prune, in [0, 1]. Checked when concrete; a traced value
-      (under `jit`/`vmap`) is not checked but clipped to [0, 1], and NaN prunes nothing.
-    scope: `"layer"`, `"global"` or `"erk"`, see above.
+    sparsity: the fraction of weights to prune, in [0, 1] (with a pattern, in [0, 1 - N/M]).
+      Checked when concrete; a traced value (under `jit`/`vmap`) is not checked but clipped to
+      [0, 1] (with a pattern, to the full pattern), and NaN prunes nothing. `None` (only with a
+      pattern): the full pattern.
+    scope: `"layer"`, `"global"`, `"erk"` or `"output"`, see above.
     prunable: `prunable(path, leaf) -> bool` selects the leaves to prune, given the path relative
       to the params collection (e.g. `"Dense_1/kernel"`) and the array. Default: every 2-D leaf
       named `kernel` except the last one (the logits layer, which the seed never prunes). Leaves
@@ -88,6 +117,8 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     key: a `jax.random` key, needed by `"random"`.
     grads: gradients, a tree like `params` (e.g. `jax.grad(loss)(params)`), needed by
       `"saliency"` and passed to a function criterion; ignored by the others.
+    pattern: `(N, M)`, ints with `0 <= N <= M` and `M >= 1`: N:M sparsity along the input axis,
+      see above. `None`: no pattern.
 
   Returns:
     A mask tree mirroring `params`: bool arrays of the leaves' shapes (True = keep) for prunable
@@ -96,9 +127,12 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   Raises:
     ValueError: a concrete sparsity outside [0, 1] or NaN, an unknown scope or criterion, a
       `prunable` that matches nothing, NaN/inf in a (concrete) prunable leaf, naming its path,
-      `"random"` without a key, `"saliency"` without grads, or grads that do not match params.
-    TypeError: a sparsity that is not a real scalar, a `prunable` that is not callable, or a
-      key that is not a `jax.random` key.
+      `"random"` without a key, `"saliency"` without grads, or grads that do not match params;
+      with a pattern: bad `N` or `M`, a sparsity above `1 - N/M`, scope `"global"` or `"erk"`,
+      or a prunable leaf whose `fan_in` `M` does not divide, naming it.
+    TypeError: a sparsity that is not a real scalar (or `None` without a pattern), a `prunable`
+      that is not callable, a key that is not a `jax.random` key, or a pattern that is not a
+      pair of ints.
 
   Example:
     >>> params = {"Dense_0": {"kernel": jnp.array([[0.3, -0.1], [0.2, 0.4]])},
@@ -113,34 +147,167 @@ def weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     >>> weight_masks(params, 0.5, criterion="saliency", grads=grads)["Dense_0"]["kernel"]
     Array([[False,  True],
            [ True, False]], dtype=bool)
+    >>> weight_masks(params, pattern=(1, 2))["Dense_0"]["kernel"]  # 1:2 down each column
+    Array([[ True, False],
+           [False,  True]], dtype=bool)
   """
   return _weight_masks(params, sparsity, scope=scope, prunable=prunable, criterion=criterion,
-                       key=key, grads=grads)
+                       key=key, grads=grads, pattern=pattern)
 
 
-def _weight_masks(params: Params, sparsity: Sparsity, *, scope: Scope, prunable: Prunable | None,
-                  criterion: Criterion, key: jax.Array | None, grads: Params | None,
+def _weight_masks(params: Params, sparsity: Sparsity | None, *, scope: Scope,
+                  prunable: Prunable | None, criterion: Criterion, key: jax.Array | None,
+                  grads: Params | None, pattern: Pattern | None = None,
                   select: bool = False) -> Masks:
   """`weight_masks`; `select=True` finds each threshold by bisection instead of a sort (the same
   masks, about 3x faster for one sparsity, much slower under `vmap` over many): the pruner's."""
   _check_scope(scope, _WEIGHT_SCOPES)
+  pattern = check_pattern(pattern, scope=scope)
+  full = sparsity is None
+  if full:
+    if pattern is None:
+      raise TypeError("sparsity must be a real number in [0, 1], got None; it may be left out "
+                      "only with pattern=(N, M), for the full N:M pattern")
+    sparsity = 1.0  # capped at the pattern's count below
   _check_sparsity(sparsity)
+  if pattern is not None and not full:
+    _check_pattern_sparsity(sparsity, pattern)
   criteria.check_criterion(criterion, key=key)
   chosen = _select(params, prunable)
   for leaf in chosen:
     _check_finite(leaf)
+    if pattern is not None:
+      _check_groups(leaf, pattern[1])
   scores = criteria.weight_scores(chosen, criterion=criterion, key=key, grads=grads)
-  if scope == "layer":
-    counts = tuple(_num_pruned(sparsity, s.size, s.size) for s in scores)
+  if scope in ("layer", "output"):
+    sizes = [_fan_in(s.shape) if scope == "output" else s.size for s in scores]
+    counts = tuple(_num_pruned(sparsity, n, _eligible(n, pattern)) for n in sizes)
   else:
     total = sum(s.size for s in scores)
     counts = (_num_pruned(sparsity, total, total),)
   if scope == "erk":
     counts = allocation.erk_pruned_counts([s.shape for s in scores], counts[0])
     scope = "layer"
-  keeps = _weight_keeps(scores, counts, scope=scope, select=select)
+  keeps = _weight_keeps(scores, counts, scope=scope, pattern=pattern, select=select)
   keep = {leaf.path: k for leaf, k in zip(chosen, keeps)}
   return _mask_tree(params, keep)
+
+
+def satisfies_pattern(masks: Masks, pattern: Pattern, *, exact: bool = False) -> bool:
+  """Whether every mask of `masks` is N:M sparse: at most `N` kept in each group of `M` inputs.
+
+  The groups are those of `weight_masks(..., pattern=(N, M))`: for a mask of shape `[..., out]`,
+  each unit's slice `mask.reshape(-1, out)[:, j]` split into consecutive groups of `M`. This is
+  what 2:4 sparse tensor cores need (at most 2 nonzeros in every 4). A partial N:M mask (a
+  sparsity below `1 - N/M`) does not satisfy it; the full pattern does.
+
+  Args:
+    masks: a mask tree (bool arrays, True = keep; `None` leaves are skipped), or one mask. For
+      the weights themselves, pass e.g. `{"w": params["Dense_0"]["kernel"] != 0}`.
+    pattern: `(N, M)`, ints with `0 <= N <= M` and `M >= 1`.
+    exact: also require exactly `N` kept in each group (the full pattern, nothing more pruned).
+
+  Returns:
+    True when every group of every mask keeps at most `N` (exactly `N` with `exact=True`). A
+    Python bool: the masks must be concrete (not traced under `jit`).
+
+  Raises:
+    ValueError: a bad pattern, or a mask whose `fan_in` `M` does not divide, naming its path.
+    TypeError: a mask that is not a boolean array, naming its path; a pattern that is not two ints.
+
+  Example:
+    >>> satisfies_pattern({"k": jnp.array([[True], [False], [False], [True]])}, (2, 4))
+    True
+    >>> satisfies_pattern({"k": jnp.array([[True], [False], [True], [True]])}, (2, 4))
+    False
+  """
+  n, m = check_pattern(pattern)
+  leaves = [_paths.Leaf(_paths.path_str(keypath) or "mask", None, mask)
+            for keypath, mask in jax.tree_util.tree_flatten_with_path(masks)[0]]
+  for leaf in leaves:  # every leaf checked before any answer
+    if getattr(leaf.value, "dtype", None) != bool:
+      raise TypeError(f"{leaf.path}: satisfies_pattern takes boolean masks (True = keep), got "
+                      f"{type(leaf.value).__name__} of dtype {getattr(leaf.value, 'dtype', None)};"
+                      " for weights, pass w != 0")
+    _check_groups(leaf, m, what="satisfies_pattern")
+  for leaf in leaves:
+    fan_in, out = _unit_shape(leaf.value.shape)
+    kept = np.asarray(leaf.value).reshape(fan_in // m, m, out).sum(axis=1)
+    if np.any(kept != n) if exact else np.any(kept > n):
+      return False
+  return True
+
+
+def check_pattern(pattern: Any, *, scope: str = "layer") -> Pattern | None:
+  """`pattern` as a tuple `(N, M)` of Python ints (or `None`), after checking it and the scope.
+
+  Raises:
+    TypeError: not a pair of ints.
+    ValueError: not `0 <= N <= M` with `M >= 1`, or a scope other than `"layer"` or `"output"`.
+  """
+  if pattern is None:
+    return None
+  try:
+    n, m = pattern
+  except (TypeError, ValueError):
+    raise TypeError(f"pattern must be a pair (N, M) of ints, e.g. (2, 4) for 2:4 sparsity, got "
+                    f"{pattern!r}") from None
+  if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (n, m)):
+    raise TypeError(f"pattern must be a pair (N, M) of ints, e.g. (2, 4) for 2:4 sparsity, got "
+                    f"{pattern!r}")
+  n, m = int(n), int(m)
+  if m < 1 or not 0 <= n <= m:
+    raise ValueError(f"pattern (N, M) keeps N of every M weights and needs 0 <= N <= M, M >= 1, "
+                     f"got {pattern!r}; e.g. (2, 4)")
+  if scope not in _PATTERN_SCOPES:
+    raise ValueError(f"pattern={pattern!r} constrains every group of {m} inputs of an output "
+                     f"unit, so it needs scope='layer' or 'output' (a count per layer or per "
+                     f"unit), got scope={scope!r}")
+  return n, m
+
+
+def _check_pattern_sparsity(sparsity: Sparsity, pattern: Pattern) -> None:
+  """Rejects a concrete sparsity above `1 - N/M` (a traced one is capped instead)."""
+  if isinstance(sparsity, jax.core.Tracer):
+    return
+  n, m = pattern
+  limit = (m - n) / m
+  if float(np.asarray(sparsity)) > limit + _PATTERN_SLACK:
+    raise ValueError(f"sparsity {float(np.asarray(sparsity)):g} exceeds 1 - N/M = {limit:g}, the "
+                     f"most that pattern {n}:{m} prunes (every group of {m} keeps {n}); pass a "
+                     f"sparsity <= {limit:g}, or sparsity=None for the full pattern")
+
+
+def _check_groups(leaf: _paths.Leaf, m: int, *, what: str = "pattern") -> None:
+  """Checks that `m` divides the leaf's `fan_in` (the length of a unit's input slice)."""
+  shape = tuple(leaf.value.shape)
+  fan_in = _fan_in(shape)
+  if fan_in % m:
+    fix = ("leave it out with prunable=, or choose an M that divides it" if what == "pattern"
+           else "leave it out of the masks, or choose an M that divides it")
+    raise ValueError(f"{leaf.path} has shape {shape}: its units' input slices "
+                     f"w.reshape(-1, {_units(shape)})[:, j] have fan_in {fan_in}, which M={m} does "
+                     f"not divide into groups of {m}; {fix}")
+
+
+def _units(shape: tuple[int, ...]) -> int:
+  """The number of output units of a leaf `[..., out]` (1 for a scalar)."""
+  return shape[-1] if shape else 1
+
+
+def _fan_in(shape: tuple[int, ...]) -> int:
+  """The weights per output unit of a leaf `[..., out]`: `prod(shape[:-1])`."""
+  return int(np.prod(shape[:-1], dtype=np.int64))
+
+
+def _unit_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+  """`[fan_in, out]`: the leaf reshaped so that column `j` is unit `j`."""
+  return _fan_in(shape), _units(shape)
+
+
+def _eligible(n: int, pattern: Pattern | None) -> int:
+  """How many of `n` weights (a multiple of M) a pattern lets go: `n * (M - N) / M`."""
+  return n if pattern is None else n // pattern[1] * (pattern[1] - pattern[0])
 
 
 def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
@@ -322,10 +489,14 @@ def apply_masks(params: Params, masks: Masks) -> Params:
 
 def _check_scope(scope: str, allowed: tuple[str, ...] = _SCOPES) -> None:
   if scope not in allowed:
-    erk = (", or 'erk' (allocate across layers by fan-in and fan-out)" if "erk" in allowed
-           else "" if scope != "erk" else "; 'erk' allocates weights, use weight_masks")
+    more = {"erk": "'erk' (allocate across layers by fan-in and fan-out)",
+            "output": "'output' (prune each output unit by the same fraction)"}
+    extra = "".join(f", or {text}" for name, text in more.items() if name in allowed)
+    if scope in more and scope not in allowed:
+      what = "allocates weights" if scope == "erk" else "ranks single weights per unit"
+      extra += f"; {scope!r} {what}, use weight_masks"
     raise ValueError(f"scope must be 'layer' (prune each layer by the same fraction) or 'global' "
-                     f"(rank all prunable layers together){erk}, got {scope!r}")
+                     f"(rank all prunable layers together){extra}, got {scope!r}")
 
 
 def _check_sparsity(sparsity: Any) -> None:
@@ -391,21 +562,57 @@ def _where_kept(values: tuple[jax.Array, ...], masks: tuple[jax.Array | None, ..
                for v, m in zip(values, masks))
 
 
-@jax.jit(static_argnames=("scope", "select"))
+@jax.jit(static_argnames=("scope", "pattern", "select"))
 def _weight_keeps(scores: tuple[jax.Array, ...], counts: tuple[jax.Array, ...], *,
-                  scope: str, select: bool = False) -> tuple[jax.Array, ...]:
-  """Keep masks of `scores`' shapes, pruning the `counts` lowest scores per leaf or (global)
-  pooled.
+                  scope: str, pattern: Pattern | None = None,
+                  select: bool = False) -> tuple[jax.Array, ...]:
+  """Keep masks of `scores`' shapes, pruning the `counts` lowest scores per leaf, per output unit
+  (`scope="output"`: the count of every unit of a leaf) or (global) pooled; with a `pattern`,
+  among the eligible weights only (each group's `M - N` lowest).
 
   Jitted as a whole so that a call compiles one program (not one per operation and shape), and
   its sorts, which do not depend on `counts`, are computed once under `vmap` over sparsities.
   """
-  if scope == "layer":
-    return tuple(_keep_largest(_int_keys(s), k, select=select) for s, k in zip(scores, counts))
+  if scope in ("layer", "output"):
+    return tuple(_leaf_keep(s, k, scope=scope, pattern=pattern, select=select)
+                 for s, k in zip(scores, counts))
   dtype = jnp.result_type(*(s.dtype for s in scores))
   pool = jnp.concatenate([s.astype(dtype).ravel() for s in scores])
   return _split(_keep_largest(_int_keys(pool), counts[0], select=select),
                 [s.shape for s in scores])
+
+
+def _leaf_keep(scores: jax.Array, k: jax.Array, *, scope: str, pattern: Pattern | None,
+               select: bool) -> jax.Array:
+  """The keep mask of one leaf: its `k` lowest scores pruned (per unit with `scope="output"`)."""
+  keys = _int_keys(scores)
+  if scope == "layer" and pattern is None:
+    return _keep_largest(keys, k, select=select)
+  units = keys.reshape(_unit_shape(scores.shape))  # [fan_in, out]: column j is unit j
+  if pattern is not None:
+    units = _pattern_keys(units, pattern)
+  if scope == "output":
+    keep = jax.vmap(lambda unit: _keep_largest(unit, k, select=select))(units.T).T
+  else:
+    keep = _keep_largest(units, k, select=select)  # row-major: the leaf's own flat order
+  return keep.reshape(scores.shape)
+
+
+def _pattern_keys(units: jax.Array, pattern: Pattern) -> jax.Array:
+  """`units` `[fan_in, out]` with every key outside its group's `M - N` lowest set to the dtype's
+  maximum (never pruned while eligible keys remain: the counts are capped at their number).
+
+  The `M - N` lowest of a group are found by a stable sort (ties: the lower index first), so the
+  eligible set does not depend on the sparsity. Eligible keys are capped one below the maximum.
+  """
+  n, m = pattern
+  fan_in, out = units.shape
+  groups = units.reshape(fan_in // m, m, out)
+  order = jnp.argsort(groups, axis=1, stable=True)
+  rank = jnp.argsort(order, axis=1)  # the inverse permutation: each entry's rank in its group
+  top = jnp.iinfo(units.dtype).max
+  keys = jnp.where(rank < m - n, jnp.minimum(groups, top - 1), top)
+  return keys.reshape(fan_in, out)
 
 
 @jax.jit(static_argnames=("scope",))

@@ -497,3 +497,59 @@ def plot_conv(payload: Payload, folder: str) -> list[str]:
   _shrink_speed_axes(ax_speed, payload)
   _titles(fig, ax, "Channel pruning of a CNN: accuracy and inference speed-up", payload)
   return [_save(fig, os.path.join(folder, f"{payload['study']}.png"))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Study 7 (transformer): a GPT pruned one shot; the validation loss's increase over dense.
+# ---------------------------------------------------------------------------------------------
+_METHOD_COLORS = {"magnitude": "tab:blue", "wanda": "tab:orange", "sparsegpt": "tab:green",
+                  "random": "0.6"}
+# A method with its kept weights refitted ("sparsegpt+refit"): its base's colour, hatched.
+_REFIT_HATCH = "//"
+
+
+def plot_transformer(payload: Payload, folder: str) -> list[str]:
+  """`transformer.png`: per level, a bar per one-shot method of the validation loss's increase
+  over the dense GPT (log scale, mean ± std over seeds, dots: each seed), and a diamond for the
+  net pruned gradually during its training, where the payload has one."""
+  rows = list(payload["one_shot"].values())
+  levels = list(dict.fromkeys(row["level"] for row in rows))
+  methods = list(dict.fromkeys(row["method"] for row in rows))
+  fig = Figure(figsize=(8, 5.2), layout="constrained")
+  ax = fig.add_subplot()
+  width = 0.8 / max(len(methods), 1)
+  for i, method in enumerate(methods):
+    x = np.arange(len(levels)) + (i - (len(methods) - 1) / 2) * width
+    cells = [payload["one_shot"][f"{method}/{level}"]["increase"] for level in levels]
+    mean = np.array([c["mean"] for c in cells])
+    std = np.array([c["std"] for c in cells])
+    base, _, refit = method.partition("+")
+    ax.bar(x, np.maximum(mean, 1e-4), width, yerr=std, capsize=2, label=method,
+           color=_METHOD_COLORS.get(base), alpha=0.85 if not refit else 0.5,
+           hatch=_REFIT_HATCH if refit else None, edgecolor="0.2" if refit else None)
+    for xi, c in zip(x, cells):
+      if len(c["per_seed"]) > 1:
+        ax.scatter(np.full(len(c["per_seed"]), xi), np.maximum(c["per_seed"], 1e-4), s=8,
+                   color="0.2", zorder=3)
+  gradual = payload.get("gradual", {})
+  if gradual:  # pruned during training: a marker over its level
+    at = [levels.index(level) for level in gradual if level in levels]
+    cells = [gradual[levels[i]]["increase"] for i in at]
+    ax.errorbar(at, [max(c["mean"], 1e-4) for c in cells], yerr=[c["std"] for c in cells],
+                fmt="D", color="black", markersize=6, capsize=3, zorder=4,
+                label="pruned gradually in training (same steps)")
+  ax.set_yscale("log")
+  ax.set_xticks(np.arange(len(levels)), levels)
+  ax.set_xlabel("sparsity of the block kernels (N:M: N kept of every M inputs)")
+  ax.set_ylabel("validation loss increase over dense (nats/char)")
+  ax.grid(axis="y", which="both", alpha=0.3)
+  dense = payload["dense"]["loss"]
+  seeds = payload.get("seeds", [])
+  fig.suptitle("A GPT pruned one shot with calibration data (bars) or while training (◆)",
+               fontsize=13, fontweight="bold")
+  ax.set_title(f"Tiny Shakespeare (characters), {payload['model']['description']}; dense "
+               f"validation loss {dense['mean']:.3f}\nseed{'s' if len(seeds) != 1 else ''} "
+               f"{', '.join(str(s) for s in seeds)}{_spread(len(seeds))}", fontsize=8,
+               color="0.3")
+  _legend(fig, ax)
+  return [_save(fig, os.path.join(results.ensure_dir(folder), "transformer.png"))]

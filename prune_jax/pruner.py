@@ -19,6 +19,11 @@ same way in practice: a pruned unit's column is zero, so its norm ranks it first
 unit whose column is exactly zero too could take its place, by the lower index). Without a
 schedule the masks given are kept fixed (`pruning(tx, masks=masks)`, what `prune_jax.train` uses).
 
+With `pattern=(N, M)` the pruning is gradual N:M: every rebuild prunes the schedule's sparsity
+within the pattern (at most `M - N` in every group of `M` inputs of an output unit; the weights
+already pruned rank lowest in their groups, so the masks still only grow), and a schedule that
+ends at `1 - N/M` ends in the exact pattern (2:4 for sparse tensor cores).
+
 With `regrow=`, weights also come back: after each rebuild, a fraction of every layer's kept
 weights (the smallest) is dropped and as many pruned weights with the largest gradient grow back
 at zero (`prune_jax.regrowth.regrow`; RigL with a constant sparsity, gradual pruning with
@@ -48,6 +53,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from prune_jax import _paths, criteria, regrowth, schedules
@@ -78,12 +84,13 @@ def pruning(tx: optax.GradientTransformation,
             criterion: criteria.Criterion = "magnitude",
             scope: masks_lib.Scope = "layer", prunable: masks_lib.Prunable | None = None,
             key: jax.Array | None = None, every: int | None = None,
-            regrow: float | Callable[[Any], Any] | None = None
-            ) -> optax.GradientTransformationExtraArgs:
+            regrow: float | Callable[[Any], Any] | None = None,
+            pattern: masks_lib.Pattern | None = None) -> optax.GradientTransformationExtraArgs:
   """Wraps the optimizer `tx` so that it prunes the params as they train (see the module doc).
 
   At a step `t` with `schedule.is_update(t)`, the masks become
-  `weight_masks(params, schedule(t), scope=scope, criterion=criterion, ...)` (or `unit_masks`
+  `weight_masks(params, schedule(t), scope=scope, criterion=criterion, pattern=pattern, ...)`
+  (or `unit_masks`
   for `kind="unit"`), with the weights pruned so far ranked first. Then, for every leaf,
 
       g' = where(mask, g, 0);   u, inner = tx.update(g', inner, params);   u' = where(mask, u, -w)
@@ -98,12 +105,14 @@ def pruning(tx: optax.GradientTransformation,
       `every=`. `None`: keep the `masks` given fixed.
     masks: the masks at step 0, e.g. from `weight_masks`; default: nothing pruned. Needed without
       a schedule. With a schedule they must have the structure the pruner builds (same `kind`
-      and `prunable`). Pruned params need not be zero yet: the first update zeroes them.
+      and `prunable`; with a pattern, at most `M - N` pruned in a group). Pruned params need
+      not be zero yet: the first update zeroes them.
     kind: `"weight"` (`weight_masks`) or `"unit"` (`unit_masks`: whole columns and their biases).
     criterion: as in `weight_masks` (`"magnitude"`, `"random"`, `"saliency"` (scored on the
       step's gradients), or a function `(path, w, g) -> scores`); for units `"magnitude"` or
       `"random"`. A random criterion keeps one `key` for all rebuilds, so its masks are nested.
-    scope: `"layer"`, `"global"` or (weights) `"erk"`, as in `weight_masks`.
+    scope: `"layer"`, `"global"` or (weights) `"erk"` or `"output"` (each output unit by the
+      same fraction), as in `weight_masks`; with a pattern, `"layer"` or `"output"`.
     prunable: which leaves to prune, as in `weight_masks` (default: every 2-D kernel but the last).
     key: the `jax.random` key of `criterion="random"`.
     every: for a plain function schedule only: rebuild the masks at steps `0, every, 2 * every...`.
@@ -111,6 +120,11 @@ def pruning(tx: optax.GradientTransformation,
       (`regrowth.regrow`: the smallest dropped, the pruned ones with the largest gradient grown
       back at zero, their optimizer state zero); a number, or a function of the step such as
       `optax.cosine_decay_schedule(0.3, 4000)`. `None`: masks only grow.
+    pattern: weights only: `(N, M)`, gradual N:M sparsity (see `weight_masks`): each rebuild
+      prunes `schedule(t)` of the weights, never more than `M - N` in a group of `M`; a traced
+      sparsity above `1 - N/M` gives the full pattern. Ramp the schedule to `1 - N/M` (e.g.
+      `polynomial_sparsity(0.5, ...)` for 2:4) to end in the exact pattern. `M` must divide
+      every prunable leaf's fan-in (checked at `init`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; its state is a `PruningState` (extra keyword
@@ -119,8 +133,12 @@ def pruning(tx: optax.GradientTransformation,
   Raises:
     ValueError: an unknown kind, scope or criterion (or one the kind does not support),
       `"random"` without a key, neither a schedule nor masks, `every` with a `Schedule` or
-      without one, `regrow` for units or without a schedule; at `init`, masks that do not
-      match the params (naming the leaf); at `update`, no params.
+      without one, `regrow` for units or without a schedule; a pattern for units, with
+      `regrow`, without a schedule, with scope `"global"` or `"erk"`, or below a `Schedule`
+      whose final sparsity exceeds `1 - N/M`; at `init`, masks that do not match the params
+      (naming the leaf), a prunable leaf whose fan-in `M` does not divide, or starting masks
+      that prune more than `M - N` of a group; at `update`, no params.
+    TypeError: a pattern that is not a pair of ints.
 
   Example:
     >>> tx = pruning(optax.adam(1e-3), one_shot_sparsity(0.5), scope="global")
@@ -131,9 +149,13 @@ def pruning(tx: optax.GradientTransformation,
     raise ValueError(f"kind must be 'weight' (single weights) or 'unit' (whole units), got "
                      f"{kind!r}")
   criteria.check_criterion(criterion, units=kind == "unit", key=key)
+  if pattern is not None and kind != "weight":
+    raise ValueError(f"pattern={pattern!r} prunes single weights in groups of M inputs: use "
+                     "kind='weight', or pattern=None for units")
   # pylint: disable-next=protected-access
   scopes = masks_lib._WEIGHT_SCOPES if kind == "weight" else masks_lib._SCOPES
   masks_lib._check_scope(scope, scopes)  # pylint: disable=protected-access
+  pattern = masks_lib.check_pattern(pattern, scope=scope)
   if schedule is None:
     if every is not None:
       raise ValueError("every= sets when a schedule rebuilds the masks, but no schedule was given")
@@ -143,6 +165,8 @@ def pruning(tx: optax.GradientTransformation,
                        "masks=weight_masks(params, 0.9)")
   else:
     schedule = schedules.as_schedule(schedule, every=every)
+  if pattern is not None:
+    _check_pattern_schedule(schedule, pattern, regrow)
   if regrow is not None:
     if kind != "weight":
       raise ValueError("regrow swaps single weights (drop the smallest, grow the largest "
@@ -161,19 +185,22 @@ def pruning(tx: optax.GradientTransformation,
     return masks_lib._weight_masks(  # pylint: disable=protected-access
         params, sparsity, scope=scope, prunable=prunable,
         criterion=criteria.keep_pruned(criterion, previous, key=key), key=None, grads=grads,
-        select=True)
+        pattern=pattern, select=True)
 
   def init(params: Params) -> PruningState:
     # The masks' structure (which leaves are pruned) without ranking anything.
     template = jax.eval_shape(
         lambda p: masks_lib.unit_masks(p, 0.0, scope=scope, prunable=prunable)
-        if kind == "unit" else masks_lib.weight_masks(p, 0.0, prunable=prunable), params)
+        if kind == "unit" else masks_lib.weight_masks(p, 0.0, prunable=prunable, pattern=pattern),
+        params)  # with a pattern, also checks that M divides every prunable leaf's fan-in
     if masks is None:
       start = jax.tree.map(lambda s: jnp.ones(s.shape, bool), template)
     else:
       _paths.mask_for_each_leaf(params, masks)  # structure, shapes and dtypes
       if schedule is not None:
         _check_same_leaves(params, masks, template)
+      if pattern is not None:
+        _check_masks_within_pattern(params, masks, pattern)
       start = masks
     inner = inner_tx.init(params)
     if masks is not None:
@@ -301,6 +328,47 @@ def _zero_pruned(tx: optax.GradientTransformation, inner: optax.OptState,
         "params-shaped parts with optax.tree_utils.tree_map_params, which failed for this "
         f"optimizer ({type(e).__name__}: {e}); wrap an optimizer whose init accepts any tree "
         "(e.g. optax.sgd, adam, adamw)") from e
+
+
+def _check_pattern_schedule(schedule: schedules.Schedule | None, pattern: masks_lib.Pattern,
+                            regrow: Any) -> None:
+  """Checks that a pattern has a schedule to follow, no regrowth, and (where the schedule's final
+  sparsity is concrete) a final sparsity of at most `1 - N/M`."""
+  n, m = pattern
+  if schedule is None:
+    raise ValueError(f"pattern={pattern!r} acts when a schedule rebuilds the masks, but no "
+                     "schedule was given; build fixed N:M masks with weight_masks(params, "
+                     f"pattern={pattern!r}) and pass masks= without pattern=")
+  if regrow is not None:
+    raise ValueError(f"regrow grows weights back anywhere, which would break the {n}:{m} "
+                     "pattern; pass regrow=None with a pattern")
+  if schedule.end is None:
+    return  # a plain function of the step: its last value is not known
+  final = schedule(schedule.end)
+  if isinstance(final, jax.core.Tracer) or getattr(final, "shape", ()) != ():
+    return  # traced (e.g. vmapped over final sparsities): capped at the pattern when built
+  limit = (m - n) / m
+  if float(final) > limit + masks_lib._PATTERN_SLACK:  # pylint: disable=protected-access
+    raise ValueError(f"the schedule ends at sparsity {float(final):g} (step {schedule.end}), "
+                     f"above 1 - N/M = {limit:g}, the most that pattern {n}:{m} prunes; end it "
+                     f"at {limit:g} (e.g. polynomial_sparsity({limit:g}, ...)) to reach the "
+                     "exact pattern")
+
+
+def _check_masks_within_pattern(params: Params, masks: Masks, pattern: masks_lib.Pattern) -> None:
+  """Checks that concrete starting masks prune at most `M - N` in every group of `M` inputs (a
+  rebuild would bring back the others: only a group's `M - N` lowest can be pruned)."""
+  n, m = pattern
+  for leaf, mask in _paths.mask_for_each_leaf(params, masks):
+    if mask is None or isinstance(mask, jax.core.Tracer):
+      continue
+    fan_in, out = masks_lib._unit_shape(mask.shape)  # pylint: disable=protected-access
+    most = int(np.max(np.sum(~np.asarray(mask).reshape(fan_in // m, m, out), axis=1), initial=0))
+    if most > m - n:
+      raise ValueError(f"the starting masks prune {most} of a group of {m} inputs of "
+                       f"{leaf.path}, more than the {m - n} that pattern {n}:{m} allows (a "
+                       "rebuild would bring them back); start from masks within the pattern, "
+                       f"e.g. weight_masks(params, s, pattern=({n}, {m})), or from none")
 
 
 def _check_same_leaves(params: Params, masks: Masks, template: Masks) -> None:

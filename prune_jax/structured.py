@@ -395,14 +395,7 @@ def _evaluate(traced: groups_lib.Traced, pruned: np.ndarray, params: Sequence[An
 
   for eqn in program.eqns:
     ins = [read(x) for x in eqn.ins]
-    params_ = _rewrite(eqn, analysis, keep, new_shape)
-    bind_params = eqn.prim.get_bind_params(params_)
-    subfuns = []
-    if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
-      subfuns, bind_params = bind_params
-    outs = eqn.prim.bind(*subfuns, *ins, **bind_params)
-    if not eqn.prim.multiple_results:
-      outs = [outs]
+    outs = _trace.bind(eqn, ins, _rewrite(eqn, analysis, keep, new_shape))
     for value, out, aval in zip(eqn.outs, outs, eqn.out_avals):
       if value is None:
         continue

@@ -1,10 +1,12 @@
 """Shared fixtures: the real MNIST files (`mnist_dir`, `mnist`, `small_mnist`), the `needs_mnist`
-marker, and the tiny base nets every study test starts from (`shared_bases`, `base_params`,
-`bases_in`).
+marker, the real Tiny Shakespeare (`shakespeare_dir`, `shakespeare`), the `needs_shakespeare` marker,
+and the tiny base nets every study test starts from (`shared_bases`, `base_params`, `bases_in`).
 
 The files are found through `$PRUNE_JAX_MNIST_DIR`, else `../shared/data/mnist` beside the repo. If neither
 exists, tests using them skip, or fail when `$PRUNE_JAX_REQUIRE_MNIST` is set (as CI does: `.ci/run`).
-Tests using `mnist_dir` or `mnist` get the `needs_mnist` marker automatically.
+Tests using `mnist_dir` or `mnist` get the `needs_mnist` marker automatically. Likewise Tiny
+Shakespeare's `input.txt`: `$PRUNE_JAX_SHAKESPEARE_DIR`, else `../shared/data/tinyshakespeare`,
+`$PRUNE_JAX_REQUIRE_SHAKESPEARE`, the `needs_shakespeare` marker.
 """
 
 import os
@@ -19,6 +21,13 @@ REQUIRE_ENV_VAR = "PRUNE_JAX_REQUIRE_MNIST"
 SHARED_MNIST_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 _MNIST_FIXTURES = {"mnist_dir", "mnist", "small_mnist", "shared_bases", "base_params",
                    "bases_in"}
+# = prune_jax.text_data.ENV_VAR; not imported, as ENV_VAR.
+SHAKESPEARE_ENV_VAR = "PRUNE_JAX_SHAKESPEARE_DIR"
+REQUIRE_SHAKESPEARE_ENV_VAR = "PRUNE_JAX_REQUIRE_SHAKESPEARE"
+SHARED_SHAKESPEARE_DIR = SHARED_MNIST_DIR.parent / "tinyshakespeare"
+_SHAKESPEARE_FIXTURES = {"shakespeare_dir", "shakespeare"}
+# Marker -> the environment variable that makes its tests fail instead of skipping.
+_REQUIRED_BY = {"needs_mnist": REQUIRE_ENV_VAR, "needs_shakespeare": REQUIRE_SHAKESPEARE_ENV_VAR}
 # The base nets of the studies' tests: seeds 0 and 1, 50 SGD steps (the keys of `base_key`).
 TINY_BASES = {"mnist_dir": None, "seeds": [0, 1], "sparsities": [0, 50, 90], "train_steps": 50,
               "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer",
@@ -29,6 +38,10 @@ _XLA_CACHE = pytest.StashKey[str]()
 def pytest_configure(config: pytest.Config) -> None:
   config.addinivalue_line(
       "markers", "needs_mnist: reads the real MNIST files (fixtures `mnist_dir`, `mnist`); must not skip in CI."
+  )
+  config.addinivalue_line(
+      "markers", "needs_shakespeare: reads the real Tiny Shakespeare (fixtures `shakespeare_dir`, "
+      "`shakespeare`); must not skip in CI."
   )
   # One persistent compilation cache for the session's subprocess runs of the studies (which turn
   # it on): a program compiled by one run is loaded, not compiled, by the next. Set before jax
@@ -54,21 +67,29 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
   del config
   for item in items:
-    if _MNIST_FIXTURES & set(getattr(item, "fixturenames", ())):
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if _MNIST_FIXTURES & fixtures:
       item.add_marker(pytest.mark.needs_mnist)
+    if _SHAKESPEARE_FIXTURES & fixtures:
+      item.add_marker(pytest.mark.needs_shakespeare)
+
+
+def _data_dir(env_var: str, shared: pathlib.Path, require_env_var: str, what: str) -> pathlib.Path:
+  """`$env_var`, else `shared` if it exists, else a skip (a failure when `$require_env_var` is set)."""
+  if os.environ.get(env_var):
+    return pathlib.Path(os.environ[env_var])
+  if shared.is_dir():
+    return shared
+  reason = f"{what} not found: ${env_var} is unset and {shared} does not exist."
+  if os.environ.get(require_env_var):
+    pytest.fail(f"{reason} (${require_env_var} is set, so this is an error, not a skip.)")
+  pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> pathlib.Path:
   """The folder holding the four real MNIST files: `$PRUNE_JAX_MNIST_DIR`, else ../shared/data/mnist."""
-  if os.environ.get(ENV_VAR):
-    return pathlib.Path(os.environ[ENV_VAR])
-  if SHARED_MNIST_DIR.is_dir():
-    return SHARED_MNIST_DIR
-  reason = f"MNIST files not found: ${ENV_VAR} is unset and {SHARED_MNIST_DIR} does not exist."
-  if os.environ.get(REQUIRE_ENV_VAR):
-    pytest.fail(f"{reason} (${REQUIRE_ENV_VAR} is set, so this is an error, not a skip.)")
-  pytest.skip(reason)
+  return _data_dir(ENV_VAR, SHARED_MNIST_DIR, REQUIRE_ENV_VAR, "MNIST files")
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +98,22 @@ def mnist(mnist_dir: pathlib.Path):
   from prune_jax import data  # pylint: disable=g-import-not-at-top
 
   return data.load_mnist(mnist_dir)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir() -> pathlib.Path:
+  """The folder holding Tiny Shakespeare's `input.txt`: `$PRUNE_JAX_SHAKESPEARE_DIR`, else
+  ../shared/data/tinyshakespeare."""
+  return _data_dir(SHAKESPEARE_ENV_VAR, SHARED_SHAKESPEARE_DIR, REQUIRE_SHAKESPEARE_ENV_VAR,
+                   "Tiny Shakespeare's input.txt")
+
+
+@pytest.fixture(scope="session")
+def shakespeare(shakespeare_dir: pathlib.Path):
+  """The real Tiny Shakespeare as `prune_jax.text_data.CharCorpus`, loaded once per session."""
+  from prune_jax import text_data  # pylint: disable=g-import-not-at-top
+
+  return text_data.load_shakespeare(shakespeare_dir)
 
 
 @pytest.fixture(scope="session")
@@ -130,11 +167,16 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-  """With `$PRUNE_JAX_REQUIRE_MNIST` set, a `needs_mnist` test that skipped, for any reason, fails."""
+  """With `$PRUNE_JAX_REQUIRE_MNIST` set, a `needs_mnist` test that skipped, for any reason, fails;
+  likewise a `needs_shakespeare` test with `$PRUNE_JAX_REQUIRE_SHAKESPEARE` set."""
   del call
   outcome = yield
   report = outcome.get_result()
-  if report.skipped and os.environ.get(REQUIRE_ENV_VAR) and item.get_closest_marker("needs_mnist"):
-    report.outcome = "failed"
-    report.longrepr = (f"{item.nodeid} needs MNIST but was skipped while ${REQUIRE_ENV_VAR} is set "
-                       f"(CI): {report.longrepr}")
+  if not report.skipped:
+    return
+  for marker, require_env_var in _REQUIRED_BY.items():
+    if os.environ.get(require_env_var) and item.get_closest_marker(marker):
+      report.outcome = "failed"
+      report.longrepr = (f"{item.nodeid} is marked {marker} but was skipped while ${require_env_var} "
+                         f"is set (CI): {report.longrepr}")
+      return

@@ -90,3 +90,11 @@ def test_docstring_examples(module):
   result = doctest.testmod(importlib.import_module(module), extraglobs=globs,
                            optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_readme_language_model_example_runs_as_written(capsys):
+  namespace = {"__name__": "readme_example"}
+  code = _readme_example("Prune a language model with calibration data")
+  exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  assert capsys.readouterr().out == "True\n(256, 256)\n"
+  assert prune_jax.satisfies_pattern(namespace["masks"], (2, 4), exact=True)

@@ -491,3 +491,233 @@ def test_bisection_threshold_gives_the_sorted_threshold_masks(seed, size, k, gri
   selected, sorted_ = _both_thresholds(keys, jnp.int32(min(k, size)))
   np.testing.assert_array_equal(selected, sorted_)
   assert int((~selected).sum()) == min(k, size)
+
+
+# --- N:M patterns and the per-output-unit scope --------------------------------------------------
+
+def _bits(rows):
+  """A bool array from rows of T/F, e.g. "TF FT" -> [[True, False], [False, True]]."""
+  return np.array([[c == "T" for c in row] for row in rows.split()])
+
+
+# Dense_0 [8, 2]: each column (output unit) holds two groups of 4 inputs, rows 0-3 and 4-7.
+# |w| column 0: .9 .1 .5 .2 | .3 .3 .3 0;  column 1: .1 .2 .15 .4 | .4 .4 .1 .1  (ties pruned by
+# the lower index first: within a group for the pattern, then by flat index or index in the unit).
+NM_TREE = {
+    "Dense_0": {"kernel": jnp.array([[0.9, 0.1], [-0.1, 0.2], [0.5, 0.15], [0.2, 0.4],
+                                     [0.3, -0.4], [0.3, 0.4], [-0.3, 0.1], [0.0, -0.1]])},
+    "Dense_1": {"kernel": jnp.ones((2, 3))},
+}
+FULL_2_4 = _bits("TF FT TF FT FT TT TF FF")
+NM_EXPECTED = [  # (pattern, sparsity, scope) -> Dense_0 kernel mask
+    ((2, 4), None, "layer", FULL_2_4),
+    ((2, 4), 0.5, "layer", FULL_2_4),  # 1 - N/M: the full pattern
+    ((2, 4), None, "output", FULL_2_4),
+    ((1, 2), None, "layer", _bits("TF FT TF FT FF TT TF FT")),  # the tied (.3, .3): row 4 goes
+    ((2, 4), 0.25, "layer", _bits("TF FT TT TT TT TT TF FT")),  # 4: 0, then .1 at flat 1, 2, 13
+    # 7: plain magnitude would prune the .2 at row 1, column 1 (flat 3), but that group has
+    # already lost its two, so the .2 at row 3, column 0 (flat 6) goes instead.
+    ((2, 4), 7 / 16, "layer", _bits("TF FT TF FT TT TT TF FF")),
+    ((2, 4), 0.375, "output", _bits("TF FT TT FT TT TT TF FF")),  # 3 per column
+]
+
+
+@pytest.mark.parametrize("pattern, sparsity, scope, expected", NM_EXPECTED)
+def test_pattern_literal_masks(pattern, sparsity, scope, expected):
+  masks = weight_masks(NM_TREE, sparsity, scope=scope, pattern=pattern)
+  np.testing.assert_array_equal(masks["Dense_0"]["kernel"], expected)
+  assert masks["Dense_1"]["kernel"] is None
+
+
+# Dense_0 [3, 3]: fan_in 3 per output unit; ties in every column.
+OUTPUT_TREE = {
+    "Dense_0": {"kernel": jnp.array([[0.2, -0.4, 0.0], [-0.2, 0.1, 0.0], [0.3, 0.1, 0.0]])},
+    "Dense_1": {"kernel": jnp.ones((3, 2))},
+}
+
+
+@pytest.mark.parametrize("sparsity, expected", [
+    (1 / 6, _bits("TTT TTT TTT")),  # round(0.5) = 0 per unit
+    (1 / 3, _bits("FTF TFT TTT")),  # 1 per unit, the lower index of each tie
+    (0.5, _bits("FTF FFF TFT")),  # round(1.5) = 2 per unit
+    (1.0, _bits("FFF FFF FFF")),
+])
+def test_output_scope_literal_masks(sparsity, expected):
+  masks = weight_masks(OUTPUT_TREE, sparsity, scope="output")
+  np.testing.assert_array_equal(masks["Dense_0"]["kernel"], expected)
+
+
+def reference_keep(scores, sparsity, *, scope, pattern):
+  """An independent numpy model of `weight_masks` for one leaf's scores `[..., out]`."""
+  scores = np.asarray(scores)
+  fan_in, out = int(np.prod(scores.shape[:-1])), scores.shape[-1]
+  units = scores.reshape(fan_in, out)
+  eligible = np.ones(units.shape, bool)
+  if pattern is not None:
+    n, m = pattern
+    groups = units.reshape(fan_in // m, m, out)
+    rank = np.argsort(np.argsort(groups, axis=1, kind="stable"), axis=1)
+    eligible = (rank < m - n).reshape(fan_in, out)
+
+  def prune(values, allowed, size):
+    order = [i for i in np.argsort(values, kind="stable") if allowed[i]]
+    k = len(order) if sparsity is None else min(round(sparsity * size), len(order))
+    keep = np.ones(values.size, bool)
+    keep[order[:k]] = False
+    return keep
+
+  if scope == "output":
+    keep = np.stack([prune(units[:, j], eligible[:, j], fan_in) for j in range(out)], axis=1)
+  else:
+    keep = prune(units.ravel(), eligible.ravel(), units.size)
+  return keep.reshape(scores.shape)
+
+
+def group_pruned(mask, m):
+  """The number pruned in every group of `m` inputs of every unit of `mask` `[..., out]`."""
+  mask = np.asarray(mask)
+  return (~mask.reshape(-1, m, mask.shape[-1])).sum(axis=1)
+
+
+NM_NETS = {"distinct": random_params(3, (16, 8), in_dim=8),
+           "ties": random_params(4, (16, 8), in_dim=8, ties=True)}
+NM_NAMES = ("Dense_0", "Dense_1")
+
+
+@pytest.mark.parametrize("net", sorted(NM_NETS))
+@pytest.mark.parametrize("scope, pattern", [
+    ("output", None), ("layer", (2, 4)), ("output", (2, 4)), ("layer", (1, 4)), ("output", (3, 8))])
+def test_pattern_and_output_scope_match_the_reference(net, scope, pattern):
+  """Exact counts, the M - N bound per group, nesting, vmap == loop, equal to the reference."""
+  params = NM_NETS[net]
+  top = 1.0 if pattern is None else 1 - pattern[0] / pattern[1]
+  levels = [0.0, 0.2, top / 2, 0.9 * top, top]
+  sweep = jax.jit(jax.vmap(lambda s: weight_masks(params, s, scope=scope, pattern=pattern)))
+  stacked = sweep(jnp.asarray(levels, jnp.float32))
+  previous = None
+  for i, s in enumerate(levels):
+    masks = weight_masks(params, s, scope=scope, pattern=pattern)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[i], b), stacked, masks)
+    for name in NM_NAMES:
+      kernel, keep = np_(params[name]["kernel"]), np_(masks[name]["kernel"])
+      np.testing.assert_array_equal(
+          keep, reference_keep(np.abs(kernel), s, scope=scope, pattern=pattern))
+      pruned = (~keep).sum(axis=0) if scope == "output" else (~keep).sum()
+      np.testing.assert_array_equal(
+          pruned, round(s * (kernel.shape[0] if scope == "output" else kernel.size)))
+      if pattern is not None:
+        assert group_pruned(keep, pattern[1]).max() <= pattern[1] - pattern[0]
+    if previous is not None:
+      assert_nested(previous, masks)
+    previous = masks
+  if pattern is not None:  # the top level is the full pattern
+    jax.tree.map(np.testing.assert_array_equal, previous,
+                 weight_masks(params, scope=scope, pattern=pattern))
+    assert masks_lib.satisfies_pattern(previous, pattern, exact=True)
+
+
+def _negated(path, w, g):
+  del path, g
+  return -w
+
+
+@pytest.mark.parametrize("scope", ["layer", "output"])
+@pytest.mark.parametrize("criterion", ["magnitude", "random", "saliency", "function"])
+def test_full_and_partial_pattern_with_every_criterion(criterion, scope):
+  params = NM_NETS["distinct"]
+  grads = jax.tree.map(lambda w: jnp.cos(50 * w), params)
+  kwargs = {"magnitude": {}, "random": {"criterion": "random", "key": jax.random.key(1)},
+            "saliency": {"criterion": "saliency", "grads": grads},
+            "function": {"criterion": _negated}}[criterion]
+  full = weight_masks(params, scope=scope, pattern=(2, 4), **kwargs)
+  partial = weight_masks(params, 0.3, scope=scope, pattern=(2, 4), **kwargs)
+  assert masks_lib.satisfies_pattern(full, (2, 4), exact=True)
+  assert_nested(partial, full)
+  for name in NM_NAMES:
+    w, g = np_(params[name]["kernel"]), np_(grads[name]["kernel"])
+    assert np.all(group_pruned(full[name]["kernel"], 4) == 2)
+    keep = np_(partial[name]["kernel"])
+    assert group_pruned(keep, 4).max() <= 2
+    size = w.shape[0] if scope == "output" else w.size
+    pruned = (~keep).sum(axis=0) if scope == "output" else (~keep).sum()
+    np.testing.assert_array_equal(pruned, round(0.3 * size))
+    scores = {"magnitude": np.abs(w), "saliency": np.abs(w * g), "function": -w}.get(criterion)
+    if scores is not None:
+      for s, masks in ((None, full), (0.3, partial)):
+        np.testing.assert_array_equal(
+            masks[name]["kernel"], reference_keep(scores, s, scope=scope, pattern=(2, 4)))
+
+
+def test_pattern_on_a_conv_kernel_groups_the_flattened_inputs():
+  rng = np.random.default_rng(5)
+  params = {"Conv_0": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
+            "Dense_0": {"kernel": jnp.ones((4, 2))}}
+  prunable = lambda path, leaf: path == "Conv_0/kernel"  # fan_in 3 * 3 * 2 = 18
+  for scope, s in (("layer", 0.25), ("output", 1 / 3), ("output", None)):
+    keep = weight_masks(params, s, scope=scope, pattern=(1, 3), prunable=prunable)["Conv_0"]
+    np.testing.assert_array_equal(keep["kernel"], reference_keep(
+        np.abs(np_(params["Conv_0"]["kernel"])), s, scope=scope, pattern=(1, 3)))
+  with pytest.raises(ValueError, match=r"Conv_0/kernel has shape \(3, 3, 2, 4\).*fan_in 18.*M=4"):
+    weight_masks(params, pattern=(2, 4), prunable=prunable)
+
+
+def test_pattern_traced_sparsity_is_capped_and_compiles_once():
+  traces = []
+
+  def build(s):
+    traces.append(1)
+    return weight_masks(NM_TREE, s, pattern=(2, 4))["Dense_0"]["kernel"]
+
+  jitted = jax.jit(build)
+  np.testing.assert_array_equal(jitted(jnp.float32(0.9)), FULL_2_4)  # above 1 - N/M: capped
+  np.testing.assert_array_equal(jitted(jnp.float32(np.nan)), np.ones((8, 2), bool))
+  np.testing.assert_array_equal(jitted(jnp.float32(7 / 16)), NM_EXPECTED[5][3])
+  assert len(traces) == 1
+  # A float32 1 - N/M that rounds above the float64 one (2/3) still means the full pattern.
+  third = {"Dense_0": {"kernel": NM_TREE["Dense_0"]["kernel"][:6]}, **OUTPUT_TREE}
+  jax.tree.map(np.testing.assert_array_equal, weight_masks(third, np.float32(1 - 1 / 3),
+                                                           pattern=(1, 3)),
+               weight_masks(third, pattern=(1, 3)))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"pattern": (2, 4), "sparsity": 0.6}, ValueError,
+     r"sparsity 0.6 exceeds 1 - N/M = 0.5.*pattern 2:4.*sparsity=None for the full pattern"),
+    ({"pattern": (2, 4), "scope": "global"}, ValueError, "needs scope='layer' or 'output'"),
+    ({"pattern": (2, 4), "scope": "erk"}, ValueError, "needs scope='layer' or 'output'"),
+    ({"pattern": (5, 4)}, ValueError, r"0 <= N <= M, M >= 1, got \(5, 4\)"),
+    ({"pattern": (0, 0)}, ValueError, r"0 <= N <= M, M >= 1"),
+    ({"pattern": (-1, 4)}, ValueError, r"0 <= N <= M"),
+    ({"pattern": (2.0, 4)}, TypeError, r"pair \(N, M\) of ints"),
+    ({"pattern": 4}, TypeError, r"pair \(N, M\) of ints"),
+    ({"pattern": (1, 2, 4)}, TypeError, r"pair \(N, M\) of ints"),
+    ({"pattern": (2, 3)}, ValueError,
+     r"Dense_0/kernel has shape \(8, 2\).*fan_in 8, which M=3.*prunable=.*an M that divides"),
+    ({}, TypeError, "sparsity must be a real number.*only with pattern="),
+    ({"sparsity": 0.5, "scope": "unit"}, ValueError, "or 'output'"),
+])
+def test_pattern_errors(kwargs, error, message):
+  kwargs = {"sparsity": None, **kwargs}
+  with pytest.raises(error, match=message):
+    weight_masks(NM_TREE, kwargs.pop("sparsity"), **kwargs)
+
+
+def test_unit_masks_refuse_the_output_scope():
+  with pytest.raises(ValueError, match="'output' ranks single weights per unit, use weight_masks"):
+    unit_masks(NM_TREE, 0.5, scope="output")
+
+
+def test_satisfies_pattern():
+  masks = {"a": jnp.asarray(FULL_2_4), "b": None, "c": {"d": jnp.ones((4, 3), bool)}}
+  assert not masks_lib.satisfies_pattern(masks, (2, 4))  # "c" keeps all 4
+  masks["c"]["d"] = jnp.asarray(np.tile([[True], [False], [False], [True]], (1, 3)))
+  assert masks_lib.satisfies_pattern(masks, (2, 4), exact=True)
+  assert masks_lib.satisfies_pattern(masks, (3, 4)) and not masks_lib.satisfies_pattern(
+      masks, (3, 4), exact=True)
+  assert not masks_lib.satisfies_pattern(masks, (1, 4))
+  partial = weight_masks(NM_TREE, 0.25, pattern=(2, 4))
+  assert not masks_lib.satisfies_pattern(partial, (2, 4))
+  with pytest.raises(ValueError, match=r"c/d has shape \(4, 3\).*M=8"):
+    masks_lib.satisfies_pattern(masks, (2, 8))
+  with pytest.raises(TypeError, match="a: satisfies_pattern takes boolean masks.*w != 0"):
+    masks_lib.satisfies_pattern({"a": NM_TREE["Dense_0"]["kernel"]}, (2, 4))

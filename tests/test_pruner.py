@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from _trees import assert_trees_agree
+from prune_jax import masks as masks_lib
 from prune_jax import pruner
 from prune_jax.masks import weight_masks
 from prune_jax.models import MLP, init_mlp
@@ -269,3 +270,65 @@ def test_keep_pruned_is_what_the_pruner_ranks_with():
                                 masks["Dense_0"]["kernel"])
   np.testing.assert_array_equal(optax.apply_updates(params, updates)["Dense_0"]["kernel"],
                                 [[0.0, 5.0, 0.0, 3.0]])
+
+
+# --- Gradual N:M sparsity -------------------------------------------------------------------------
+
+def _groups_pruned(mask, m):
+  """The number pruned in every group of `m` inputs of every unit of a kernel mask (jittable)."""
+  return jnp.sum(~mask.reshape(-1, m, mask.shape[-1]), axis=1)
+
+
+@pytest.mark.parametrize("scope", ["layer", "output"])
+def test_gradual_2_4_reaches_the_exact_pattern_under_jit(scope):
+  params = init_mlp(jax.random.key(10), SMALL, IN)  # fan-ins 12 and 32: groups of 4
+  schedule = polynomial_sparsity(0.5, start=0, end=20, every=5)
+  tx = pruner.pruning(optax.adam(1e-2), schedule, scope=scope, pattern=(2, 4))
+  step = _step_fn(SMALL, tx)
+
+  def checked(carry, batch):
+    before = carry[1].masks
+    (p, state), loss = step(carry, batch)
+    kernels = [state.masks[f"Dense_{i}"]["kernel"] for i in range(2)]
+    grown = jnp.all(jnp.stack([jnp.all(new <= old) for new, old in
+                               zip(jax.tree.leaves(state.masks), jax.tree.leaves(before))]))
+    most = jnp.max(jnp.stack([jnp.max(_groups_pruned(k, 4)) for k in kernels]))
+    return (p, state), (_pruned_entries_are_zero(p, state.masks), grown, most)
+
+  run = jax.jit(lambda c, b: jax.lax.scan(checked, c, b))
+  x, y = _data()
+  (params, state), (zeros, grown, most) = run((params, tx.init(params)), (x[:25], y[:25]))
+  assert np.all(zeros) and np.all(grown) and int(np.max(most)) <= 2
+  masks = pruner.current_masks(state)
+  assert masks_lib.satisfies_pattern(masks, (2, 4), exact=True)
+  for i in range(2):
+    kernel, keep = np.asarray(params[f"Dense_{i}"]["kernel"]), np.asarray(
+        masks[f"Dense_{i}"]["kernel"])
+    assert np.all(kernel[~keep] == 0) and np.all(kernel[keep] != 0)
+    np.testing.assert_array_equal(_groups_pruned(keep, 4), 2)
+  assert masks["Dense_2"]["kernel"] is None
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda p: pruner.pruning(optax.sgd(0.1), SCHEDULE, kind="unit", pattern=(2, 4)),
+     ValueError, "use kind='weight'"),
+    (lambda p: pruner.pruning(optax.sgd(0.1), SCHEDULE, scope="global", pattern=(2, 4)),
+     ValueError, "needs scope='layer' or 'output'"),
+    (lambda p: pruner.pruning(optax.sgd(0.1), SCHEDULE, pattern=(2, 4)), ValueError,
+     r"ends at sparsity 0.8 \(step 35\), above 1 - N/M = 0.5.*polynomial_sparsity\(0.5"),
+    (lambda p: pruner.pruning(optax.sgd(0.1), one_shot_sparsity(0.5), pattern=(2, 8)).init(p),
+     ValueError, r"Dense_0/kernel has shape \(12, 32\).*M=8"),
+    (lambda p: pruner.pruning(optax.sgd(0.1), lambda t: 0.5, every=5, pattern=(2, 4),
+                              regrow=0.1), ValueError, "break the 2:4 pattern"),
+    (lambda p: pruner.pruning(optax.sgd(0.1), masks=weight_masks(p, pattern=(2, 4)),
+                              pattern=(2, 4)), ValueError, "no schedule was given"),
+    (lambda p: pruner.pruning(optax.sgd(0.1), SCHEDULE, pattern=(2, 4.0)), TypeError,
+     r"pair \(N, M\) of ints"),
+    (lambda p: pruner.pruning(optax.sgd(0.1), one_shot_sparsity(0.5), pattern=(2, 4),
+                              masks=weight_masks(p, 0.7)).init(p), ValueError,
+     r"prune [34] of a group of 4 inputs of Dense_0/kernel, more than the 2.*pattern=\(2, 4\)"),
+])
+def test_bad_patterns_are_named(make, error, message):
+  params = init_mlp(jax.random.key(0), SMALL, IN)
+  with pytest.raises(error, match=message):
+    make(params)

@@ -1,0 +1,485 @@
+r"""Study 7: prune a GPT trained on Tiny Shakespeare, one shot, with calibration data.
+
+    python -m experiments.transformer --workdir=results --seeds=0,1,2
+
+For each seed, nanoGPT's CPU configuration of `prune_jax.models.GPT` (4 layers, 4 heads, width
+128, context 64) is trained on the characters of Tiny Shakespeare (the first 90%, as nanoGPT's
+`shakespeare_char`) with nanoGPT's recipe (`prune_jax.language_model`: 2000 AdamW steps of 12
+windows, warm-up 100, cosine to 1e-4), or loaded from `<workdir>/cache/units/` where an earlier
+run kept it. Then, on these same dense nets, the block kernels (the attention's `qkv` and
+`proj`, the MLP's `fc` and `out`; embeddings, LayerNorms and the tied lm_head untouched) are
+pruned one shot, with no retraining, by every `--oneshot_methods` method
+(`prune_jax.prune_calibrated`: magnitude, Wanda, SparseGPT, and random, the floor) at every
+`--oneshot_levels` level (a sparsity in percent, or an N:M pattern such as 2:4).
+
+The calibration data of a seed are `--calibration_windows` windows of the training split drawn
+at random from the seed's key, the same for every method and level. Each layer is calibrated on
+the outputs of the layers before it as already pruned (SparseGPT's sequential protocol).
+
+Every net is evaluated on the same fixed windows of the validation split
+(`text_data.validation_windows`: `--val_batches` batches of 12 x 64 tokens, evenly spaced), as
+the mean next-token loss (nats) and its perplexity; the table gives the increase over the dense
+net, the measured zeros of the block kernels, whether every N:M group holds its pattern, and the
+wall time of each prune (the first call of a method and level compiles; the others do not).
+
+Writes `<workdir>/transformer/results.json`, `results.csv` and `transformer.png`.
+"""
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import common_flags, frame  # pylint: disable=unused-import (shared flags)
+from prune_jax import calibration, language_model, models, plots, pruner, report, results
+from prune_jax import schedules, text_data
+from prune_jax import masks as masks_lib
+from prune_jax import store as store_lib
+from prune_jax import train
+
+Params = Any
+
+STUDY = "transformer"
+BASE_METHODS = ("magnitude", "wanda", "sparsegpt", "random")
+# Each method alone, then with its kept weights refitted (`prune_calibrated(refit=True)`).
+METHODS = (*BASE_METHODS, *(f"{m}+refit" for m in BASE_METHODS))
+DEFAULT_LEVELS = ("50", "70", "4:8", "2:4")
+DEFAULT_GRADUAL_LEVELS = ("50", "70", "2:4")
+
+SHAKESPEARE_DIR = flags.DEFINE_string(
+    "shakespeare_dir", None, "Folder holding Tiny Shakespeare's input.txt. Default: the env var "
+    "PRUNE_JAX_SHAKESPEARE_DIR, else download once with tensorflow-datasets into TFDS_DATA_DIR.")
+GPT_STEPS = flags.DEFINE_integer(
+    "gpt_steps", language_model.NANOGPT_STEPS, "AdamW steps of the dense GPT (nanoGPT's CPU "
+    "recipe: 2000).", lower_bound=1)
+GPT_LAYERS = flags.DEFINE_integer("gpt_layers", 4, "Transformer blocks.", lower_bound=1)
+GPT_HEADS = flags.DEFINE_integer("gpt_heads", 4, "Attention heads per block.", lower_bound=1)
+GPT_WIDTH = flags.DEFINE_integer("gpt_width", 128, "Embedding width.", lower_bound=1)
+GPT_CONTEXT = flags.DEFINE_integer(
+    "gpt_context", language_model.NANOGPT_CONTEXT, "Tokens per window.", lower_bound=1)
+GPT_BATCH_SIZE = flags.DEFINE_integer(
+    "gpt_batch_size", language_model.NANOGPT_BATCH_SIZE, "Windows per training step and per "
+    "validation batch.", lower_bound=1)
+VAL_BATCHES = flags.DEFINE_integer(
+    "val_batches", 200, "Validation batches (of --gpt_batch_size windows of --gpt_context "
+    "tokens, evenly spaced over the validation split) every net is evaluated on.", lower_bound=1)
+CALIBRATION_WINDOWS = flags.DEFINE_integer(
+    "calibration_windows", 128, "Windows of the training split (of --gpt_context tokens, drawn "
+    "at random from the seed) that one-shot pruning calibrates on.", lower_bound=1)
+ONESHOT_METHODS = flags.DEFINE_list(
+    "oneshot_methods", list(METHODS), f"One-shot methods, of {METHODS}. '+refit': the method "
+    "chooses the mask, then the kept weights of every output unit are the least-squares fit of "
+    "the dense layer's output on the dense model's inputs (prune_jax.prune_calibrated's refit).")
+GRADUAL_LEVELS = flags.DEFINE_list(
+    "gradual_levels", list(DEFAULT_GRADUAL_LEVELS), "Levels pruned gradually during the dense "
+    "net's own training (the optax pruner, magnitude, cubic schedule), within the same steps and "
+    "from the same initialisation and data order; empty to skip.")
+GRADUAL_START = flags.DEFINE_float(
+    "gradual_start", 0.1, "The gradual schedule's first pruning step, as a fraction of "
+    "--gpt_steps.", lower_bound=0.0, upper_bound=1.0)
+GRADUAL_END = flags.DEFINE_float(
+    "gradual_end", 0.75, "The gradual schedule's last pruning step (final sparsity reached), as "
+    "a fraction of --gpt_steps.", lower_bound=0.0, upper_bound=1.0)
+GRADUAL_EVERY = flags.DEFINE_integer(
+    "gradual_every", 50, "Steps between the gradual schedule's mask updates.", lower_bound=1)
+SPARSEGPT_BLOCK_SIZE = flags.DEFINE_integer(
+    "sparsegpt_block_size", 128, "SparseGPT's block of input features whose mask is chosen at "
+    "once (the paper's 128; these layers have 128 or 512 inputs).", lower_bound=1)
+ONESHOT_LEVELS = flags.DEFINE_list(
+    "oneshot_levels", list(DEFAULT_LEVELS), "One-shot levels: sparsities in percent of the block "
+    "kernels (e.g. 50), or N:M patterns (e.g. 2:4: each output keeps 2 of every 4 inputs).")
+
+
+# --- config ---------------------------------------------------------------------------------
+
+def parse_level(text: str) -> dict[str, Any]:
+  """`"50"` -> `{"name": "50%", "sparsity": 0.5}`; `"2:4"` -> `{"name": "2:4", "pattern": [2, 4]}`.
+
+  Raises:
+    ValueError: a level that is neither a percentage in [0, 100] nor N:M with 0 <= N <= M.
+  """
+  text = str(text).strip()
+  if ":" in text:
+    try:
+      n, m = (int(part) for part in text.split(":"))
+    except ValueError:
+      raise ValueError(f"level {text!r}: an N:M pattern is two ints, e.g. 2:4") from None
+    masks_lib.check_pattern((n, m))
+    return {"name": f"{n}:{m}", "pattern": [n, m], "nominal": 100 * (1 - n / m)}
+  try:
+    percent = float(text)
+  except ValueError:
+    raise ValueError(f"level {text!r} is neither a sparsity in percent (e.g. 50) nor an N:M "
+                     "pattern (e.g. 2:4)") from None
+  if not 0 <= percent <= 100:
+    raise ValueError(f"level {text!r}: a sparsity is a percentage in [0, 100]")
+  return {"name": f"{percent:g}%", "sparsity": percent / 100, "nominal": percent}
+
+
+def study_config() -> dict[str, Any]:
+  """The flags as the study's config dict (checked)."""
+  methods = list(ONESHOT_METHODS.value)
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown or not methods:
+    raise ValueError(f"--oneshot_methods must name methods of {METHODS}, got {methods}")
+  seeds = common_flags._parse_seeds(common_flags.SEEDS.value)  # pylint: disable=protected-access
+  if not seeds:
+    raise ValueError("--seeds must name at least one seed, e.g. --seeds=0,1,2")
+  config = {
+      "workdir": common_flags.WORKDIR.value,
+      "shakespeare_dir": SHAKESPEARE_DIR.value,
+      "seeds": seeds,
+      "fresh": common_flags.FRESH.value,
+      "compilation_cache": common_flags.COMPILATION_CACHE.value,
+      "gpt": {"num_layers": GPT_LAYERS.value, "num_heads": GPT_HEADS.value,
+              "width": GPT_WIDTH.value, "context": GPT_CONTEXT.value},
+      "gpt_steps": GPT_STEPS.value,
+      "gpt_batch_size": GPT_BATCH_SIZE.value,
+      "val_batches": VAL_BATCHES.value,
+      "calibration_windows": CALIBRATION_WINDOWS.value,
+      "oneshot_methods": methods,
+      "sparsegpt_block_size": SPARSEGPT_BLOCK_SIZE.value,
+      "gradual_levels": [parse_level(v) for v in GRADUAL_LEVELS.value],
+      "gradual_schedule": gradual_schedule_config(GPT_STEPS.value, GRADUAL_START.value,
+                                                  GRADUAL_END.value, GRADUAL_EVERY.value),
+      "oneshot_levels": [parse_level(v) for v in ONESHOT_LEVELS.value],
+  }
+  if GPT_WIDTH.value % GPT_HEADS.value:
+    raise ValueError(f"--gpt_width ({GPT_WIDTH.value}) must be a multiple of --gpt_heads "
+                     f"({GPT_HEADS.value})")
+  results.ensure_dir(config["workdir"])
+  return config
+
+
+def gradual_schedule_config(steps: int, start: float, end: float, every: int) -> dict[str, int]:
+  """The gradual schedule's steps: `start` and `end` fractions of `steps`, `end - start` rounded
+  down to a multiple of `every`.
+
+  Raises:
+    ValueError: `end` before `start`.
+  """
+  if end < start:
+    raise ValueError(f"--gradual_end ({end}) must not come before --gradual_start ({start})")
+  first = int(round(start * steps))
+  last = first + (int(round(end * steps)) - first) // every * every
+  return {"start": first, "end": last, "every": every}
+
+
+# --- the dense nets -------------------------------------------------------------------------
+
+def gpt_model(config: dict[str, Any], corpus: text_data.CharCorpus) -> models.GPT:
+  return models.GPT(vocab_size=corpus.vocab_size, **config["gpt"])
+
+
+def seed_keys(seed: int) -> dict[str, jax.Array]:
+  """The seed's independent keys: initialisation, training windows, calibration windows."""
+  init, windows, calib = jax.random.split(jax.random.key(seed), 3)
+  return {"init": init, "train": windows, "calibration": calib}
+
+
+def dense_key(config: dict[str, Any], seed: int) -> dict[str, Any]:
+  """Everything that determines a dense GPT: its store key."""
+  return {"seed": seed, "model": config["gpt"], "steps": config["gpt_steps"],
+          "batch_size": config["gpt_batch_size"], "recipe": "nanogpt_optimizer defaults",
+          "data_sha256": text_data.OFFICIAL_SHA256}
+
+
+def dense_net(config: dict[str, Any], seed: int, corpus: text_data.CharCorpus,
+              store: store_lib.Store) -> tuple[Params, dict[str, Any]]:
+  """The dense GPT of `seed`: from the store, or trained now (and kept)."""
+  model = gpt_model(config, corpus)
+  apply_fn = train.forward_fn(model)
+  keys = seed_keys(seed)
+
+  def compute():
+    params = models.init_gpt(keys["init"], model)
+    params, _, stats = language_model.train_lm(
+        apply_fn, params, corpus.train, key=keys["train"], steps=config["gpt_steps"],
+        batch_size=config["gpt_batch_size"], context=config["gpt"]["context"],
+        name=f"GPT seed {seed}")
+    return {"train_seconds": stats.seconds, "compile_seconds": stats.compile_seconds,
+            "steps_per_second": stats.steps_per_second,
+            "final_train_loss": float(stats.curve[-1])}, params
+
+  template = jax.eval_shape(lambda: models.init_gpt(keys["init"], model))
+  unit = store.get_or_compute("gpt_dense", dense_key(config, seed), compute, template=template)
+  return unit.tree, unit.value
+
+
+def calibration_batches(config: dict[str, Any], seed: int,
+                        corpus: text_data.CharCorpus) -> jax.Array:
+  """`[1, windows, context]` int32 windows of the training split, from the seed's key."""
+  inputs, _ = text_data.sample_windows(seed_keys(seed)["calibration"], jnp.asarray(corpus.train),
+                                       batch_size=config["calibration_windows"],
+                                       context=config["gpt"]["context"])
+  return inputs[None]
+
+
+# --- one shot -------------------------------------------------------------------------------
+
+def prune_once(apply_fn: Any, params: Params, batches: jax.Array, method: str,
+               level: dict[str, Any], seed: int, *,
+               block_size: int = 128) -> tuple[Params, Any, float]:
+  """One method (e.g. "sparsegpt+refit") at one level: `(pruned params, masks, wall seconds)`."""
+  base, _, refit = method.partition("+")
+  start = time.perf_counter()
+  new, masks = calibration.prune_calibrated(
+      apply_fn, params, batches, method=base, sparsity=level.get("sparsity"),
+      pattern=tuple(level["pattern"]) if "pattern" in level else None,
+      prunable=models.gpt_block_kernels, key=jax.random.key(seed), refit=refit == "refit",
+      block_size=block_size)
+  jax.block_until_ready(new)
+  return new, masks, time.perf_counter() - start
+
+
+def one_shot(config: dict[str, Any], seed: int, params: Params, corpus: text_data.CharCorpus,
+             val: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+  """Every method at every level on one seed's dense net: losses, zeros, patterns, seconds."""
+  model = gpt_model(config, corpus)
+  apply_fn = train.forward_fn(model)
+  batches = calibration_batches(config, seed, corpus)
+  out = {}
+  for method in config["oneshot_methods"]:
+    for level in config["oneshot_levels"]:
+      block = config["sparsegpt_block_size"]
+      new, masks, seconds = prune_once(apply_fn, params, batches, method, level, seed,
+                                       block_size=block)
+      _, _, warm = prune_once(apply_fn, params, batches, method, level, seed, block_size=block)
+      evaluation = language_model.evaluate_lm(apply_fn, new, *val)
+      pattern = level.get("pattern")
+      out[f"{method}/{level['name']}"] = {
+          "loss": evaluation.loss, "perplexity": evaluation.perplexity,
+          "zeros_percent": float(report.zero_percent(new, masks)),
+          "pattern_holds": (None if pattern is None else
+                            masks_lib.satisfies_pattern(masks, tuple(pattern), exact=True)),
+          "first_seconds": seconds, "seconds": warm}
+      logging.info("seed %d %s %s: loss %.4f (%.1f%% zeros) in %.2f s (first call %.2f s)",
+                   seed, method, level["name"], evaluation.loss,
+                   out[f"{method}/{level['name']}"]["zeros_percent"], warm, seconds)
+  return out
+
+
+# --- pruning during training ------------------------------------------------------------
+
+def gradual_key(config: dict[str, Any], seed: int, level: dict[str, Any]) -> dict[str, Any]:
+  """Everything that determines a gradually pruned GPT: its store key."""
+  return {**dense_key(config, seed), "level": level, "schedule": config["gradual_schedule"],
+          "criterion": "magnitude", "scope": "layer"}
+
+
+def gradual_net(config: dict[str, Any], seed: int, level: dict[str, Any],
+                corpus: text_data.CharCorpus, store: store_lib.Store) -> tuple[Params, dict]:
+  """The GPT of `seed` trained from the dense net's initialisation and data order, its block
+  kernels pruned by magnitude on a cubic schedule to `level` (the optax pruner): from the store,
+  or trained now (and kept)."""
+  model = gpt_model(config, corpus)
+  apply_fn = train.forward_fn(model)
+  keys = seed_keys(seed)
+  pattern = tuple(level["pattern"]) if "pattern" in level else None
+  final = level["nominal"] / 100
+  schedule = schedules.polynomial_sparsity(final, **config["gradual_schedule"])
+  steps = config["gpt_steps"]
+
+  def compute():
+    tx = pruner.pruning(language_model.nanogpt_optimizer(steps), schedule,
+                        prunable=models.gpt_block_kernels, pattern=pattern)
+    params, _, stats = language_model.train_lm(
+        apply_fn, models.init_gpt(keys["init"], model), corpus.train, key=keys["train"],
+        steps=steps, batch_size=config["gpt_batch_size"], context=config["gpt"]["context"],
+        optimizer=tx, name=f"GPT seed {seed} gradual {level['name']}")
+    return {"train_seconds": stats.seconds, "compile_seconds": stats.compile_seconds,
+            "final_train_loss": float(stats.curve[-1])}, params
+
+  template = jax.eval_shape(lambda: models.init_gpt(keys["init"], model))
+  unit = store.get_or_compute("gpt_gradual", gradual_key(config, seed, level), compute,
+                              template=template)
+  return unit.tree, unit.value
+
+
+def gradual(config: dict[str, Any], seed: int, corpus: text_data.CharCorpus,
+            store: store_lib.Store, val: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+  """Every gradual level of one seed: validation loss, measured zeros, pattern, train time."""
+  model = gpt_model(config, corpus)
+  apply_fn = train.forward_fn(model)
+  out = {}
+  for level in config["gradual_levels"]:
+    params, info = gradual_net(config, seed, level, corpus, store)
+    evaluation = language_model.evaluate_lm(apply_fn, params, *val)
+    nonzero = nonzero_block_kernels(params)
+    pattern = level.get("pattern")
+    out[level["name"]] = {
+        "loss": evaluation.loss, "perplexity": evaluation.perplexity,
+        "zeros_percent": float(report.zero_percent(params, nonzero)),
+        "pattern_holds": (None if pattern is None else
+                          masks_lib.satisfies_pattern(nonzero, tuple(pattern), exact=True)),
+        **info}
+    logging.info("seed %d gradual %s: loss %.4f (%.1f%% zeros)", seed, level["name"],
+                 evaluation.loss, out[level["name"]]["zeros_percent"])
+  return out
+
+
+def nonzero_block_kernels(params: Params) -> Any:
+  """The block kernels' nonzero entries as a mask tree (`None` for every other leaf): what the
+  measured zeros and the N:M check of a net are read from."""
+  selected = masks_lib.weight_masks(params, 0.0, prunable=models.gpt_block_kernels)
+  return jax.tree.map(lambda m, w: None if m is None else w != 0, selected, params,
+                      is_leaf=lambda x: x is None)
+
+
+# --- the study ------------------------------------------------------------------------------
+
+def run(config: dict[str, Any], corpus: text_data.CharCorpus) -> dict[str, Any]:
+  """The whole study; returns its payload."""
+  started = time.perf_counter()
+  store = frame.units(config)
+  val = text_data.validation_windows(corpus.val, batches=config["val_batches"],
+                                     batch_size=config["gpt_batch_size"],
+                                     context=config["gpt"]["context"])
+  model = gpt_model(config, corpus)
+  apply_fn = train.forward_fn(model)
+  dense, per_seed, gradual_per_seed = {}, {}, {}
+  for seed in config["seeds"]:
+    params, info = dense_net(config, seed, corpus, store)
+    evaluation = language_model.evaluate_lm(apply_fn, params, *val)
+    dense[seed] = {"loss": evaluation.loss, "perplexity": evaluation.perplexity, **info}
+    logging.info("seed %d dense GPT: validation loss %.4f", seed, evaluation.loss)
+    per_seed[seed] = one_shot(config, seed, params, corpus, val)
+    gradual_per_seed[seed] = gradual(config, seed, corpus, store, val)
+  return payload(config, dense, per_seed, gradual_per_seed, started=started,
+                 num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+                     jax.eval_shape(lambda: models.init_gpt(jax.random.key(0), model)))))
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+  """Mean, sample std (0 for one value), median and the values themselves."""
+  values = np.asarray(values, np.float64)
+  std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+  return {"mean": float(values.mean()), "std": std, "median": float(np.median(values)),
+          "per_seed": values.tolist()}
+
+
+def payload(config: dict[str, Any], dense: dict[int, dict[str, Any]],
+            per_seed: dict[int, dict[str, Any]], gradual_per_seed: dict[int, dict[str, Any]], *,
+            started: float, num_params: int) -> dict[str, Any]:
+  """The results payload: the dense nets and, per method and level, mean ± std over seeds."""
+  seeds = list(config["seeds"])
+  dense_losses = [dense[s]["loss"] for s in seeds]
+  one_shot_rows = {}
+  for method in config["oneshot_methods"]:
+    for level in config["oneshot_levels"]:
+      name = f"{method}/{level['name']}"
+      cells = [per_seed[s][name] for s in seeds]
+      holds = [c["pattern_holds"] for c in cells]
+      one_shot_rows[name] = {
+          "method": method, "level": level["name"], "nominal_percent": level["nominal"],
+          "loss": _stats([c["loss"] for c in cells]),
+          "increase": _stats([c["loss"] - d for c, d in zip(cells, dense_losses)]),
+          "perplexity": _stats([c["perplexity"] for c in cells]),
+          "zeros_percent": _stats([c["zeros_percent"] for c in cells]),
+          "pattern_holds": None if holds[0] is None else all(holds),
+          "seconds": _stats([c["seconds"] for c in cells]),
+          "first_seconds": _stats([c["first_seconds"] for c in cells]),
+      }
+  gradual_rows = {}
+  for level in config["gradual_levels"]:
+    cells = [gradual_per_seed[s][level["name"]] for s in seeds]
+    holds = [c["pattern_holds"] for c in cells]
+    gradual_rows[level["name"]] = {
+        "level": level["name"], "nominal_percent": level["nominal"],
+        "loss": _stats([c["loss"] for c in cells]),
+        "increase": _stats([c["loss"] - d for c, d in zip(cells, dense_losses)]),
+        "perplexity": _stats([c["perplexity"] for c in cells]),
+        "zeros_percent": _stats([c["zeros_percent"] for c in cells]),
+        "pattern_holds": None if holds[0] is None else all(holds),
+        "train_seconds": _stats([c["train_seconds"] for c in cells]),
+    }
+  return {
+      "study": STUDY, "config": config, "versions": results.versions(),
+      "machine": results.machine(), "seeds": seeds,
+      "model": {"description": (f"GPT {config['gpt']['num_layers']} layers, "
+                                f"{config['gpt']['num_heads']} heads, width "
+                                f"{config['gpt']['width']}, context {config['gpt']['context']}"),
+                "num_params": num_params},
+      "dense": {"loss": _stats(dense_losses),
+                "perplexity": _stats([dense[s]["perplexity"] for s in seeds]),
+                "per_seed": {str(s): dense[s] for s in seeds}},
+      "one_shot": one_shot_rows,
+      "gradual": gradual_rows,
+      "seconds": time.perf_counter() - started,
+  }
+
+
+CSV_HEADER = ["method", "level", "loss_mean", "loss_std", "increase_mean", "increase_std",
+              "perplexity_mean", "zeros_percent", "pattern_holds", "prune_seconds_median",
+              "first_call_seconds_median"]
+
+
+def csv_rows(payload_: dict[str, Any]) -> list[list[Any]]:
+  dense = payload_["dense"]
+  rows = [["dense", "0%", dense["loss"]["mean"], dense["loss"]["std"], 0.0, 0.0,
+           dense["perplexity"]["mean"], "", "", "", ""]]
+  for row in payload_["one_shot"].values():
+    rows.append([row["method"], row["level"], row["loss"]["mean"], row["loss"]["std"],
+                 row["increase"]["mean"], row["increase"]["std"], row["perplexity"]["mean"],
+                 row["zeros_percent"]["mean"],
+                 "" if row["pattern_holds"] is None else row["pattern_holds"],
+                 row["seconds"]["median"], row["first_seconds"]["median"]])
+  for row in payload_.get("gradual", {}).values():
+    rows.append(["gradual", row["level"], row["loss"]["mean"], row["loss"]["std"],
+                 row["increase"]["mean"], row["increase"]["std"], row["perplexity"]["mean"],
+                 row["zeros_percent"]["mean"],
+                 "" if row["pattern_holds"] is None else row["pattern_holds"], "", ""])
+  return rows
+
+
+def format_table(payload_: dict[str, Any]) -> str:
+  """The one-shot table as Markdown: loss increase over dense, mean ± std over seeds."""
+  levels = list(dict.fromkeys(row["level"] for row in payload_["one_shot"].values()))
+  methods = list(dict.fromkeys(row["method"] for row in payload_["one_shot"].values()))
+  dense = payload_["dense"]["loss"]
+  lines = [f"dense validation loss {dense['mean']:.3f} ± {dense['std']:.3f} "
+           f"({len(payload_['seeds'])} seeds); increase over it:", "",
+           "| method | " + " | ".join(levels) + " |",
+           "|---|" + "---:|" * len(levels)]
+  for method in methods:
+    cells = []
+    for level in levels:
+      row = payload_["one_shot"][f"{method}/{level}"]
+      cells.append(f"+{row['increase']['mean']:.3f} ± {row['increase']['std']:.3f}")
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  gradual_rows = payload_.get("gradual", {})
+  if gradual_rows:
+    lines += ["", "pruned gradually during the same training steps, increase over the dense net:",
+              "", "| | " + " | ".join(gradual_rows) + " |", "|---|" + "---:|" * len(gradual_rows),
+              "| gradual (magnitude, cubic) | " + " | ".join(
+                  f"+{r['increase']['mean']:.3f} ± {r['increase']['std']:.3f}"
+                  for r in gradual_rows.values()) + " |"]
+  return "\n".join(lines)
+
+
+def write(payload_: dict[str, Any], workdir: str) -> str:
+  """Writes results.json, results.csv and the plot under `<workdir>/transformer/`."""
+  folder = results.ensure_dir(os.path.join(workdir, STUDY))
+  results.write_json(os.path.join(folder, "results.json"), payload_)
+  results.write_csv(os.path.join(folder, "results.csv"), CSV_HEADER, csv_rows(payload_))
+  paths = plots.plot_study(payload_, folder)
+  logging.info("study 7 (one shot):\n%s", format_table(payload_))
+  logging.info("wrote %s/results.json, results.csv and %s", folder, ", ".join(paths))
+  return folder
+
+
+def load_corpus(config: dict[str, Any]) -> text_data.CharCorpus:
+  """Tiny Shakespeare from `config["shakespeare_dir"]` (or where `load_shakespeare` finds it)."""
+  return text_data.load_shakespeare(config["shakespeare_dir"])
+
+
+main = frame.main(run, study_config, write=write, load=load_corpus)
+
+
+if __name__ == "__main__":
+  app.run(main)
