@@ -2,8 +2,10 @@
 
 Every axis position of every value gets a unit id; ids that must be deleted together are merged
 (union-find): a residual `add` merges its operands' positions one by one, a `dot_general` merges
-the contracted positions of its two operands, a depthwise convolution merges each input channel
-with its output channels, and so on. A set of merged ids is a *class*; deleting a class deletes
+the contracted positions of its two operands, and its batch positions (the heads of an attention
+`einsum`), a depthwise convolution merges each input channel with its output channels, a
+`reshape` that splits an axis into blocks (`[heads * head_dim] -> [heads, head_dim]`) merges
+each block into one unit, and so on. A set of merged ids is a *class*; deleting a class deletes
 each of its positions from every array that has one.
 
 A class is *spoiled*, with a reason, when deleting it could not be done exactly: it touches the
@@ -353,9 +355,25 @@ def _squeeze(a: Analysis, eqn: _trace.Eqn, ins: list[Val]) -> list[Val]:
   return [Val(tuple(val.ids[k] for k in keep), tuple(val.zero[k] for k in keep), val.allzero)]
 
 
+_MERGE_REASON = ("`reshape` merges this axis with another axis that may carry units: the merged "
+                 "axis can carry the units of one of them only")
+_WITHIN_REASON = ("`reshape` splits an axis into blocks (e.g. [heads * head_dim] into [heads, "
+                  "head_dim]): the last axis but one numbers the blocks, which are the units; a "
+                  "position of this axis (a dim of every head) goes only with whole blocks")
+_REGROUP_REASON = ("`reshape` regroups several axes into several others (e.g. [4, 6] -> [8, 3]): "
+                   "an output axis then mixes positions of two input axes, so no unit of them "
+                   "is a whole slice; reshape by splitting one axis or merging axes instead")
+
+
 def _reshape(a: Analysis, eqn: _trace.Eqn, ins: list[Val]) -> list[Val]:
-  """Axes kept, merged (one of them may carry units) or split (none may), size-1 axes added or
-  dropped (see `_reshape_blocks`)."""
+  """Axes kept, merged, split, or added/dropped with size 1 (see `_reshape_blocks`).
+
+  A merge `[a, b] -> [a * b]` (row-major) gives output position `i * b + j` the ids of the one
+  input axis that may still carry units (`[heads, head_dim]`, head_dim spoiled by the split
+  that made it, merges into each head's id repeated head_dim times); with two such axes it
+  spoils both. A split of one axis is `_split_axis`. Several axes regrouped into several others
+  (`[4, 6] -> [8, 3]`) spoil all of them.
+  """
   val = ins[0]
   in_shape, out_shape = _in_shape(a, eqn), _out_shape(eqn)
   if eqn.params.get("dimensions") is not None:
@@ -370,7 +388,6 @@ def _reshape(a: Analysis, eqn: _trace.Eqn, ins: list[Val]) -> list[Val]:
   blocks = _reshape_blocks(in_shape, out_shape)
   if blocks is None:
     return _unknown(a, eqn, ins)
-  reason = "`reshape` splits this axis, or merges it with another axis that may carry units"
   ids: list[Ids] = [None] * len(out_shape)
   zero: list[Zero] = [None] * len(out_shape)
 
@@ -381,13 +398,20 @@ def _reshape(a: Analysis, eqn: _trace.Eqn, ins: list[Val]) -> list[Val]:
     if len(src) == 1 and len(dst) == 1 and val.ids[src[0]] is None:  # a symbolic axis
       ids[dst[0]], zero[dst[0]] = None, None
       continue
+    src_real = [k for k in src if in_shape[k] != 1]
     dst_real = [k for k in dst if out_shape[k] != 1]
-    if len(dst_real) > 1:  # a split: none of the input axes may carry units
+    if len(dst_real) > 1 and len(src_real) == 1:  # one axis split into several
       for k in src:
-        a.spoil(val.ids[k], reason)
+        if k != src_real[0]:
+          a.spoil(val.ids[k], "`reshape` removes this size-1 axis")
+      _split_axis(a, val, src_real[0], out_shape, dst, ids, zero)
+      continue
+    if len(dst_real) > 1:  # several axes regrouped into several others
+      for k in src:
+        a.spoil(val.ids[k], _REGROUP_REASON)
       for k in dst:
         ids[k] = a.new_ids(int(out_shape[k]))
-        a.spoil(ids[k], reason)
+        a.spoil(ids[k], _REGROUP_REASON)
         zero[k] = np.full(int(out_shape[k]), val.allzero, bool)
       continue
     # A merge (or one axis kept, with size-1 axes around it): output position p holds input
@@ -400,17 +424,69 @@ def _reshape(a: Analysis, eqn: _trace.Eqn, ins: list[Val]) -> list[Val]:
     if not live:
       live = [k for k in src if not dead(k)][-1:]
     for k in src:
-      if k not in live[:1] and not dead(k):
-        a.spoil(val.ids[k], reason)
-    if len(live) > 1 or not live:
+      # With several live axes, none may carry its units on: the output axis gets new ids.
+      if (len(live) > 1 or k not in live) and not dead(k):
+        a.spoil(val.ids[k], _MERGE_REASON)
+    if len(live) != 1:
       ids[carrier] = a.new_ids(int(out_shape[carrier]))
-      a.spoil(ids[carrier], reason)
+      a.spoil(ids[carrier], _MERGE_REASON if live else
+              "`reshape` merges axes none of whose units can be deleted")
       zero[carrier] = np.full(int(out_shape[carrier]), val.allzero, bool)
       continue
     grid = np.indices([int(in_shape[k]) for k in src]).reshape(len(src), -1)
     coord = grid[src.index(live[0])]
     ids[carrier], zero[carrier] = val.ids[live[0]][coord], val.zero[live[0]][coord]
   return [Val(tuple(ids), tuple(zero), val.allzero)]
+
+
+def _split_axis(a: Analysis, val: Val, k: int, out_shape: tuple[Any, ...], dst: list[int],
+                ids: list[Ids], zero: list[Zero]) -> None:
+  """Sets `ids[d], zero[d]` of the output axes `dst` of a split of input axis `k`,
+  `[n] -> [n_1, …, n_m]` row-major (size-1 axes may come between).
+
+  The last axis but one (size `n_{m-1}`; size-1 axes do not count) carries *block units*: all
+  input positions whose coordinate along it is `i` are merged into one class, and its position
+  `i` has that class. In `[heads * head_dim] -> [heads, head_dim]` the `head_dim` consecutive
+  positions of each head become one unit (`qkv` columns `h * head_dim … (h + 1) * head_dim - 1`:
+  head `h`); in `[3 * heads * head_dim] -> [3, heads, head_dim]` head `h` of all three thirds
+  does. The other axes get new ids, spoiled: one position within the blocks (a dim of every
+  head) is never deleted alone.
+
+  Exact: merging classes only makes units coarser (positions that were deletable one by one
+  elsewhere are still deletable together), and every class then holds all or none of the
+  positions with a given coordinate `i`, so deleting classes deletes whole slices `i` of the
+  output, and the kept positions of axis `k`, in order, fill `[n_1, …, n_{m-1}', n_m]` row-major
+  (the shrunk program's `new_sizes`). Which axis carries the units is a convention, exact
+  either way; it suits `[heads, head_dim]` and `[3, heads, head_dim]`, not queries reshaped in
+  one go to `[kv_heads, group, head_dim]` (query head j of every kv group would be one unit, and
+  the kv heads unprunable), which `[kv_heads * group, head_dim]` then `[kv_heads, group]` (as
+  `jax.nn.dot_product_attention` does) turns into one unit per kv head with its query heads.
+  An axis whose classes are all spoiled already is left alone (the carrier gets new ids, spoiled
+  with its reason) rather than coarsening unprunable groups for nothing.
+  """
+  real = [d for d in dst if out_shape[d] != 1]
+  carrier = real[-2]
+  count = int(out_shape[carrier])
+  src_ids, src_zero = val.ids[k], val.zero[k]
+  reasons = [a.reason(a.find(x)) for x in src_ids.tolist()]
+  if all(reasons):
+    ids[carrier] = a.new_ids(count)
+    a.spoil(ids[carrier], reasons[0])
+    zero[carrier] = np.full(count, val.allzero, bool)
+  else:
+    inner = int(out_shape[real[-1]])
+    coord = np.arange(len(src_ids)) // inner % count  # position p's coordinate on the carrier
+    a.union(src_ids[coord * inner], src_ids)          # ... merged with the first such position
+    ids[carrier] = src_ids[np.arange(count) * inner]
+    # Zero on slice i once its class is pruned iff zero on each of its positions.
+    zero[carrier] = src_zero.reshape(-1, count, inner).all(axis=(0, 2))
+  for d in dst:
+    if d != carrier:
+      dim = int(out_shape[d])
+      ids[d] = a.new_ids(dim)
+      zero[d] = np.full(dim, val.allzero, bool)
+      if dim != 1:
+        a.spoil(ids[d], _WITHIN_REASON)
 
 
 def _reshape_blocks(in_shape: tuple[Any, ...], out_shape: tuple[Any, ...]
@@ -561,6 +637,9 @@ def _contract(a: Analysis, name: str, x: Val, xa: int, y: Val, ya: int) -> None:
 
 
 def _dot_general(a: Analysis, eqn: _trace.Eqn, ins: list[Val]) -> list[Val]:
+  """Contracted positions merge (`_contract`); batch positions merge too, and the output's batch
+  axes carry them: batch position i of the output reads position i of each operand only (the
+  heads of `einsum("bqhd,bkhd->bhqk")`), zero where either operand is; the free axes pass on."""
   lhs, rhs = ins
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   for i, j in zip(lc, rc):

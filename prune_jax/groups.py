@@ -6,7 +6,12 @@ kernel's output slice, its bias entry, the BatchNorm scale, bias, mean and varia
 input slice of the next kernel (for a Dense layer after a flatten, the `H * W` rows of the
 channel), and, where a residual `add` or a depthwise convolution ties units of several layers
 together, all of theirs. Such a set of units is a *group*; its units are removed together or
-not at all, and a group's units are numbered `0 … size - 1`.
+not at all, and a group's units are numbered `0 … size - 1`. An attention head is one unit: a
+`reshape` of the q, k, v projections' outputs to `[..., heads, head_dim]` makes each head's
+`head_dim` columns one unit, the attention products over the heads axis tie the q, k and v heads
+together, and merging the heads back (`[..., heads * head_dim]`) gives the output projection's
+rows to them (`prune_jax.GPT`'s fused `qkv`: one group of `num_heads` units per block, with the
+qkv kernel columns and bias and the `proj` rows).
 
 `unit_groups(apply_fn, params, *example_args)` traces `apply_fn(params, *example_args)` with
 `jax.make_jaxpr` and follows every position through the primitives (see `_units.py`); anything
@@ -116,15 +121,20 @@ def unit_groups(apply_fn: Callable[..., Any], params: Params, *example_args: Any
   every intermediate array is followed through the primitives: elementwise operations with
   broadcasting (a residual `add` ties its two sides together), `dot_general` and
   `conv_general_dilated` (a depthwise convolution, `feature_group_count` = input channels, ties
-  each input channel to its output channels), `broadcast_in_dim`, `reshape` (merging axes: a
-  flattened `[H, W, C]` map gives each channel `H * W` rows of the next kernel), `transpose`,
+  each input channel to its output channels; a batched `dot_general`, as attention's `einsum`
+  over heads, ties its operands' batch positions), `broadcast_in_dim`, `reshape` (merging axes:
+  a flattened `[H, W, C]` map gives each channel `H * W` rows of the next kernel; splitting one
+  axis: `[heads * head_dim] -> [heads, head_dim]` makes each head one unit, the axis before the
+  last carrying them, so `[3, heads, head_dim]` ties head h of q, k and v), `transpose`,
   `concatenate` (each input keeps its group, at its offset), `split`, `slice`, `rev`, pooling and
   reductions over other axes, BatchNorm's arithmetic (train and eval), and the bodies of `jit`,
   `custom_jvp_call` (`jax.nn.relu`), `custom_vjp_call`, `closed_call` and `remat`.
 
   A group is unprunable, with a `reason`, when its units reach the function's inputs or outputs
   (e.g. the logits layer), a convolution window, an axis something reduces over (LayerNorm over
-  features, a softmax over units), a grouped convolution, or any primitive without a rule (e.g.
+  features, a softmax over units, not a softmax over the keys of each head), a grouped
+  convolution, a `reshape` that merges two axes carrying units or regroups several axes into
+  several others (`[4, 6] -> [8, 3]`), or any primitive without a rule (e.g.
   `gather`, `scan`, `cond`, random bits: trace in inference mode, without dropout). An output
   leaf whose path ends with the path of a params leaf of the same shape (the updated
   `batch_stats` that `model.apply(..., mutable=["batch_stats"])` returns, or the `nnx.state` an

@@ -5,7 +5,8 @@ prune (`shrink_plan`), deletes their slices from every leaf (`ShrinkPlan.shrink`
 `batch_stats` alike), and returns a runner that needs no rewritten model: it traces `apply_fn` at
 the full shapes, as `unit_groups` does, and re-interprets the jaxpr primitive by primitive with
 the smaller arrays, rewriting the parameters that carry shapes (`broadcast_in_dim`, `reshape`,
-`slice`, `split`, a depthwise convolution's `feature_group_count`), under `jax.jit`.
+e.g. to fewer attention heads, `slice`, `split`, a depthwise convolution's
+`feature_group_count`), under `jax.jit`.
 `shrink_opt_state` slices an optax state (Adam's `mu` and `nu`, momentum's `trace`) the same way.
 
 Example:

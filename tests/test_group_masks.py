@@ -68,7 +68,8 @@ def test_dense_chain_is_the_special_case(scope, ties):
 
 
 @pytest.mark.parametrize("make", [zoo.lenet_linen, zoo.lenet_nnx, zoo.resnet, zoo.concat,
-                                  zoo.depthwise], ids=lambda f: f.__name__)
+                                  zoo.depthwise, zoo.gpt, zoo.separate_qkv],
+                         ids=lambda f: f.__name__)
 def test_every_member_slice_of_a_pruned_unit_is_masked(make):
   entry = make()
   groups = pj.unit_groups(entry.apply_fn, entry.params, entry.x)
@@ -95,10 +96,32 @@ def test_every_member_slice_of_a_pruned_unit_is_masked(make):
   for path, leaf_cuts in cuts.items():  # each mask is exactly the product of its groups' cuts
     actual = np.ones(shapes[path], bool) if by_path[path] is None else by_path[path]
     np.testing.assert_array_equal(actual, outer(shapes[path], *leaf_cuts), err_msg=path)
-  # The logits layer's own bias stays unmasked.
+  # The biases of the first unprunable group (the logits layer's, the GPT's residual stream's)
+  # stay unmasked.
   logits = [g for g in groups if not g.prunable][0]
-  assert [by_path[m.path] for m in logits.members if m.path.split("/")[-2:][0] != "kernel"
-          and "bias" in m.path] == [None]
+  biases = [by_path[m.path] for m in logits.members if "bias" in m.path]
+  assert biases and all(b is None for b in biases)
+
+
+def test_gpt_heads_are_pruned_whole_by_the_norm_of_their_qkv_columns():
+  """A head's score is the L2 norm of its q, k and v columns of the qkv kernel (its producing
+  slices); the lowest-scoring half goes from every member: columns, bias, proj rows."""
+  entry = zoo.gpt()
+  groups = pj.unit_groups(entry.apply_fn, entry.params, entry.x)
+  masks = pj.unit_masks(entry.params, 0.5, groups=groups)["params"]
+  for i in range(2):
+    attn = entry.params["params"][f"blocks_{i}"]["attn"]
+    kernel = np.asarray(attn["qkv"]["kernel"]).reshape(8, 3, 4, 3)  # [width, third, head, dim]
+    norms = np.sqrt(np.square(kernel).sum(axis=(0, 1, 3)))
+    keep = np.isin(np.arange(4), np.argsort(norms)[2:])
+    columns = np.tile(np.repeat(keep, 3), 3)
+    got = masks[f"blocks_{i}"]["attn"]
+    np.testing.assert_array_equal(got["qkv"]["kernel"], np.broadcast_to(columns, (8, 36)))
+    np.testing.assert_array_equal(got["qkv"]["bias"], columns)
+    np.testing.assert_array_equal(got["proj"]["kernel"],
+                                  np.broadcast_to(np.repeat(keep, 3)[:, None], (12, 8)))
+    assert got["proj"]["bias"] is None  # the residual stream's
+    assert np.asarray(masks[f"blocks_{i}"]["mlp"]["fc"]["bias"]).sum() == 5
 
 
 def test_masks_for_the_params_collection_of_traced_variables():

@@ -17,7 +17,7 @@ def found(groups):
           for g in groups}
 
 
-@pytest.mark.parametrize("make", zoo.ZOO, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("make", zoo.ZOO + zoo.ATTENTION, ids=lambda f: f.__name__)
 def test_zoo_groups_equal_the_hand_derived_ones(make):
   entry = make()
   groups = pj.unit_groups(entry.apply_fn, entry.params, entry.x)
@@ -78,6 +78,10 @@ def dense_then(op):
     (lambda h: jnp.cumsum(h, axis=-1), ("cumsum",)),
     (lambda h: h[:, ::2].repeat(2, axis=1), ("every 2-th",)),
     (lambda h: jax.nn.sigmoid(h) @ jax.nn.sigmoid(h).T @ h, ("dot_general", "non-zero")),
+    # [batch, 4] -> [4, 2]: the batch and unit axes regrouped, no axis split on its own.
+    (lambda h: h.reshape(4, 2), ("`reshape` regroups", "mixes positions of two input axes")),
+    # Heads summed over: the units are reduced.
+    (lambda h: h.reshape(2, 2, 2).sum(axis=1), ("reduce_sum",)),
 ])
 def test_unsupported_paths_make_the_group_unprunable_with_the_reason(op, words):
   group = dense_then(op)
@@ -137,6 +141,83 @@ def test_two_output_axes_give_two_groups():
       ("params/DenseGeneral_0/kernel:1", 2, True), ("params/DenseGeneral_0/kernel:2", 3, True),
       ("params/out", 4, False)]
   assert ("params/out", 0) in {(m.path, m.axis) for m in groups[0].members}
+
+
+# --- reshapes into blocks (attention heads) -------------------------------------------------
+
+@pytest.mark.parametrize("blocks, index", [
+    ((2, 6), zoo.repeat(2, 6)),         # [heads, head_dim]: 6 consecutive columns per unit
+    ((6, 2), zoo.repeat(6, 2)),
+    ((4, 1, 3), zoo.repeat(4, 3)),      # a size-1 axis between
+    ((3, 2, 2), zoo.heads(2, 2, 3)),    # [3, heads, head_dim]: head h of every third, one unit
+], ids=["heads", "pairs", "size-1 between", "thirds"])
+def test_a_split_axis_gives_block_units(blocks, index):
+  """Dense(12) reshaped to `blocks` and back: the axis before the last numbers the units."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Dense(12)(x).reshape(x.shape[0], *blocks))
+      return nn.Dense(2)(h.reshape(x.shape[0], 12))
+  x = jnp.ones((2, 3))
+  group = pj.unit_groups(Net().apply, zoo.init_variables(Net(), x), x)[0]
+  assert group.prunable, group.reason
+  assert group.size == max(index) + 1
+  assert found([group])["params/Dense_0/kernel"].members == {
+      ("params/Dense_0/kernel", 1): index, ("params/Dense_0/bias", 0): index,
+      ("params/Dense_1/kernel", 0): index}
+
+
+def test_a_split_coarsens_units_that_are_used_one_by_one_elsewhere():
+  """The same 4 units, read one by one and as 2 blocks of 2: the blocks are the units."""
+  def fn(p, x):
+    h = jax.nn.relu(x @ p["w0"])
+    blocks = jnp.tanh(h.reshape(x.shape[0], 2, 2)).reshape(x.shape[0], 4)
+    return jnp.concatenate([h, blocks], axis=1) @ p["w1"]
+  params = {"w0": jnp.ones((3, 4)), "w1": jnp.ones((8, 2))}
+  group = pj.unit_groups(fn, params, jnp.ones((2, 3)))[0]
+  assert group.prunable and group.size == 2
+  assert [(m.path, m.index) for m in group.members] == [
+      ("w0", (0, 0, 1, 1)), ("w1", (0, 0, 1, 1, 0, 0, 1, 1))]
+
+
+def test_a_position_within_the_blocks_is_not_a_unit():
+  """Reducing over the heads keeps a head dim of every head: that axis never carries units."""
+  def fn(p, x):
+    h = (x @ p["w0"]).reshape(x.shape[0], 2, 3)  # [batch, heads, head_dim]
+    return h.sum(axis=1) @ p["w1"]
+  params = {"w0": jnp.ones((3, 6)), "w1": jnp.ones((3, 2))}
+  group = pj.unit_groups(fn, params, jnp.ones((2, 3)))[0]
+  assert group.size == 2 and not group.prunable
+  assert "reduce_sum" in group.reason
+
+
+def test_merging_two_axes_that_carry_units_is_unprunable():
+  """DenseGeneral's heads and features flattened together: neither axis can carry its units
+  through the merged axis, so both groups are unprunable (deleting a head would change the
+  merged width)."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.DenseGeneral((2, 3))(x))
+      return nn.Dense(2)(h.reshape(x.shape[0], 6))
+  x = jnp.ones((1, 5))
+  groups = pj.unit_groups(Net().apply, zoo.init_variables(Net(), x), x)
+  assert [(g.name, g.prunable) for g in groups[:2]] == [
+      ("params/DenseGeneral_0/kernel:1", False), ("params/DenseGeneral_0/kernel:2", False)]
+  for g in groups[:2]:
+    assert "`reshape` merges this axis with another axis that may carry units" in g.reason
+
+
+def test_gpt_heads_are_one_group_per_block_at_any_batch_size():
+  model = zoo.GPT_MODEL
+  entry = zoo.gpt()
+  batch, = jax.export.symbolic_shape("b")
+  symbolic = jax.ShapeDtypeStruct((batch, 4), jnp.int32)  # another length too
+  groups = pj.unit_groups(model.apply, entry.params, symbolic)
+  heads = [g for g in groups if g.name.endswith("attn/qkv/kernel")]
+  assert [(g.name, g.size, g.prunable) for g in heads] == [
+      (f"params/blocks_{i}/attn/qkv/kernel", model.num_heads, True) for i in range(2)]
+  assert found(groups) == entry.groups
 
 
 # --- errors ---------------------------------------------------------------------------------

@@ -39,18 +39,19 @@ def shrink_and_compare(fn, params, x, sparsity, *, scope="layer", other_batch=Fa
   small, small_apply = pj.shrink_fn(fn, params, masks, x)
   masked = pj.apply_masks(params, masks)
   with jax.default_matmul_precision("highest"):
-    assert_close(small_apply(small, x), fn(masked, x), small_apply.plan)
+    assert_close(small_apply(small, x), jax.jit(fn)(masked, x), small_apply.plan)
     if other_batch:
       x5 = jnp.concatenate([x, -x, x[:1]])[:5]
-      assert_close(small_apply(small, x5), fn(masked, x5), small_apply.plan)
+      assert_close(small_apply(small, x5), jax.jit(fn)(masked, x5), small_apply.plan)
   return small, small_apply, masks
 
 
-@pytest.mark.parametrize("make", zoo.ZOO, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("make", zoo.ZOO + zoo.ATTENTION, ids=lambda f: f.__name__)
 def test_shrunk_zoo_computes_the_masked_outputs(make):
   entry = make()
   small, small_apply, _ = shrink_and_compare(entry.apply_fn, entry.params, entry.x, 0.5,
-                                             other_batch=make in (zoo.lenet_nnx, zoo.concat))
+                                             other_batch=make in (zoo.lenet_nnx, zoo.concat,
+                                                                 zoo.separate_qkv))
   full = {pj._paths.path_str(k): v.shape  # pylint: disable=protected-access
           for k, v in jax.tree_util.tree_flatten_with_path(entry.params)[0]}
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(small)[0]:
@@ -134,6 +135,72 @@ def test_small_apply_runs_at_the_matmul_precision_of_the_call():
   assert precisions("highest") == {"HIGHEST"}
   assert precisions("default") == {"DEFAULT"}
   assert precisions("highest") == {"HIGHEST"}  # each precision's program is kept
+
+
+def test_gpt_without_half_its_heads_and_mlp_units_is_a_smaller_gpt():
+  """50% of the heads and of the MLP units of each block deleted: the shrunk program, and the
+  GPT module of the shrunk widths, compute the masked GPT's logits, at other shapes too."""
+  entry, model = zoo.gpt(), zoo.GPT_MODEL
+  groups = pj.unit_groups(entry.apply_fn, entry.params, entry.x)
+  masks = pj.unit_masks(entry.params, 0.5, groups=groups)
+  small, small_apply = pj.shrink_fn(entry.apply_fn, entry.params, masks, entry.x)
+  for i in range(2):
+    block = small["params"][f"blocks_{i}"]
+    assert block["attn"]["qkv"]["kernel"].shape == (8, 3 * 2 * 3)  # 2 of 4 heads of 3 dims
+    assert block["attn"]["proj"]["kernel"].shape == (2 * 3, 8)
+    assert block["mlp"]["fc"]["kernel"].shape == (8, 5)
+  shrunk = pj.shrunk_gpt(model, small)
+  assert shrunk.num_heads_per_layer == (2, 2) and shrunk.mlp_width_per_layer == (5, 5)
+  masked = pj.apply_masks(entry.params, masks)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 11, size=(3, 5)), jnp.int32)
+  with pj.highest_precision():  # (the zoo's test compares at the traced shape)
+    got, want = small_apply(small, tokens), jax.jit(model.apply)(masked, tokens)
+    module = jax.jit(shrunk.apply)(small, tokens)
+  pj.check_close(*pj.max_difference(got, want), what="shrunk GPT at batch 3, length 5")
+  pj.check_close(*pj.max_difference(module, got), what="shrunk_gpt module")
+
+
+def test_heads_split_from_a_fused_qkv_in_one_reshape():
+  """qkv reshaped to [batch, T, 3, heads, head_dim] in one go (as timm's ViT): head h of the
+  three thirds is one unit, and deleting it is exact."""
+  def fn(p, x):
+    batch, t, _ = x.shape
+    qkv = (x @ p["qkv"] + p["bias"]).reshape(batch, t, 3, 3, 2).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    weights = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), axis=-1)
+    return jnp.einsum("bhqk,bhkd->bqhd", weights, v).reshape(batch, t, 6) @ p["proj"]
+  rng = np.random.default_rng(0)
+  params = {"qkv": rng.normal(size=(4, 18)), "bias": rng.normal(size=18),
+            "proj": rng.normal(size=(6, 4))}
+  params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
+  x = jnp.asarray(rng.normal(size=(2, 5, 4)), jnp.float32)
+  group = {g.name: g for g in pj.unit_groups(fn, params, x)}["qkv"]
+  assert (group.size, group.prunable) == (3, True)
+  assert group.members[1] == pj.Member("proj", 0, zoo.heads(3, 2))
+  assert group.members[2] == pj.Member("qkv", 1, zoo.heads(3, 2, 3))
+  small, small_apply, _ = shrink_and_compare(fn, params, x, 0.34)
+  assert small["qkv"].shape == (4, 12) and small["proj"].shape == (4, 4)
+
+
+def test_grouped_query_attention_prunes_whole_kv_groups():
+  """`jax.nn.dot_product_attention` with 4 query heads over 2 kv heads splits the query heads
+  into [kv heads, 2]: a unit is a kv head with its 2 query heads."""
+  def fn(p, x):
+    batch, t, _ = x.shape
+    q, k, v = ((x @ p[name]).reshape(batch, t, -1, 2) for name in ("q", "k", "v"))
+    y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    return y.reshape(batch, t, 8) @ p["o"]
+  rng = np.random.default_rng(1)
+  params = {"q": rng.normal(size=(5, 8)), "k": rng.normal(size=(5, 4)),
+            "v": rng.normal(size=(5, 4)), "o": rng.normal(size=(8, 3))}
+  params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
+  x = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
+  group = {g.name: g for g in pj.unit_groups(fn, params, x)}["k"]
+  assert (group.size, group.prunable) == (2, True)
+  assert {m.path: m.index for m in group.members} == {
+      "k": zoo.repeat(2, 2), "v": zoo.repeat(2, 2), "q": zoo.repeat(2, 4), "o": zoo.repeat(2, 4)}
+  small, _, _ = shrink_and_compare(fn, params, x, 0.5)
+  assert small["q"].shape == (5, 4) and small["k"].shape == (5, 2)
 
 
 def test_whole_layers_pruned_away():

@@ -300,4 +300,83 @@ def depthwise():
   })
 
 
+# --- 8. the project's GPT: a fused qkv split into heads, and 9. separate q, k, v Dense layers ---
+
+def heads(num_heads, head_dim, thirds=1):
+  """Columns of `thirds` [heads * head_dim] blocks side by side: column p is head
+  p // head_dim % num_heads (the q | k | v thirds of a fused qkv kernel: every third the same)."""
+  return repeat(num_heads, head_dim) * thirds
+
+
+GPT_MODEL = pj.GPT(vocab_size=11, context=6, num_layers=2, width=8, num_heads=4, head_dim=3,
+                   mlp_width=10)
+
+
+def gpt():
+  """Per block: a group of the 4 heads (qkv columns and bias, 3 per head in each third; proj
+  rows) and one of the 10 MLP units; the residual stream (embeddings, LayerNorms) is one
+  unprunable group (the embedding `gather` spoils it), as is the vocabulary (tied lm_head)."""
+  model = GPT_MODEL
+  x = jnp.asarray(np.random.default_rng(1).integers(0, 11, size=(2, 6)), jnp.int32)
+  variables = init_variables(model, x)
+  p = "params/"
+  stream = {(p + "ln_f/bias", 0): ident(8), (p + "ln_f/scale", 0): ident(8),
+            (p + "wte/embedding", 1): ident(8)}
+  groups = {}
+  for i in range(2):
+    b = f"{p}blocks_{i}/"
+    stream.update({(b + "attn/proj/bias", 0): ident(8), (b + "attn/proj/kernel", 1): ident(8),
+                   (b + "attn/qkv/kernel", 0): ident(8), (b + "ln_1/bias", 0): ident(8),
+                   (b + "ln_1/scale", 0): ident(8), (b + "ln_2/bias", 0): ident(8),
+                   (b + "ln_2/scale", 0): ident(8), (b + "mlp/fc/kernel", 0): ident(8),
+                   (b + "mlp/out/bias", 0): ident(8), (b + "mlp/out/kernel", 1): ident(8)})
+    groups[b + "attn/qkv/kernel"] = Expected(4, True, {
+        (b + "attn/qkv/kernel", 1): heads(4, 3, 3), (b + "attn/qkv/bias", 0): heads(4, 3, 3),
+        (b + "attn/proj/kernel", 0): heads(4, 3)})
+    groups[b + "mlp/fc/kernel"] = Expected(10, True, {
+        (b + "mlp/fc/kernel", 1): ident(10), (b + "mlp/fc/bias", 0): ident(10),
+        (b + "mlp/out/kernel", 0): ident(10)})
+  groups[p + "blocks_0/attn/proj/kernel"] = Expected(8, False, stream)
+  groups[p + "wte/embedding"] = Expected(11, OUTPUT, {(p + "wte/embedding", 0): ident(11)})
+  return Entry("gpt", model.apply, variables, x, groups)
+
+
+class SeparateQKV(nn.Module):
+  """Attention as many public models write it: `query`, `key`, `value` Dense layers of
+  heads * head_dim each reshaped to [batch, T, heads, head_dim], softmax over the keys, the
+  heads merged back into `out`, a residual, and a Dense head."""
+  heads: int = 3
+  head_dim: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    batch, t, width = x.shape
+    q, k, v = (nn.Dense(self.heads * self.head_dim, name=name)(x).reshape(
+        batch, t, self.heads, self.head_dim) for name in ("query", "key", "value"))
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(self.head_dim))
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, t, -1)
+    x = x + nn.Dense(width, name="out")(y)
+    return nn.Dense(4, name="head")(x)
+
+
+def separate_qkv():
+  model = SeparateQKV()
+  x = _x((2, 4, 5))
+  variables = init_variables(model, x)
+  p = "params/"
+  each = {(p + f"{name}/{leaf}", axis): heads(3, 2)
+          for name in ("key", "query", "value") for leaf, axis in (("kernel", 1), ("bias", 0))}
+  return Entry("separate_qkv", model.apply, variables, x, {
+      p + "key/kernel": Expected(3, True, {**each, (p + "out/kernel", 0): heads(3, 2)}),
+      # The residual ties out's units to the input: unprunable.
+      p + "out/kernel": Expected(5, False, {
+          (p + "out/kernel", 1): ident(5), (p + "out/bias", 0): ident(5),
+          (p + "head/kernel", 0): ident(5), (p + "key/kernel", 0): ident(5),
+          (p + "query/kernel", 0): ident(5), (p + "value/kernel", 0): ident(5)}),
+      p + "head/kernel": Expected(4, OUTPUT, {
+          (p + "head/kernel", 1): ident(4), (p + "head/bias", 0): ident(4)}),
+  })
+
+
 ZOO = (seed_mlp, bias_mlp, lenet_linen, lenet_nnx, resnet, concat, depthwise)
+ATTENTION = (gpt, separate_qkv)  # heads as units; not yet in ZOO, which test_exporting runs too
