@@ -37,7 +37,12 @@ from absl import app, flags, logging
 
 from experiments import common_flags, frame  # pylint: disable=unused-import (shared flags)
 from prune_jax import calibration, language_model, models, plots, pruner, report, results
-from prune_jax import schedules, text_data
+from prune_jax import schedules, text_data, timing
+from prune_jax.groups import unit_groups
+from prune_jax.macs import count_macs
+from prune_jax.masks import apply_masks, unit_masks
+from prune_jax.models import shrunk_gpt
+from prune_jax.structured import shrink_fn
 from prune_jax import masks as masks_lib
 from prune_jax import store as store_lib
 from prune_jax import train
@@ -50,6 +55,9 @@ BASE_METHODS = ("magnitude", "wanda", "sparsegpt", "random")
 METHODS = (*BASE_METHODS, *(f"{m}+refit" for m in BASE_METHODS))
 DEFAULT_LEVELS = ("50", "70", "4:8", "2:4")
 DEFAULT_GRADUAL_LEVELS = ("50", "70", "2:4")
+# The structured targets: which groups of every block lose units, by their producing kernels.
+STRUCTURED_TARGETS = {"mlp": ("mlp/fc",), "heads": ("attn/qkv",), "both": ("mlp/fc", "attn/qkv")}
+STRUCTURED_CRITERIA = ("magnitude", "calibration", "random")
 
 SHAKESPEARE_DIR = flags.DEFINE_string(
     "shakespeare_dir", None, "Folder holding Tiny Shakespeare's input.txt. Default: the env var "
@@ -87,6 +95,31 @@ GRADUAL_END = flags.DEFINE_float(
     "a fraction of --gpt_steps.", lower_bound=0.0, upper_bound=1.0)
 GRADUAL_EVERY = flags.DEFINE_integer(
     "gradual_every", 50, "Steps between the gradual schedule's mask updates.", lower_bound=1)
+STRUCTURED_LEVELS = flags.DEFINE_list(
+    "structured_levels", ["25", "50"], "Structured pruning: the percent of the units (MLP units, "
+    "heads) of every block deleted, lowest-scoring first; the shrunk model is then fine-tuned "
+    "(--finetune_steps). Empty to skip.")
+STRUCTURED_TARGETS_FLAG = flags.DEFINE_list(
+    "structured_targets", list(STRUCTURED_TARGETS), "What structured pruning deletes: 'mlp' "
+    "(MLP units), 'heads' (attention heads), 'both'.")
+STRUCTURED_CRITERIA_FLAG = flags.DEFINE_list(
+    "structured_criteria", list(STRUCTURED_CRITERIA), "How units are scored: 'magnitude' (the "
+    "L2 norm of their fc, or q/k/v, columns), 'calibration' (their contribution to the next "
+    "layer's output on the calibration windows, prune_jax.calibration.unit_output_scores), "
+    "'random' (the floor).")
+FINETUNE_STEPS = flags.DEFINE_integer(
+    "finetune_steps", 200, "AdamW steps fine-tuning each shrunk model (nanoGPT's recipe at "
+    "--finetune_learning_rate, cosine to a tenth of it, a tenth of the steps warming up).",
+    lower_bound=0)
+FINETUNE_LEARNING_RATE = flags.DEFINE_float(
+    "finetune_learning_rate", 3e-4, "Peak learning rate of the fine-tuning.", lower_bound=0.0)
+TIMING_WINDOWS = flags.DEFINE_list(
+    "timing_windows", ["12", "128"], "Batches, in windows of --gpt_context tokens, at which the "
+    "dense and the shrunk models' forward passes are timed (interleaved, medians).")
+WARM_TIMING = flags.DEFINE_bool(
+    "warm_timing", True, "Time every one-shot prune twice: its first call (compilation "
+    "included) and a second, compiled one (the figure reported); --nowarm_timing times the "
+    "first call only.")
 SPARSEGPT_BLOCK_SIZE = flags.DEFINE_integer(
     "sparsegpt_block_size", 128, "SparseGPT's block of input features whose mask is chosen at "
     "once (the paper's 128; these layers have 128 or 512 inputs).", lower_bound=1)
@@ -144,11 +177,26 @@ def study_config() -> dict[str, Any]:
       "calibration_windows": CALIBRATION_WINDOWS.value,
       "oneshot_methods": methods,
       "sparsegpt_block_size": SPARSEGPT_BLOCK_SIZE.value,
+      "warm_timing": WARM_TIMING.value,
       "gradual_levels": [parse_level(v) for v in GRADUAL_LEVELS.value],
+      "structured_levels": [parse_level(v) for v in STRUCTURED_LEVELS.value],
+      "structured_targets": list(STRUCTURED_TARGETS_FLAG.value),
+      "structured_criteria": list(STRUCTURED_CRITERIA_FLAG.value),
+      "finetune_steps": FINETUNE_STEPS.value,
+      "finetune_learning_rate": FINETUNE_LEARNING_RATE.value,
+      "timing_windows": [int(v) for v in TIMING_WINDOWS.value],
       "gradual_schedule": gradual_schedule_config(GPT_STEPS.value, GRADUAL_START.value,
                                                   GRADUAL_END.value, GRADUAL_EVERY.value),
       "oneshot_levels": [parse_level(v) for v in ONESHOT_LEVELS.value],
   }
+  for name, values, known in (("structured_targets", config["structured_targets"],
+                                STRUCTURED_TARGETS),
+                               ("structured_criteria", config["structured_criteria"],
+                                STRUCTURED_CRITERIA)):
+    if any(v not in known for v in values):
+      raise ValueError(f"--{name} must name some of {tuple(known)}, got {values}")
+  if any("pattern" in level for level in config["structured_levels"]):
+    raise ValueError("--structured_levels are percentages of units (e.g. 25,50), not N:M")
   if GPT_WIDTH.value % GPT_HEADS.value:
     raise ValueError(f"--gpt_width ({GPT_WIDTH.value}) must be a multiple of --gpt_heads "
                      f"({GPT_HEADS.value})")
@@ -249,7 +297,10 @@ def one_shot(config: dict[str, Any], seed: int, params: Params, corpus: text_dat
       block = config["sparsegpt_block_size"]
       new, masks, seconds = prune_once(apply_fn, params, batches, method, level, seed,
                                        block_size=block)
-      _, _, warm = prune_once(apply_fn, params, batches, method, level, seed, block_size=block)
+      warm = seconds
+      if config.get("warm_timing", True):
+        _, _, warm = prune_once(apply_fn, params, batches, method, level, seed,
+                                block_size=block)
       evaluation = language_model.evaluate_lm(apply_fn, new, *val)
       pattern = level.get("pattern")
       out[f"{method}/{level['name']}"] = {
@@ -331,6 +382,122 @@ def nonzero_block_kernels(params: Params) -> Any:
                       is_leaf=lambda x: x is None)
 
 
+# --- structured: heads and MLP units deleted, then fine-tuned ------------------------------
+
+def structured_key(config: dict[str, Any], seed: int, target: str, level: dict[str, Any],
+                   criterion: str) -> dict[str, Any]:
+  """Everything that determines one structured cell: its store key."""
+  return {**dense_key(config, seed), "target": target, "level": level, "criterion": criterion,
+          "calibration_windows": config["calibration_windows"],
+          "finetune_steps": config["finetune_steps"],
+          "finetune_learning_rate": config["finetune_learning_rate"]}
+
+
+def target_prunable(target: str) -> Any:
+  """`prunable(path, leaf)` selecting the groups of `target` by their producing kernels."""
+  producers = tuple(f"{name}/kernel" for name in STRUCTURED_TARGETS[target])
+  return lambda path, leaf: path.endswith(producers)
+
+
+def unit_scores(criterion: str, groups: Any, target: str, calibration_scores: dict[str, Any],
+                seed: int) -> dict[str, jax.Array] | None:
+  """The units' scores of the groups `target` prunes (None: their slices' norms)."""
+  if criterion == "magnitude":
+    return None
+  selected = target_prunable(target)
+  chosen = [g for g in groups if g.prunable and selected(g.name.removeprefix("params/"), None)]
+  if criterion == "calibration":
+    return {g.name: calibration_scores[g.name] for g in chosen}
+  key = jax.random.fold_in(seed_keys(seed)["calibration"], 1)
+  return {g.name: jax.random.uniform(jax.random.fold_in(key, i), (g.size,))
+          for i, g in enumerate(chosen)}
+
+
+def shrunk_cell(model: models.GPT, variables: Params, groups: Any, fraction: float, target: str,
+                scores: dict[str, jax.Array] | None, example: jax.Array
+                ) -> tuple[models.GPT, Params, Params]:
+  """`(shrunk GPT, its params, the masked dense params)` with `fraction` of the units of every
+  group of `target` deleted."""
+  masks = unit_masks(variables, fraction, groups=groups, prunable=target_prunable(target),
+                     scores=scores)
+  small, _ = shrink_fn(model.apply, variables, masks, example)
+  return shrunk_gpt(model, small["params"]), small["params"], apply_masks(variables,
+                                                                          masks)["params"]
+
+
+def structured(config: dict[str, Any], seed: int, params: Params, corpus: text_data.CharCorpus,
+               store: store_lib.Store, val: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+  """Every target, level and criterion of one seed: the shrunk model's loss before and after
+  fine-tuning, its multiply-adds; and per target and level, its speed against the dense one."""
+  model = gpt_model(config, corpus)
+  context = config["gpt"]["context"]
+  variables = {"params": params}
+  example = jnp.zeros((config["gpt_batch_size"], context), jnp.int32)
+  groups = unit_groups(model.apply, variables, example)
+  calibration_scores = calibration.unit_output_scores(
+      model.apply, variables, calibration_batches(config, seed, corpus), groups)
+  one_window = jnp.zeros((1, context), jnp.int32)
+  dense_fn = train.forward_fn(model)
+  dense_macs = count_macs(dense_fn, params, one_window)
+  steps = config["finetune_steps"]
+  rate = config["finetune_learning_rate"]
+  tx = language_model.nanogpt_optimizer(max(steps, 1), learning_rate=rate,
+                                        min_learning_rate=rate / 10, warmup=steps // 10)
+  out, speed = {}, {}
+  for target in config["structured_targets"]:
+    for level in config["structured_levels"]:
+      for criterion in config["structured_criteria"]:
+        scores = unit_scores(criterion, groups, target, calibration_scores, seed)
+        small_model, small, masked = shrunk_cell(model, variables, groups, level["sparsity"],
+                                                 target, scores, example)
+        small_fn = train.forward_fn(small_model)
+
+        def compute():
+          masked_loss = language_model.evaluate_lm(dense_fn, masked, *val).loss
+          before = language_model.evaluate_lm(small_fn, small, *val).loss
+          tuned, _, stats = language_model.train_lm(
+              small_fn, small, corpus.train, key=jax.random.fold_in(seed_keys(seed)["train"], 1),
+              steps=steps, batch_size=config["gpt_batch_size"], context=context, optimizer=tx,
+              log_every=0)
+          after = language_model.evaluate_lm(small_fn, tuned, *val).loss
+          return {"masked_loss": masked_loss, "loss_before": before, "loss_after": after,
+                  "finetune_seconds": stats.seconds,
+                  "macs_ratio": dense_macs / count_macs(small_fn, small, one_window),
+                  "widths": [list(w) for w in small_model.widths()[1:]]}, None
+
+        cell = store.get_or_compute("gpt_structured", structured_key(
+            config, seed, target, level, criterion), compute).value
+        out[f"{target}/{level['name']}/{criterion}"] = cell
+        logging.info("seed %d structured %s %s %s: loss %.4f, fine-tuned %.4f (MACs / %.2f)",
+                     seed, target, level["name"], criterion, cell["loss_before"],
+                     cell["loss_after"], cell["macs_ratio"])
+      # The speed of this target and level (every criterion deletes as many units per layer).
+      speed[f"{target}/{level['name']}"] = shrunk_speed(
+          config, dense_fn, params, small_fn, small, dense_macs, one_window)
+  return {"cells": out, "speed": speed}
+
+
+def shrunk_speed(config: dict[str, Any], dense_fn: Any, params: Params, small_fn: Any,
+                 small: Params, dense_macs: int, one_window: jax.Array) -> dict[str, Any]:
+  """Tokens per second of the dense and the shrunk forward pass at each --timing_windows batch,
+  timed interleaved (medians), and the multiply-add ratio."""
+  context = config["gpt"]["context"]
+  ratio = dense_macs / count_macs(small_fn, small, one_window)
+  rows = {}
+  for windows in config["timing_windows"]:
+    x = jnp.zeros((windows, context), jnp.int32)
+    times = timing.time_interleaved({"dense": (dense_fn, (params, x)),
+                                     "shrunk": (small_fn, (small, x))},
+                                    runs=15, warmup=2, min_run_seconds=0.05, precision=0.02)
+    tokens = windows * context
+    rows[str(windows)] = {
+        "dense_tokens_per_second": tokens / times["dense"].median,
+        "shrunk_tokens_per_second": tokens / times["shrunk"].median,
+        "speedup": times["dense"].median / times["shrunk"].median,
+        "speedup_over_macs_ratio": times["dense"].median / times["shrunk"].median / ratio}
+  return {"macs_ratio": ratio, "batches": rows}
+
+
 # --- the study ------------------------------------------------------------------------------
 
 def run(config: dict[str, Any], corpus: text_data.CharCorpus) -> dict[str, Any]:
@@ -342,7 +509,7 @@ def run(config: dict[str, Any], corpus: text_data.CharCorpus) -> dict[str, Any]:
                                      context=config["gpt"]["context"])
   model = gpt_model(config, corpus)
   apply_fn = train.forward_fn(model)
-  dense, per_seed, gradual_per_seed = {}, {}, {}
+  dense, per_seed, gradual_per_seed, structured_per_seed = {}, {}, {}, {}
   for seed in config["seeds"]:
     params, info = dense_net(config, seed, corpus, store)
     evaluation = language_model.evaluate_lm(apply_fn, params, *val)
@@ -350,7 +517,8 @@ def run(config: dict[str, Any], corpus: text_data.CharCorpus) -> dict[str, Any]:
     logging.info("seed %d dense GPT: validation loss %.4f", seed, evaluation.loss)
     per_seed[seed] = one_shot(config, seed, params, corpus, val)
     gradual_per_seed[seed] = gradual(config, seed, corpus, store, val)
-  return payload(config, dense, per_seed, gradual_per_seed, started=started,
+    structured_per_seed[seed] = structured(config, seed, params, corpus, store, val)
+  return payload(config, dense, per_seed, gradual_per_seed, structured_per_seed, started=started,
                  num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
                      jax.eval_shape(lambda: models.init_gpt(jax.random.key(0), model)))))
 
@@ -364,8 +532,9 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 
 
 def payload(config: dict[str, Any], dense: dict[int, dict[str, Any]],
-            per_seed: dict[int, dict[str, Any]], gradual_per_seed: dict[int, dict[str, Any]], *,
-            started: float, num_params: int) -> dict[str, Any]:
+            per_seed: dict[int, dict[str, Any]], gradual_per_seed: dict[int, dict[str, Any]],
+            structured_per_seed: dict[int, dict[str, Any]], *, started: float,
+            num_params: int) -> dict[str, Any]:
   """The results payload: the dense nets and, per method and level, mean ± std over seeds."""
   seeds = list(config["seeds"])
   dense_losses = [dense[s]["loss"] for s in seeds]
@@ -398,6 +567,23 @@ def payload(config: dict[str, Any], dense: dict[int, dict[str, Any]],
         "pattern_holds": None if holds[0] is None else all(holds),
         "train_seconds": _stats([c["train_seconds"] for c in cells]),
     }
+  structured_rows = {}
+  for name in (structured_per_seed[seeds[0]]["cells"] if seeds else {}):
+    cells = [structured_per_seed[s]["cells"][name] for s in seeds]
+    target, level, criterion = name.split("/")
+    structured_rows[name] = {
+        "target": target, "level": level, "criterion": criterion,
+        "increase_before": _stats([c["loss_before"] - d for c, d in zip(cells, dense_losses)]),
+        "increase_after": _stats([c["loss_after"] - d for c, d in zip(cells, dense_losses)]),
+        "shrunk_minus_masked": _stats([c["loss_before"] - c["masked_loss"] for c in cells]),
+        "macs_ratio": cells[0]["macs_ratio"], "widths": cells[0]["widths"],
+    }
+  speed_rows = {}
+  for name in (structured_per_seed[seeds[0]]["speed"] if seeds else {}):
+    runs = [structured_per_seed[s]["speed"][name] for s in seeds]
+    speed_rows[name] = {"macs_ratio": runs[0]["macs_ratio"], "batches": {
+        b: {key: _stats([r["batches"][b][key] for r in runs]) for key in runs[0]["batches"][b]}
+        for b in runs[0]["batches"]}}
   return {
       "study": STUDY, "config": config, "versions": results.versions(),
       "machine": results.machine(), "seeds": seeds,
@@ -410,6 +596,8 @@ def payload(config: dict[str, Any], dense: dict[int, dict[str, Any]],
                 "per_seed": {str(s): dense[s] for s in seeds}},
       "one_shot": one_shot_rows,
       "gradual": gradual_rows,
+      "structured": structured_rows,
+      "structured_speed": speed_rows,
       "seconds": time.perf_counter() - started,
   }
 
@@ -429,6 +617,11 @@ def csv_rows(payload_: dict[str, Any]) -> list[list[Any]]:
                  row["zeros_percent"]["mean"],
                  "" if row["pattern_holds"] is None else row["pattern_holds"],
                  row["seconds"]["median"], row["first_seconds"]["median"]])
+  for row in payload_.get("structured", {}).values():
+    for when in ("before", "after"):
+      rows.append([f"structured {row['target']} {row['criterion']} ({when} fine-tuning)",
+                   row["level"], "", "", row[f"increase_{when}"]["mean"],
+                   row[f"increase_{when}"]["std"], "", "", "", "", ""])
   for row in payload_.get("gradual", {}).values():
     rows.append(["gradual", row["level"], row["loss"]["mean"], row["loss"]["std"],
                  row["increase"]["mean"], row["increase"]["std"], row["perplexity"]["mean"],
@@ -459,6 +652,29 @@ def format_table(payload_: dict[str, Any]) -> str:
               "| gradual (magnitude, cubic) | " + " | ".join(
                   f"+{r['increase']['mean']:.3f} ± {r['increase']['std']:.3f}"
                   for r in gradual_rows.values()) + " |"]
+  structured_rows = payload_.get("structured", {})
+  if structured_rows:
+    criteria = list(dict.fromkeys(r["criterion"] for r in structured_rows.values()))
+    lines += ["", "structured: units deleted (increase before -> after fine-tuning):", "",
+              "| target | level | MACs / | " + " | ".join(criteria) + " |",
+              "|---|---|---:|" + "---:|" * len(criteria)]
+    for target_level in dict.fromkeys(n.rsplit("/", 1)[0] for n in structured_rows):
+      cells = [structured_rows[f"{target_level}/{c}"] for c in criteria]
+      target, level = target_level.split("/")
+      lines.append(f"| {target} | {level} | {cells[0]['macs_ratio']:.2f} | " + " | ".join(
+          f"+{c['increase_before']['mean']:.3f} -> +{c['increase_after']['mean']:.3f} ± "
+          f"{c['increase_after']['std']:.3f}" for c in cells) + " |")
+  speed_rows = payload_.get("structured_speed", {})
+  if speed_rows:
+    batches = list(next(iter(speed_rows.values()))["batches"])
+    lines += ["", "shrunk speed-up over dense (tokens/s ratio, median; x of the MAC ratio):", "",
+              "| target/level | MACs / | " + " | ".join(f"{b} windows" for b in batches) + " |",
+              "|---|---:|" + "---:|" * len(batches)]
+    for name, row in speed_rows.items():
+      lines.append(f"| {name} | {row['macs_ratio']:.2f} | " + " | ".join(
+          f"{row['batches'][b]['speedup']['median']:.2f}x "
+          f"({row['batches'][b]['speedup_over_macs_ratio']['median']:.2f})" for b in batches)
+                   + " |")
   return "\n".join(lines)
 
 

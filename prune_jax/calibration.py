@@ -261,6 +261,70 @@ def prune_calibrated(apply_fn: Callable[..., Any], params: Params, batches: Any,
   return new_params, masks
 
 
+def unit_output_scores(apply_fn: Callable[..., Any], params: Params, batches: Any,
+                       groups: Any) -> dict[str, jax.Array]:
+  """Each unit's contribution to the next layers' outputs over the calibration data.
+
+  For a unit `u` of a group and every kernel that consumes it (a member leaf whose axis is the
+  one contracted axis of its product: the rows of the next Dense kernel, of an attention's
+  output projection), the score is the L2 norm, over the calibration rows, of what the unit's
+  inputs add to that product's output, summed over its consumers:
+
+      score_u^2 = sum_consumers ||X[:, rows_u] @ W[rows_u, :]||_F^2
+                = sum_consumers sum_{i, i' in rows_u} (W W^T)_{i i'} (X^T X)_{i i'}
+
+  (for an MLP unit, its activation's norm times its outgoing weights'; for an attention head,
+  the norm of its output after the projection). Pass them to `unit_masks(..., groups=groups,
+  scores=...)` to prune the units that change the model's activations least.
+
+  Args:
+    apply_fn, params, batches: as in `calibration_stats`; `params` is the tree `groups` were
+      traced from (member paths are its paths).
+    groups: `unit_groups(apply_fn, params, *example_args)`.
+
+  Returns:
+    `{group.name: float32 [group.size]}` for every prunable group with a consumer.
+
+  Raises:
+    ValueError: as `calibration_stats`, or no prunable group with a consuming product.
+  """
+  args, _ = _batches(batches)
+  program = _trace_batches(apply_fn, params, jax.tree.map(lambda a: a[0], args))
+  products = find_products(program, params)
+  uses: dict[str, int] = {}
+  for p in products:
+    uses[p.path] = uses.get(p.path, 0) + 1
+  by_path = {p.path: p for p in products if uses[p.path] == 1}
+  consumers = {}
+  for g in groups:
+    if not g.prunable:
+      continue
+    found = [(m, by_path[m.path]) for m in g.members if m.path in by_path
+             and by_path[m.path].kernel_in == (m.axis,) and (m.path, m.axis) not in g.producers]
+    if found:
+      consumers[g.name] = (g, found)
+  if not consumers:
+    raise ValueError("no prunable group has a consuming product (a kernel contracting the "
+                     "units' axis) to score its units by; pass groups from unit_groups of this "
+                     "apply_fn and params")
+  needed = tuple({p.path: p for _, found in consumers.values() for _, p in found}.values())
+  leaves = jax.tree.leaves(params)
+  stats = _stats_over_batches(program, needed, leaves, args)
+  values = {path: leaf for path, leaf in zip(program.param_paths, leaves)}
+  scores = {}
+  for name, (group, found) in consumers.items():
+    total = jnp.zeros((group.size,), jnp.float32)
+    for member, product in found:
+      w = kernel_view(values[product.path], product).astype(jnp.float32)
+      paired = jnp.matmul(w, w.T, precision=jax.lax.Precision.HIGHEST) * stats[product.rel].gram
+      ids = np.asarray(member.index)
+      onehot = jnp.asarray((ids[:, None] == np.arange(group.size)[None, :]), jnp.float32)
+      total = total + jnp.einsum("iu,ij,ju->u", onehot, paired, onehot,
+                                 precision=jax.lax.Precision.HIGHEST)
+    scores[name] = jnp.sqrt(jnp.maximum(total, 0))
+  return scores
+
+
 # --- selection and batches ------------------------------------------------------------------
 
 def _batches(batches: Any) -> tuple[tuple[Any, ...], int]:

@@ -57,7 +57,7 @@ class _Spec(NamedTuple):
 def group_unit_masks(params: Params, sparsity: Any, groups: Sequence[Group], *,
                      scope: str = "layer", prunable: Any = None, min_fraction: float = 0.0,
                      max_fraction: float = 1.0, round_to: int = 1,
-                     score: Score = "producers") -> Masks:
+                     score: Score = "producers", scores: Any = None) -> Masks:
   """`unit_masks(params, sparsity, groups=groups, ...)`: see `prune_jax.masks.unit_masks`."""
   _check_scope(scope)
   _check_sparsity(sparsity)
@@ -108,6 +108,7 @@ def group_unit_masks(params: Params, sparsity: Any, groups: Sequence[Group], *,
     lo.append(low)
     hi.append(min(high, n))
     sizes.append(n)
+  custom = _custom_scores(scores, [g for g, _ in resolved], groups)
   values = tuple(leaves[p].value for p in value_paths)
   spec = _Spec(tuple(sizes), tuple(scored), tuple(masked),
                tuple(tuple(int(d) for d in v.shape) for v in values), scope)
@@ -117,8 +118,33 @@ def group_unit_masks(params: Params, sparsity: Any, groups: Sequence[Group], *,
     counts = (_num_pruned(sparsity, sum(sizes), sum(hi)),)
   bounds = (jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32),
             jnp.asarray(round_to, jnp.int32))
-  masks = _group_masks(values, counts, bounds, spec=spec)
+  masks = _group_masks(values, counts, bounds, custom, spec=spec)
   return _mask_tree(params, dict(zip(value_paths, masks)))
+
+
+def _custom_scores(scores: Any, chosen: Sequence[Group],
+                   groups: Sequence[Group]) -> tuple[jax.Array | None, ...]:
+  """`scores` (`{group name: [size]}`) checked, as one entry (or None) per chosen group."""
+  if scores is None:
+    return (None,) * len(chosen)
+  if not hasattr(scores, "items"):
+    raise TypeError(f"scores must map group names to unit scores [size], got {type(scores)}")
+  names = {g.name: g for g in groups}
+  chosen_names = {g.name for g in chosen}
+  for name, value in scores.items():
+    if name not in names:
+      raise ValueError(f"scores names {name!r}, which is not a group; the groups are "
+                       f"{_paths._few(list(names))}")  # pylint: disable=protected-access
+    if name not in chosen_names:
+      raise ValueError(f"scores names {name!r}, a group that is not pruned here (unprunable, or "
+                       "left out by prunable=); drop it from scores")
+    if tuple(np.shape(value)) != (names[name].size,):
+      raise ValueError(f"scores[{name!r}] has shape {tuple(np.shape(value))}; the group has "
+                       f"{names[name].size} units: one score each")
+    if not isinstance(value, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(value))):
+      raise ValueError(f"scores[{name!r}] holds NaN or inf; scores must be finite")
+  return tuple(None if g.name not in scores else jnp.asarray(scores[g.name], jnp.float32)
+               for g in chosen)
 
 
 def dense_groups(params: Params, prunable: Any = None) -> tuple[Group, ...]:
@@ -229,14 +255,16 @@ def _check_groups(groups: Any) -> tuple[Group, ...]:
 
 @jax.jit(static_argnames=("spec",))
 def _group_masks(values: tuple[jax.Array, ...], counts: tuple[jax.Array, ...],
-                 bounds: tuple[jax.Array, jax.Array, jax.Array], *,
-                 spec: _Spec) -> tuple[jax.Array, ...]:
+                 bounds: tuple[jax.Array, jax.Array, jax.Array],
+                 custom: tuple[jax.Array | None, ...], *, spec: _Spec) -> tuple[jax.Array, ...]:
   """The mask of every value (member leaf), one compiled program; see `group_unit_masks`.
 
   `bounds`: the fewest and most units each group may lose (`[groups]` int32 each) and
   `round_to` (int32): arguments, not static, so that other bounds reuse the compiled program.
+  `custom`: per group, its units' given scores `[size]`, or None for the slices' norms.
   """
-  norms = [_unit_norms(values, slices, n) for slices, n in zip(spec.scored, spec.sizes)]
+  norms = [_unit_norms(values, slices, n) if c is None else c
+           for slices, n, c in zip(spec.scored, spec.sizes, custom)]
   lo, hi, round_to = bounds
   if spec.scope == "layer":
     keys = [_int_keys(n) for n in norms]

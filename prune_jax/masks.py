@@ -314,7 +314,8 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
                prunable: Prunable | None = None,
                criterion: Literal["magnitude", "random"] = "magnitude",
                key: jax.Array | None = None, groups: Any = None, min_fraction: float = 0.0,
-               max_fraction: float = 1.0, round_to: int = 1, score: str = "producers") -> Masks:
+               max_fraction: float = 1.0, round_to: int = 1, score: str = "producers",
+               scores: Any = None) -> Masks:
   """Masks whole units: the output columns of Dense kernels `[in, out]` with the smallest L2 norm.
 
   With `groups=unit_groups(apply_fn, params, *example_args)`, any model's units: each prunable
@@ -372,6 +373,9 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     round_to: each group keeps a multiple of `round_to` units (the count kept is rounded up,
       capped at `n`), e.g. 8 or 128 for hardware tiles; this may prune less than asked.
     score: "producers" (default) or "coupled", see above; only with groups or the bounds.
+    scores: with `groups`, your own scores of some groups' units instead of their slices'
+      norms: `{group.name: [group.size]}` (finite, higher = kept), e.g. from data
+      (`prune_jax.calibration.unit_output_scores`). Groups not named keep the norms.
 
   Returns:
     A mask tree mirroring `params`: for each prunable kernel a bool array of its shape whose
@@ -393,6 +397,9 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     >>> m["Dense_0"]["bias"]
     Array([ True, False,  True], dtype=bool)
   """
+  if scores is not None and groups is None:
+    raise ValueError("scores= gives the units of groups their scores: pass groups=unit_groups("
+                     "apply_fn, params, *example_args) too, and key the scores by group.name")
   if groups is not None or (min_fraction, max_fraction, round_to, score) != (
       0.0, 1.0, 1, "producers"):
     if criterion != "magnitude":
@@ -404,7 +411,7 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
       groups, prunable = group_masks.dense_groups(params, prunable), None
     return group_masks.group_unit_masks(
         params, sparsity, groups, scope=scope, prunable=prunable, min_fraction=min_fraction,
-        max_fraction=max_fraction, round_to=round_to, score=score)
+        max_fraction=max_fraction, round_to=round_to, score=score, scores=scores)
   _check_scope(scope)
   _check_sparsity(sparsity)
   criteria.check_criterion(criterion, units=True, key=key)

@@ -552,4 +552,46 @@ def plot_transformer(payload: Payload, folder: str) -> list[str]:
                f"{', '.join(str(s) for s in seeds)}{_spread(len(seeds))}", fontsize=8,
                color="0.3")
   _legend(fig, ax)
-  return [_save(fig, os.path.join(results.ensure_dir(folder), "transformer.png"))]
+  paths = [_save(fig, os.path.join(results.ensure_dir(folder), "transformer.png"))]
+  if payload.get("structured"):
+    paths.append(_plot_transformer_structured(payload, folder))
+  return paths
+
+
+_CRITERION_COLORS = {"magnitude": "tab:blue", "calibration": "tab:green", "random": "0.6"}
+
+
+def _plot_transformer_structured(payload: Payload, folder: str) -> str:
+  """`transformer_structured.png`: per target and level, a bar per criterion of the loss
+  increase after fine-tuning the shrunk GPT, a hollow marker before it (log scale)."""
+  rows = payload["structured"]
+  cells = list(dict.fromkeys(name.rsplit("/", 1)[0] for name in rows))
+  criteria = list(dict.fromkeys(row["criterion"] for row in rows.values()))
+  fig = Figure(figsize=(8, 5.2), layout="constrained")
+  ax = fig.add_subplot()
+  width = 0.8 / max(len(criteria), 1)
+  for i, criterion in enumerate(criteria):
+    x = np.arange(len(cells)) + (i - (len(criteria) - 1) / 2) * width
+    after = [rows[f"{cell}/{criterion}"]["increase_after"] for cell in cells]
+    before = [rows[f"{cell}/{criterion}"]["increase_before"]["mean"] for cell in cells]
+    color = _CRITERION_COLORS.get(criterion)
+    ax.bar(x, [max(c["mean"], 1e-4) for c in after], width, yerr=[c["std"] for c in after],
+           capsize=2, color=color, alpha=0.85, label=f"{criterion}: after fine-tuning")
+    ax.scatter(x, np.maximum(before, 1e-4), marker="o", facecolors="none", edgecolors=color,
+               s=30, zorder=3, label=f"{criterion}: deleted, before")
+  ax.set_yscale("log")
+  labels = [f"{cell.split('/')[0]} {cell.split('/')[1]}\n(MACs / "
+            f"{rows[f'{cell}/{criteria[0]}']['macs_ratio']:.2f})" for cell in cells]
+  ax.set_xticks(np.arange(len(cells)), labels, fontsize=8)
+  ax.set_ylabel("validation loss increase over dense (nats/char)")
+  ax.grid(axis="y", which="both", alpha=0.3)
+  seeds = payload.get("seeds", [])
+  steps = payload.get("config", {}).get("finetune_steps")
+  fig.suptitle(f"A GPT's heads and MLP units deleted, then {steps} steps of fine-tuning",
+               fontsize=13, fontweight="bold")
+  ax.set_title(f"Tiny Shakespeare, {payload['model']['description']}; the same share of units "
+               f"deleted in every block\nseed{'s' if len(seeds) != 1 else ''} "
+               f"{', '.join(str(s) for s in seeds)}{_spread(len(seeds))}", fontsize=8,
+               color="0.3")
+  _legend(fig, ax)
+  return _save(fig, os.path.join(results.ensure_dir(folder), "transformer_structured.png"))

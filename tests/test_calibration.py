@@ -220,3 +220,34 @@ def test_a_non_finite_hessian_names_the_layer_and_the_fix(mlp):
   huge = batches * 1e30  # finite inputs whose Gram matrix overflows
   with pytest.raises(ValueError, match="Dense_0/kernel: .*not finite.*raise the damping"):
     calibration.prune_calibrated(apply_fn, params, huge, method="sparsegpt", sparsity=0.5)
+
+
+def test_unit_output_scores_are_each_units_contribution_downstream():
+  model = pj.MLP(hidden=(12, 6), use_bias=True, initializer="flax")
+  variables = {"params": pj.init_mlp(jax.random.key(0), model, input_dim=8)}
+  batches = jax.random.normal(jax.random.key(1), (3, 10, 8))
+  groups = pj.unit_groups(model.apply, variables, batches[0])
+  scores = calibration.unit_output_scores(model.apply, variables, batches, groups)
+  p = variables["params"]
+  x = batches.reshape(-1, 8)
+  h0 = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+  h1 = jax.nn.relu(h0 @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"])
+  for name, h, w in (("params/Dense_0/kernel", h0, p["Dense_1"]["kernel"]),
+                     ("params/Dense_1/kernel", h1, p["Dense_2"]["kernel"])):
+    want = [np.linalg.norm(np.outer(h[:, u], w[u])) for u in range(w.shape[0])]
+    np.testing.assert_allclose(np.asarray(scores[name]), want, rtol=1e-4)
+  assert set(scores) == {"params/Dense_0/kernel", "params/Dense_1/kernel"}  # logits: unprunable
+  masks = pj.unit_masks(variables, 0.5, groups=groups, scores=scores)
+  keep = np.asarray(masks["params"]["Dense_0"]["bias"])
+  assert set(np.flatnonzero(keep)) == set(np.argsort(-np.asarray(scores["params/Dense_0/kernel"]))[:6])
+
+
+def test_unit_output_scores_of_gpt_heads():
+  model = pj.GPT(vocab_size=11, context=8, num_layers=1, num_heads=4, width=16)
+  variables = {"params": pj.init_gpt(jax.random.key(0), model)}
+  tokens = jax.random.randint(jax.random.key(1), (2, 3, 8), 0, 11)
+  groups = pj.unit_groups(model.apply, variables, tokens[0])
+  scores = calibration.unit_output_scores(model.apply, variables, tokens, groups)
+  heads = scores["params/blocks_0/attn/qkv/kernel"]
+  assert heads.shape == (4,) and bool(jnp.all(heads > 0))
+  assert scores["params/blocks_0/mlp/fc/kernel"].shape == (64,)

@@ -247,3 +247,35 @@ def test_errors():
   bad["params"]["Conv_0"]["kernel"] = bad["params"]["Conv_0"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
   with pytest.raises(ValueError, match="params/Conv_0/kernel has 1 NaN"):
     pj.unit_masks(bad, 0.5, groups=groups)
+
+
+def test_given_scores_replace_the_norms_of_the_groups_they_name():
+  entry = zoo.lenet_linen()
+  groups = pj.unit_groups(entry.apply_fn, entry.params, entry.x)
+  conv0 = groups[0]
+  scores = {conv0.name: jnp.arange(conv0.size, 0, -1, dtype=jnp.float32)}  # unit 0 best
+  masks = pj.unit_masks(entry.params, 0.5, groups=groups, scores=scores)
+  plain = pj.unit_masks(entry.params, 0.5, groups=groups)
+  keep = kept_units(masks["params"]["Conv_0"]["kernel"], 3)
+  n = conv0.size
+  np.testing.assert_array_equal(keep, np.arange(n) < n - round(0.5 * n))  # the lowest go
+  # The groups not named are scored as before.
+  np.testing.assert_array_equal(masks["params"]["Dense_0"]["bias"],
+                                plain["params"]["Dense_0"]["bias"])
+  jitted = jax.jit(lambda s: pj.unit_masks(entry.params, 0.5, groups=groups, scores=s))(scores)
+  same_tree(jitted, masks)
+
+
+def test_given_scores_errors():
+  entry = zoo.lenet_linen()
+  groups = pj.unit_groups(entry.apply_fn, entry.params, entry.x)
+  name, size = groups[0].name, groups[0].size
+  for scores, match in (({"nope": jnp.ones(size)}, "names 'nope', which is not a group"),
+                        ({name: jnp.ones(size + 1)}, f"has shape \\({size + 1},\\); the group "
+                                                     f"has {size} units"),
+                        ({name: jnp.full(size, jnp.nan)}, "NaN or inf"),
+                        ({groups[-1].name: jnp.ones(groups[-1].size)}, "not pruned here")):
+    with pytest.raises(ValueError, match=match):
+      pj.unit_masks(entry.params, 0.5, groups=groups, scores=scores)
+  with pytest.raises(ValueError, match="scores= .* pass groups="):
+    pj.unit_masks(entry.params["params"], 0.5, scores={name: jnp.ones(size)})

@@ -15,32 +15,34 @@ from prune_jax import plots, store as store_lib
 TINY = dict(shakespeare_dir=None, seeds=[0], fresh=False, compilation_cache=False,
             gpt={"num_layers": 1, "num_heads": 2, "width": 16, "context": 16}, gpt_steps=30,
             gpt_batch_size=4, val_batches=3, calibration_windows=8,
-            oneshot_methods=[*transformer.BASE_METHODS, "sparsegpt+refit"],
-            sparsegpt_block_size=128,
+            oneshot_methods=["magnitude", "sparsegpt", "random", "wanda+refit"],
+            sparsegpt_block_size=128, warm_timing=False,
             gradual_levels=[transformer.parse_level("50"), transformer.parse_level("2:4")],
             gradual_schedule=transformer.gradual_schedule_config(30, 0.1, 0.75, 5),
-            oneshot_levels=[transformer.parse_level("0"), transformer.parse_level("50"),
-                            transformer.parse_level("2:4")])
+            structured_levels=[transformer.parse_level("50")],
+            structured_targets=["mlp", "both"],
+            structured_criteria=list(transformer.STRUCTURED_CRITERIA), finetune_steps=5,
+            finetune_learning_rate=3e-4, timing_windows=[2],
+            oneshot_levels=[transformer.parse_level("50"), transformer.parse_level("2:4")])
 
 
-@pytest.fixture(scope="module")
-def payload(tmp_path_factory, shakespeare):
-  workdir = tmp_path_factory.mktemp("transformer")
-  return transformer.run({**TINY, "workdir": str(workdir)}, shakespeare), str(workdir)
+def test_tiny_study(tmp_path, shakespeare):
+  """One tiny run of the whole study (one test, so that pytest-xdist's workers do not each run
+  it): its one-shot grid, gradual nets, structured cells, files and store."""
+  payload = transformer.run({**TINY, "workdir": str(tmp_path)}, shakespeare)
+  check_one_shot_and_gradual(payload)
+  check_structured(payload)
+  check_files_and_store(payload, str(tmp_path))
 
 
-def test_one_shot_grid(payload):
-  payload, _ = payload
+def check_one_shot_and_gradual(payload):
   assert payload["study"] == "transformer" and payload["seeds"] == [0]
   rows = payload["one_shot"]
   methods = TINY["oneshot_methods"]
-  assert set(rows) == {f"{m}/{l}" for m in methods for l in ("0%", "50%", "2:4")}
+  assert set(rows) == {f"{m}/{l}" for m in methods for l in ("50%", "2:4")}
   dense = payload["dense"]["loss"]["mean"]
   assert 2.0 < dense < np.log(65)  # 30 steps: better than uniform, far from trained
   for method in methods:
-    zero = rows[f"{method}/0%"]
-    assert zero["loss"]["mean"] == dense and zero["increase"]["mean"] == 0  # 0%: the dense net
-    assert zero["zeros_percent"]["mean"] < 1
     np.testing.assert_allclose(rows[f"{method}/50%"]["zeros_percent"]["mean"], 50, atol=0.5)
     assert rows[f"{method}/2:4"]["pattern_holds"] is True
     assert rows[f"{method}/50%"]["pattern_holds"] is None
@@ -54,13 +56,27 @@ def test_one_shot_grid(payload):
   json.dumps(payload, allow_nan=False)
 
 
-def test_files_and_the_kept_dense_net(payload):
-  payload, workdir = payload
+def check_structured(payload):
+  rows = payload["structured"]
+  assert set(rows) == {f"{t}/50%/{c}" for t in ("mlp", "both")
+                       for c in transformer.STRUCTURED_CRITERIA}
+  for row in rows.values():
+    assert abs(row["shrunk_minus_masked"]["mean"]) < 1e-4   # deleting == masking
+    assert row["macs_ratio"] > 1
+  assert rows["mlp/50%/magnitude"]["widths"] == [[2], [32]]   # heads, MLP units per block
+  assert rows["both/50%/magnitude"]["widths"] == [[1], [32]]
+  assert rows["both/50%/random"]["macs_ratio"] > rows["mlp/50%/random"]["macs_ratio"]
+  speed = payload["structured_speed"]["both/50%"]
+  assert speed["batches"]["2"]["speedup"]["median"] > 0
+
+
+def check_files_and_store(payload, workdir):
   folder = transformer.write(payload, workdir)
-  assert sorted(os.listdir(folder)) == ["results.csv", "results.json", "transformer.png"]
+  assert sorted(os.listdir(folder)) == ["results.csv", "results.json", "transformer.png",
+                                        "transformer_structured.png"]
   with open(os.path.join(folder, "results.csv")) as f:
     lines = f.read().splitlines()
-  assert lines[0].split(",") == transformer.CSV_HEADER and len(lines) == 2 + 5 * 3 + 2
+  assert lines[0].split(",") == transformer.CSV_HEADER and len(lines) == 2 + 4 * 2 + 2 * 6 + 2
   assert plots.plot_study(json.load(open(os.path.join(folder, "results.json"))), folder)
   table = transformer.format_table(payload)
   assert "| sparsegpt |" in table and "2:4" in table and "| gradual" in table
@@ -98,7 +114,7 @@ def test_entry_point_runs_and_explains_its_flags(tmp_path, shakespeare_dir):
                    "--gpt_layers=1", "--gpt_width=8", "--gpt_heads=2", "--gpt_context=8",
                    "--gpt_batch_size=2", "--val_batches=2", "--calibration_windows=4",
                    "--oneshot_methods=sparsegpt+refit", "--oneshot_levels=2:4",
-                   "--gradual_levels=",
+                   "--gradual_levels=", "--structured_levels=",
                    "--nocompilation_cache"], PRUNE_JAX_SHAKESPEARE_DIR=str(shakespeare_dir))
   helpful = start(["-m", "experiments.transformer", "--helpfull"])
   bad = start(["-m", "experiments.transformer", "--oneshot_levels=3:2"])
@@ -106,6 +122,7 @@ def test_entry_point_runs_and_explains_its_flags(tmp_path, shakespeare_dir):
   assert done.returncode == 0, done.stderr[-3000:]
   saved = json.load(open(tmp_path / "transformer" / "results.json"))
   assert set(saved["one_shot"]) == {"sparsegpt+refit/2:4"} and saved["gradual"] == {}
+  assert saved["structured"] == {}
   assert saved["one_shot"]["sparsegpt+refit/2:4"]["pattern_holds"] is True
   text = finish(helpful, timeout=60).stdout
   for flag in ("--shakespeare_dir", "--calibration_windows", "--oneshot_levels", "--gpt_steps",
