@@ -17,7 +17,17 @@ reconstruction (`prune_jax.reconstruction`), and returns the new params and the 
 whose earlier layers are already pruned (and, for SparseGPT, updated): the program is run once,
 in order, over all the calibration batches at once, and every selected product prunes its kernel
 when the run reaches it. With `sequential=False` every layer is pruned from the dense model's
-statistics.
+statistics. With `refit=True` the method only picks the mask and the kept weights are solved for
+(`reconstruction.refit`): the dense model then runs beside the pruned one and gives each layer
+its target, the dense layer's output on the dense model's inputs.
+
+`unit_output_scores(apply_fn, params, batches, groups)` scores the units of `unit_groups` (MLP
+units, attention heads, channels) by what they add to the next layers' outputs on the
+calibration data, for `unit_masks(..., groups=groups, scores=...)`.
+
+Precision: the Gram matrices, SparseGPT's Cholesky factors and updates and the refit's solves
+are float32 at full precision (`Precision.HIGHEST`) on every backend; the model's own forward
+pass runs at the precision in force (TF32 on NVIDIA GPUs by default, like the model in use).
 
 Example:
   >>> model = MLP(hidden=(64, 32))
@@ -30,7 +40,7 @@ Example:
   >>> new, masks = prune_calibrated(apply_fn, params, batches, method="sparsegpt", sparsity=0.5)
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -158,8 +168,8 @@ def calibration_stats(apply_fn: Callable[..., Any], params: Params, batches: Any
     batches: the calibration inputs: one array, or a tuple of arrays (the arguments after
       params), each with a leading axis over batches, `[num_batches, batch, ...]`.
     prunable: `prunable(path, leaf) -> bool` over paths relative to the params collection, as
-      in `weight_masks`. Default: every leaf named `kernel` of 2 or more dimensions that is the
-      weight of a product.
+      in `weight_masks`. Default: every leaf named `kernel` (in an NNX State, `.../kernel/value`)
+      of 2 or more dimensions that is the weight of a product.
 
   Returns:
     `{relative path: KernelStats}` for every selected kernel, in program order.
@@ -346,6 +356,12 @@ def _batches(batches: Any) -> tuple[tuple[Any, ...], int]:
   return args, counts.pop()
 
 
+def _is_kernel(rel: str) -> bool:
+  """A leaf named `kernel` (in an NNX State, the `value` of a Variable named `kernel`)."""
+  names = rel.split("/")
+  return names[-1] == "kernel" or names[-2:] == ["kernel", "value"]
+
+
 def _trace_batches(apply_fn: Callable[..., Any], params: Params, args: Any) -> _trace.Program:
   """`_trace.trace` of `apply_fn(params, *args)`; a failure says how batches are laid out."""
   try:
@@ -362,7 +378,7 @@ def _selected(products: list[Product], params: Params,
   """The products whose kernels `prunable` selects (checked: each kernel used once)."""
   values = {leaf.path: leaf.value for leaf in _paths.leaves(params)}
   if prunable is None:
-    chosen = [p for p in products if p.rel is not None and p.rel.split("/")[-1] == "kernel"
+    chosen = [p for p in products if p.rel is not None and _is_kernel(p.rel)
               and np.ndim(values[p.path]) >= 2]
     if not chosen:
       raise ValueError("no kernel of a matrix product found: the default selects every leaf "

@@ -563,7 +563,8 @@ _CRITERION_COLORS = {"magnitude": "tab:blue", "calibration": "tab:green", "rando
 
 def _plot_transformer_structured(payload: Payload, folder: str) -> str:
   """`transformer_structured.png`: per target and level, a bar per criterion of the loss
-  increase after fine-tuning the shrunk GPT, a hollow marker before it (log scale)."""
+  increase after fine-tuning the shrunk GPT, a hollow marker before it (symmetric log scale:
+  fine-tuning can end below the dense net), and the dense net fine-tuned the same steps."""
   rows = payload["structured"]
   cells = list(dict.fromkeys(name.rsplit("/", 1)[0] for name in rows))
   criteria = list(dict.fromkeys(row["criterion"] for row in rows.values()))
@@ -575,11 +576,16 @@ def _plot_transformer_structured(payload: Payload, folder: str) -> str:
     after = [rows[f"{cell}/{criterion}"]["increase_after"] for cell in cells]
     before = [rows[f"{cell}/{criterion}"]["increase_before"]["mean"] for cell in cells]
     color = _CRITERION_COLORS.get(criterion)
-    ax.bar(x, [max(c["mean"], 1e-4) for c in after], width, yerr=[c["std"] for c in after],
+    ax.bar(x, [c["mean"] for c in after], width, yerr=[c["std"] for c in after],
            capsize=2, color=color, alpha=0.85, label=f"{criterion}: after fine-tuning")
-    ax.scatter(x, np.maximum(before, 1e-4), marker="o", facecolors="none", edgecolors=color,
+    ax.scatter(x, before, marker="o", facecolors="none", edgecolors=color,
                s=30, zorder=3, label=f"{criterion}: deleted, before")
-  ax.set_yscale("log")
+  control = payload.get("dense_finetuned")
+  if control:  # fine-tuning can improve on the dense net: the same steps on the dense net
+    ax.axhline(control["increase"]["mean"], color="0.25", linestyle="--", linewidth=1,
+               label="the dense net fine-tuned the same steps")
+  ax.axhline(0, color="black", linewidth=0.8)
+  ax.set_yscale("symlog", linthresh=0.01)  # linear within +-0.01 (gains), logarithmic beyond
   labels = [f"{cell.split('/')[0]} {cell.split('/')[1]}\n(MACs / "
             f"{rows[f'{cell}/{criteria[0]}']['macs_ratio']:.2f})" for cell in cells]
   ax.set_xticks(np.arange(len(cells)), labels, fontsize=8)

@@ -251,3 +251,25 @@ def test_unit_output_scores_of_gpt_heads():
   heads = scores["params/blocks_0/attn/qkv/kernel"]
   assert heads.shape == (4,) and bool(jnp.all(heads > 0))
   assert scores["params/blocks_0/mlp/fc/kernel"].shape == (64,)
+
+
+def test_nnx_state():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.a = nnx.Linear(8, 16, rngs=rngs)
+      self.b = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(nnx.relu(self.a(x)))
+
+  graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+  apply_fn = lambda s, x: nnx.merge(graphdef, s)(x)
+  batches = jax.random.normal(jax.random.key(1), (2, 8, 8))
+  assert list(calibration.calibration_stats(apply_fn, state, batches)) == [
+      "a/kernel/value", "b/kernel/value"]
+  new, masks = calibration.prune_calibrated(apply_fn, state, batches, method="sparsegpt",
+                                            pattern=(2, 4), refit=True)
+  assert isinstance(new, nnx.State) and pj.satisfies_pattern(masks, (2, 4), exact=True)
+  assert np.all(np.asarray(new["a"]["kernel"][...])[~np.asarray(masks["a"]["kernel"][...])] == 0)
