@@ -541,18 +541,11 @@ def plot_transformer(payload: Payload, folder: str) -> list[str]:
   ax.set_yscale("log")
   ax.set_xticks(np.arange(len(levels)), levels)
   ax.set_xlabel("sparsity of the block kernels (N:M: N kept of every M inputs)")
-  ax.set_ylabel("validation loss increase over dense (nats/char)")
-  ax.grid(axis="y", which="both", alpha=0.3)
   dense = payload["dense"]["loss"]
-  seeds = payload.get("seeds", [])
-  fig.suptitle("A GPT pruned one shot with calibration data (bars) or while training (◆)",
-               fontsize=13, fontweight="bold")
-  ax.set_title(f"Tiny Shakespeare (characters), {payload['model']['description']}; dense "
-               f"validation loss {dense['mean']:.3f}\nseed{'s' if len(seeds) != 1 else ''} "
-               f"{', '.join(str(s) for s in seeds)}{_spread(len(seeds))}", fontsize=8,
-               color="0.3")
-  _legend(fig, ax)
-  paths = [_save(fig, os.path.join(results.ensure_dir(folder), "transformer.png"))]
+  paths = [_finish_transformer_plot(
+      fig, ax, payload, folder, "transformer.png",
+      "A GPT pruned one shot with calibration data (bars) or while training (◆)",
+      f"dense validation loss {dense['mean']:.3f}")]
   if payload.get("structured"):
     paths.append(_plot_transformer_structured(payload, folder))
   return paths
@@ -589,15 +582,23 @@ def _plot_transformer_structured(payload: Payload, folder: str) -> str:
   labels = [f"{cell.split('/')[0]} {cell.split('/')[1]}\n(MACs / "
             f"{rows[f'{cell}/{criteria[0]}']['macs_ratio']:.2f})" for cell in cells]
   ax.set_xticks(np.arange(len(cells)), labels, fontsize=8)
+  steps = payload.get("config", {}).get("finetune_steps")
+  return _finish_transformer_plot(
+      fig, ax, payload, folder, "transformer_structured.png",
+      f"A GPT's heads and MLP units deleted, then {steps} steps of fine-tuning",
+      "the same share of units deleted in every block")
+
+
+def _finish_transformer_plot(fig: Figure, ax: Axes, payload: Payload, folder: str, name: str,
+                             title: str, detail: str) -> str:
+  """Study 7's shared axis label, grid, titles (the data, model, `detail`, seeds) and legend;
+  writes `folder/name`."""
   ax.set_ylabel("validation loss increase over dense (nats/char)")
   ax.grid(axis="y", which="both", alpha=0.3)
   seeds = payload.get("seeds", [])
-  steps = payload.get("config", {}).get("finetune_steps")
-  fig.suptitle(f"A GPT's heads and MLP units deleted, then {steps} steps of fine-tuning",
-               fontsize=13, fontweight="bold")
-  ax.set_title(f"Tiny Shakespeare, {payload['model']['description']}; the same share of units "
-               f"deleted in every block\nseed{'s' if len(seeds) != 1 else ''} "
-               f"{', '.join(str(s) for s in seeds)}{_spread(len(seeds))}", fontsize=8,
-               color="0.3")
+  fig.suptitle(title, fontsize=13, fontweight="bold")
+  ax.set_title(f"Tiny Shakespeare (characters), {payload['model']['description']}; {detail}\n"
+               f"seed{'s' if len(seeds) != 1 else ''} {', '.join(str(s) for s in seeds)}"
+               f"{_spread(len(seeds))}", fontsize=8, color="0.3")
   _legend(fig, ax)
-  return _save(fig, os.path.join(results.ensure_dir(folder), "transformer_structured.png"))
+  return _save(fig, os.path.join(results.ensure_dir(folder), name))
