@@ -544,6 +544,19 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
           "per_seed": values.tolist()}
 
 
+def _pruned_net_row(level: dict[str, Any], cells: Sequence[dict[str, Any]],
+                    dense_losses: Sequence[float]) -> dict[str, Any]:
+  """A pruned net's evaluation over seeds (one cell a seed): loss, its increase over the dense
+  net of the same seed, perplexity, measured zeros, whether every seed holds its N:M pattern."""
+  holds = [c["pattern_holds"] for c in cells]
+  return {"level": level["name"], "nominal_percent": level["nominal"],
+          "loss": _stats([c["loss"] for c in cells]),
+          "increase": _stats([c["loss"] - d for c, d in zip(cells, dense_losses)]),
+          "perplexity": _stats([c["perplexity"] for c in cells]),
+          "zeros_percent": _stats([c["zeros_percent"] for c in cells]),
+          "pattern_holds": None if holds[0] is None else all(holds)}
+
+
 def payload(config: dict[str, Any], dense: dict[int, dict[str, Any]],
             per_seed: dict[int, dict[str, Any]], gradual_per_seed: dict[int, dict[str, Any]],
             structured_per_seed: dict[int, dict[str, Any]], *, started: float,
@@ -556,28 +569,16 @@ def payload(config: dict[str, Any], dense: dict[int, dict[str, Any]],
     for level in config["oneshot_levels"]:
       name = f"{method}/{level['name']}"
       cells = [per_seed[s][name] for s in seeds]
-      holds = [c["pattern_holds"] for c in cells]
       one_shot_rows[name] = {
-          "method": method, "level": level["name"], "nominal_percent": level["nominal"],
-          "loss": _stats([c["loss"] for c in cells]),
-          "increase": _stats([c["loss"] - d for c, d in zip(cells, dense_losses)]),
-          "perplexity": _stats([c["perplexity"] for c in cells]),
-          "zeros_percent": _stats([c["zeros_percent"] for c in cells]),
-          "pattern_holds": None if holds[0] is None else all(holds),
+          "method": method, **_pruned_net_row(level, cells, dense_losses),
           "seconds": _stats([c["seconds"] for c in cells]),
           "first_seconds": _stats([c["first_seconds"] for c in cells]),
       }
   gradual_rows = {}
   for level in config["gradual_levels"]:
     cells = [gradual_per_seed[s][level["name"]] for s in seeds]
-    holds = [c["pattern_holds"] for c in cells]
     gradual_rows[level["name"]] = {
-        "level": level["name"], "nominal_percent": level["nominal"],
-        "loss": _stats([c["loss"] for c in cells]),
-        "increase": _stats([c["loss"] - d for c, d in zip(cells, dense_losses)]),
-        "perplexity": _stats([c["perplexity"] for c in cells]),
-        "zeros_percent": _stats([c["zeros_percent"] for c in cells]),
-        "pattern_holds": None if holds[0] is None else all(holds),
+        **_pruned_net_row(level, cells, dense_losses),
         "train_seconds": _stats([c["train_seconds"] for c in cells]),
     }
   structured_rows, dense_finetuned = {}, None
