@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, logging
 
-from experiments import base_nets, common_flags, frame, outputs, shrink_timing
+from experiments import base_nets, common_flags, frame, markdown, outputs, shrink_timing, studies
 from prune_jax import data as data_lib
 from prune_jax import equivalence, results
 from prune_jax import store as store_lib
@@ -87,6 +87,10 @@ STUDY = "conv"
 # Percent of the channels / units of each layer (the shared --sparsities default is the MLP's).
 DEFAULT_SPARSITIES = (0, 25, 50, 70, 80, 90)
 SEED_RETRAIN_STEPS = 1000
+# Its costs in full-net steps (`reproduce`'s estimate of the time left): one LeNet-5 step (shrunk
+# ones about half), and timing 6 levels at 3 batch sizes.
+_STEP_COST = 3
+_TIMING_COST = 3000
 # Steps of the masked-vs-shrunk retraining check (in float64), the test images its logits are
 # compared on, and the largest difference it allows, relative to the logit scale.
 RETRAIN_CHECK_STEPS = 50
@@ -455,6 +459,58 @@ def write_outputs(payload: dict[str, Any], workdir: str) -> str:
   logging.info("inference timing (medians of at most %d runs):\n%s", payload["timing"]["runs"],
                shrink_timing.summary(payload))
   return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Its part of REPORT.md, and what `reproduce` runs (experiments/studies.py)
+# ---------------------------------------------------------------------------------------------
+def report_section(payload: studies.Payload) -> list[str]:
+  """Study 6: the channel-pruned CNN's widths, accuracy, and speed-ups beside the MAC ratio."""
+  c = payload["curves"]
+  timing = payload["timing"]
+  batches = list(timing["before_retraining"])
+  rows = []
+  for i, level, at, big in markdown.timed_levels(payload):
+    rows.append([f"{level:g}", "-".join(map(str, big["widths"])),
+                 f"{c['before_retraining']['measured_sparsity'][i]:.1f}",
+                 markdown.mean_std(c["before_retraining"], i, digits=2),
+                 markdown.mean_std(c["after_retraining"], i, digits=2), f"{big['macs_ratio']:.1f}",
+                 *[f"{at[b]['speedup']:.2f}" for b in batches],
+                 f"{big['speedup_vs_macs_ratio']:.2f}"])
+  check, export = payload["retraining_check"], payload["export"]
+  return [
+      "## 6. Channel pruning of a CNN", "",
+      f"{markdown.spread_note(payload)}; {payload['model']['description']}, dense "
+      f"{markdown.mean_std(c['dense'], 0, digits=2)}. The channels (convolutions) and units (Dense) of "
+      "lowest L2 norm of each layer are deleted with everything coupled to them (groups traced "
+      "from the jaxpr; the logits never), then the shrunk net is retrained "
+      f"{payload['config']['retrain_steps']} steps, the same computation as masked retraining "
+      f"({check['steps']} steps both ways differ by {check['max_abs_diff']:.2g} in the logits). "
+      "Shrunk and masked logits differ by at most "
+      f"{payload['equivalence']['max_abs_diff']:.2g} (\"highest\" precision); the "
+      f"{export['sparsity']:g}% net reloaded from `{export['file']}` by `load_shrunk` by "
+      f"{export['max_abs_diff']:.2g}. Speed-ups: dense / shrunk median time, seed "
+      f"{timing['timed_seed']}'s nets before retraining, on {markdown.device_name(timing)}; multiply-adds "
+      "(MACs) counted in the jaxpr.", "",
+      *markdown.table(["sparsity %", "widths", "units deleted %", "before retraining",
+               f"after {payload['config']['retrain_steps']} steps", "MAC ratio",
+               *[f"speed-up, batch {b}" for b in batches],
+               f"speed-up / MAC ratio (batch {batches[-1]})"], rows), ""]
+
+
+SECTIONS = (studies.Section(STUDY, report_section, ("conv/conv.png",)),)
+
+
+def reproduction(config: dict[str, Any]) -> studies.Study:
+  """Study 6 as `reproduce` runs it (`config`: `conv_config()`'s). It trains its own LeNet-5s."""
+  steps = config["train_steps"] + len(config["sparsities"]) * config["retrain_steps"] / 2
+  cost = len(config["seeds"]) * steps * _STEP_COST + _TIMING_COST
+
+  def run(shared: studies.Shared) -> dict[str, studies.Payload]:
+    return {STUDY: run_conv(config, shared.mnist, store=shared.store)}
+
+  return studies.Study("study 6: channel pruning of a CNN", (studies.MNIST,), cost, run,
+                       studies.write_each(write_outputs), SECTIONS, times=True)
 
 
 main = frame.main(run_conv, conv_config, write=write_outputs)

@@ -48,7 +48,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from experiments import base_nets, common_flags, frame, outputs
+from experiments import base_nets, common_flags, frame, markdown, outputs, studies
 from prune_jax import data as data_lib
 from prune_jax import grid, results, train
 from prune_jax import store as store_lib
@@ -678,6 +678,79 @@ def write_outputs(payloads: dict[str, dict[str, Any]], workdir: str) -> list[str
                    f"{target['value']:.2f}% (dense {target['dense']:.2f}%)")
     folders.append(folder)
   return folders
+
+
+# ---------------------------------------------------------------------------------------------
+# Its part of REPORT.md, and what `reproduce` runs (experiments/studies.py)
+# ---------------------------------------------------------------------------------------------
+def report_section(payload: studies.Payload) -> list[str]:
+  """Study 5, one kind: every method's accuracy per level beside the dense net of the same
+  steps, with the steps used, and the issue's targets."""
+  kind = payload["study"].partition("_")[2]
+  curves = payload["curves"]
+  levels = payload["sparsities"]
+  dense = curves.get("dense_same_budget")
+  rows = []
+  for name, c in curves.items():
+    if name == "dense_same_budget":
+      continue
+    rows.append([f"`{name}`", c.get("steps", "–"),
+                 *[markdown.mean_std(c, i, digits=2) for i in range(len(levels))]])
+  if dense:
+    rows.append(["dense, same steps", dense.get("steps", "–"), *[markdown.mean_std(dense, 0, digits=2)]
+                 * len(levels)])
+  pruned = [c for n, c in curves.items() if n != "dense_same_budget"]
+  what = "zero weights of the hidden kernels" if kind == "weight" else "deleted hidden units"
+  if all(abs(c["measured_sparsity"][i] - lv) <= 0.01 for c in pruned
+         for i, lv in enumerate(levels)):
+    measured = f"Measured sparsity ({what}): every net at its level, to 0.01%."
+  else:
+    measured = f"Measured sparsity ({what}, %), per level in the order of the table: " + "; ".join(
+        f"{lv:g}: " + "/".join(f"{c['measured_sparsity'][i]:.2f}" for c in pruned)
+        for i, lv in enumerate(levels)) + "."
+  recipe = payload["config"].get("recipe", {})
+  lines = [
+      f"## 5{'a' if kind == 'weight' else 'b'}. Beyond the seed: {kind}s pruned while training",
+      "",
+      f"{markdown.spread_note(payload)}. From the same dense base net per seed, masks kept at every "
+      f"step; a budget of {payload['config']['budget_steps']} steps after the base net "
+      f"(`steps`: counted from the initialisation); recipe: {recipe.get('optimizer')} at "
+      f"{recipe.get('learning_rate')}, {recipe.get('schedule')} learning rate, gradual "
+      f"schedules done at {recipe.get('prune_until')} of the budget, masks every "
+      f"{recipe.get('prune_every')} steps"
+      + (f"; `gradual_regrow` swaps {payload['config']['regrow_fraction']:g} of each layer's "
+         "kept weights at each update, decaying to 0 at the ramp's end"
+         if "regrow_fraction" in payload["config"] and "gradual_regrow" in curves else "")
+      + ". `random*`: the floor.", "",
+      *markdown.table(["method", "steps", *[f"{lv:g}%" for lv in levels]], rows), "",
+      measured, ""]
+  for target in payload.get("targets", []):
+    if target["met"] is None:
+      lines.append(f"- Target at {target['sparsity']:g}%: not run.")
+      continue
+    rule = {"gap": f"within {target['bound']:g} points of the dense net",
+            "at_least": f"at least {target['bound']:g}%",
+            "worst_seed_at_least": f"no seed below {target['bound']:g}%"}[target["rule"]]
+    lines.append(f"- Target at {target['sparsity']:g}% ({rule}): "
+                 f"{'met' if target['met'] else '**not met**'}, best `{target['best_method']}` "
+                 f"{target['value']:.2f}% (dense {target['dense']:.2f}%).")
+  return lines + [""]
+
+
+SECTIONS = tuple(studies.Section(f"methods_{kind}", report_section,
+                      (f"methods_{kind}/methods_{kind}.png",)) for kind in KINDS)
+
+
+def reproduction(config: dict[str, Any]) -> studies.Study:
+  """Study 5 as `reproduce` runs it (`config`: `methods_config()`'s)."""
+  runs = sum(len(levels_of(config, METHODS[name].kind)) for name in config["methods"]) + 1
+  cost = len(config["seeds"]) * runs * config["budget_steps"]
+
+  def run(shared: studies.Shared) -> dict[str, studies.Payload]:
+    return run_methods(config, shared.mnist, bases=shared.bases, store=shared.store)
+
+  return studies.Study("study 5: beyond the seed", (studies.BASE_NETS,), cost, run,
+                       write_outputs, SECTIONS)
 
 
 main = frame.main(run_methods, methods_config, write=write_outputs)

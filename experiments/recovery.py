@@ -63,7 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import base_nets, common_flags, frame, outputs, sweep
+from experiments import base_nets, common_flags, frame, markdown, outputs, seed_results, studies
+from experiments import sweep
 from prune_jax import data as data_lib
 from prune_jax import equivalence, grid
 from prune_jax import store as store_lib
@@ -523,6 +524,78 @@ def recovery_config() -> dict[str, Any]:
                             retrain_steps=retrain_steps(MODE.value,
                                                         common_flags.RETRAIN_STEPS.value),
                             regrow=REGROW.value, unit_stacks=UNIT_STACKS.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Its part of REPORT.md, and what `reproduce` runs (experiments/studies.py)
+# ---------------------------------------------------------------------------------------------
+def report_section(payload: studies.Payload) -> list[str]:
+  """Studies 2 and 3: pruned, retrained with the mask kept and (with --regrow) without it."""
+  mode = payload["study"].split("_", 1)[1]
+  c = payload["curves"]
+  steps = payload["config"]["retrain_steps"]
+  number = {"weight": 2, "unit": 3}[mode]
+  header = ["sparsity %", "pruned", f"retrained {steps} steps, mask kept", "zeros left %"]
+  if "regrown" in c:
+    header += ["regrown (mask dropped)", "zeros left %"]
+  header += [f"seed: retrained {seed_results.RETRAIN_STEPS[payload['study']]} steps, mask dropped"]
+  rows = []
+  for i, level in enumerate(payload["sparsities"]):
+    row = [f"{level:g}", markdown.mean_std(c["pruned"], i), markdown.mean_std(c["retrained"], i),
+           f"{c['retrained']['measured_sparsity'][i]:.1f}"]
+    if "regrown" in c:
+      row += [markdown.mean_std(c["regrown"], i), f"{c['regrown']['measured_sparsity'][i]:.1f}"]
+    row.append(markdown.seed_value(f"{payload['study']}/regrown", level))
+    rows.append(row)
+  return [f"## {number}. Recovery after {mode} pruning", "", f"{markdown.spread_note(payload)}.", "",
+          *markdown.table(header, rows), ""]
+
+
+SECTIONS = tuple(studies.Section(f"recovery_{mode}", report_section,
+                      (f"recovery_{mode}/recovery_{mode}.png",)) for mode in MODES)
+
+
+def unit_cost(config: dict[str, Any]) -> float:
+  """Retraining the unit-pruned nets of one seed (shrunk), in full-net steps."""
+  steps = retrain_steps("unit", config.get("retrain_steps"))
+  return (sum(studies.macs_fraction(s) for s in config["sparsities"]) * steps
+          + studies.COMPILE * len(config["sparsities"]))
+
+
+def all_stored(config: dict[str, Any], mnist: data_lib.MNIST, store: store_lib.Store) -> bool:
+  """Whether every full-size net `run_recovery(config)` retrains is already in `store`."""
+  steps = retrain_steps(config["mode"], config.get("retrain_steps"))
+  return all(store.contains(f"retrained_{config['mode']}", key) for seed in config["seeds"]
+             for keep_masks in mask_settings(config)
+             for key in full_size_keys(config, seed, mnist, mode=config["mode"],
+                                       keep_masks=keep_masks, steps=steps))
+
+
+def reproduction(config: dict[str, Any], mode: str) -> studies.Study:
+  """Study 2 (`mode="weight"`) or 3 (`"unit"`) as `reproduce` runs it (`config`:
+  `frame.study_config(retrain_steps=..., regrow=..., unit_stacks=...)`'s). Study 2's training
+  programs can compile ahead (a fresh net stands for the base nets: `training_calls`)."""
+  config = {**config, "mode": mode, "retrain_steps": retrain_steps(mode, config.get("retrain_steps"))}
+  seeds, levels = len(config["seeds"]), len(config["sparsities"])
+  regrow_cost = seeds * levels * config["retrain_steps"] if config.get("regrow") else 0
+  if mode == "weight":
+    cost = seeds * levels * config["retrain_steps"] + regrow_cost + studies.COMPILE
+  else:
+    cost = seeds * unit_cost(config) + regrow_cost
+
+  def run(shared: studies.Shared) -> dict[str, studies.Payload]:
+    payload = run_recovery(config, shared.mnist, bases=shared.bases, store=shared.store)
+    return {payload["study"]: payload}
+
+  def ahead(shared: studies.Shared) -> list[studies.Ahead]:
+    if mode != "weight" or all_stored(config, shared.mnist, shared.store):
+      return []
+    return [studies.Ahead(lambda: training_calls(config, shared.mnist))]
+
+  number = {"weight": 2, "unit": 3}[mode]
+  return studies.Study(f"study {number}: recovery after {mode} pruning", (studies.BASE_NETS,),
+                       cost, run, studies.write_each(frame.write_and_plot),
+                       [s for s in SECTIONS if s.payload == f"recovery_{mode}"], ahead)
 
 
 main = frame.main(run_recovery, recovery_config)

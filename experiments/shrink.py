@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from experiments import base_nets, common_flags, frame, outputs, recovery, seed_results
-from experiments import shrink_timing
+from experiments import markdown, shrink_timing, studies
 from prune_jax import data as data_lib
 from prune_jax import equivalence, results, sparse_dense, train
 from prune_jax import store as store_lib
@@ -58,6 +58,9 @@ Masks = Any
 STUDY = "shrink"
 # The seed's retraining budget after unit pruning (study 3 uses the same).
 SEED_RETRAIN_STEPS = 1000
+# What timing the levels costs, in full-net steps (`reproduce`'s estimate of the time left): the
+# forward passes timed per level at 3 batch sizes.
+_TIMING_COST_PER_LEVEL = 800
 # The inference timing flags, shared with study 6 (experiments/conv.py).
 DEFAULT_EVAL_BATCHES = common_flags.DEFAULT_EVAL_BATCHES
 DEFAULT_TIMING_PRECISION = common_flags.DEFAULT_TIMING_PRECISION
@@ -471,6 +474,123 @@ def write_outputs(payload: dict[str, Any], workdir: str) -> str:
   logging.info("inference timing (medians of at most %d runs):\n%s", payload["timing"]["runs"],
                shrink_timing.summary(payload))
   return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Its part of REPORT.md, and what `reproduce` runs (experiments/studies.py)
+# ---------------------------------------------------------------------------------------------
+def report_section(payload: studies.Payload) -> list[str]:
+  """Study 4: accuracy of the shrunk nets and the measured speed-ups beside the arithmetic."""
+  c = payload["curves"]
+  timing = payload["timing"]
+  batches = list(timing["before_retraining"])
+  rows = []
+  for i, level, rows_at, big in markdown.timed_levels(payload):
+    seed_speedup = seed_results.SHRINK_SPEEDUP[seed_results.SPARSITIES.index(level)] \
+        if level in seed_results.SPARSITIES else None
+    rows.append([f"{level:g}", "-".join(map(str, big["widths"])),
+                 markdown.mean_std(c["before_retraining"], i, digits=2),
+                 markdown.seed_value("shrink/before_retraining", level),
+                 markdown.mean_std(c["after_retraining"], i, digits=2),
+                 markdown.seed_value("shrink/after_retraining", level),
+                 f"{big['macs_ratio']:.1f}",
+                 *[f"{rows_at[b]['speedup']:.2f}" for b in batches],
+                 f"{big['speedup_vs_macs_ratio']:.2f}",
+                 f"{big['shrunk']['median_ms']:.2f}",
+                 f"{big['roofline_ms']:.2f}" if "roofline_ms" in big else "–",
+                 f"{big['vs_limit']:.2f} ({big['limit']})" if "vs_limit" in big else "–",
+                 "–" if seed_speedup is None else f"{seed_speedup:g}"])
+  ref = timing["reference"]
+  lines = [
+      "## 4. Shrink: delete the pruned units, time inference", "",
+      f"{markdown.spread_note(payload)}. Speed-ups are dense time / shrunk time, medians of up to "
+      f"{timing['runs']} interleaved runs after a warm-up (fewer once the medians are known to "
+      f"{100 * timing.get('precision', 0):g}%), compiled forward pass only, seed "
+      f"{timing['timed_seed']}'s nets before retraining, on {markdown.device_name(timing)}; the multiply-add "
+      "(MAC) ratio is what the arithmetic allows. The roofline is what the machine allows the "
+      "shrunk net: the fixed cost of a call (an almost empty call's time), plus per layer a "
+      "plain matmul of its shape (less that cost) or moving its bytes at the measured memory "
+      "bandwidth, whichever takes longer, measured in the same run; 'vs limit' is the larger of "
+      "the roofline and the arithmetic time (the call's cost plus the dense net's remaining "
+      "time / MAC ratio) over the measured time (1 = as fast as allowed). The seed kept hidden "
+      "layer 4 whole and timed one pass on a 2017 laptop.",
+      "",
+      *markdown.table(["sparsity %", "widths", "accuracy before retraining", "seed",
+               f"after {payload['config']['retrain_steps']} steps", "seed", "MAC ratio",
+               *[f"speed-up, batch {b}" for b in batches],
+               f"speed-up / MAC ratio (batch {batches[-1]})", f"ms (batch {batches[-1]})",
+               "roofline ms", "vs limit", "seed speed-up"], rows),
+      "",
+      f"Dense inference at batch {ref['batch']}: {ref['dense']['gflops']:.1f} GFLOP/s, "
+      f"{ref['dense_vs_matmul']:.2f} x a plain [{ref['batch']},784]@[784,1000] matmul measured in "
+      "the same run" + (f"; memory bandwidth {ref['bandwidth_gbs']:.1f} GB/s" if "bandwidth_gbs"
+                        in ref else "") + (f"; a call costs {1e3 * ref['call_overhead_ms']:.0f} µs "
+                                           "besides its work." if "call_overhead_ms" in ref
+                                           else "."),
+  ]
+  masked = timing.get("masked", {}).get(batches[-1])
+  if masked:
+    lines.append(f"The masked dense net ({masked['sparsity']:g}% of units zeroed, full shapes) "
+                 f"runs at {masked['speedup']:.2f} x the dense net's speed: zeros are not "
+                 "skipped.")
+  target = timing.get("target")
+  if target:
+    sentences = [
+        f"Target (batch {target['batch']}, every level up to {target['up_to_sparsity']:g}%: "
+        f"speed-up ≥ {target['fraction']:g} x MAC ratio, or within {1 / target['fraction']:g} x "
+        "the roofline where that is the limit): " + (
+            "met." if target["met"] else "not met at " + ", ".join(
+                f"{v:g}%" for v in target["levels_short"]) + ".")]
+    if target.get("levels_short_of_macs_ratio"):
+      sentences.append(f"Below {target['fraction']:g} x the MAC ratio at " + ", ".join(
+          f"{v:g}%" for v in target["levels_short_of_macs_ratio"]) + ".")
+    note = shrink_timing.beyond_limit_note(target)
+    if note:
+      sentences.append(note)
+    lines.append(" ".join(sentences))
+  ws = payload.get("weight_sparse")
+  if ws:
+    for fmt, by_batch in ws.get("beats_dense_from", {}).items():
+      for batch, level in by_batch.items():
+        lines.append(f"Weight pruning, {fmt.upper()} sparse form at batch {batch}: "
+                     + (f"never faster than dense with zeros on {markdown.device_name(timing)}."
+                        if level is None else
+                        f"faster than dense with zeros from {level:g}% sparsity."))
+  return lines + [""]
+
+
+SECTIONS = (studies.Section(STUDY, report_section, ("shrink/shrink.png",)),)
+
+
+def reproduction(config: dict[str, Any], shrink_config: dict[str, Any]) -> studies.Study:
+  """Study 4 as `reproduce` runs it: `config` is the shared one (`frame.study_config`'s, with
+  `retrain_steps`) and `shrink_config` this study's (`shrink_config()`). It reuses the shrunk
+  nets study 3 retrained (the same units of the store) unless `keep_last_hidden` or its own
+  `retrain_steps` make them other nets. Its checked and timed programs can compile ahead."""
+  study_config = {**config, **shrink_config}
+  unit_steps = recovery.retrain_steps("unit", config.get("retrain_steps"))
+  shares_study_3 = (not shrink_config["keep_last_hidden"]
+                    and shrink_config["retrain_steps"] == unit_steps)
+  cost = len(config["sparsities"]) * (_TIMING_COST_PER_LEVEL + 3 * studies.COMPILE)
+  if not shares_study_3:
+    cost += len(config["seeds"]) * recovery.unit_cost({**config, "retrain_steps": unit_steps})
+
+  def run(shared: studies.Shared) -> dict[str, studies.Payload]:
+    return {STUDY: run_shrink(study_config, shared.mnist, bases=shared.bases,
+                              store=shared.store)}
+
+  def ahead(shared: studies.Shared) -> list[studies.Ahead]:
+    test_size = int(shared.mnist.test_images.shape[0])
+    if all(shared.store.contains(STUDY, _level_key(study_config, seed, level, test_size))
+           for seed in config["seeds"] for level in config["sparsities"]):
+      return []
+    calls = functools.cache(lambda: ahead_calls(study_config, shared.mnist))  # made once
+    return [studies.Ahead(lambda: calls()[0], highest_precision=True),
+            studies.Ahead(lambda: calls()[1],
+                          compiler_options=shrink_timing.compiler_options(study_config))]
+
+  return studies.Study("study 4: shrink and time", (studies.BASE_NETS,), cost, run,
+                       studies.write_each(write_outputs), SECTIONS, ahead, times=True)
 
 
 main = frame.main(run_shrink, shrink_config, write=write_outputs)

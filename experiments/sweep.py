@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, logging
 
-from experiments import base_nets, frame, outputs
+from experiments import base_nets, frame, markdown, outputs, seed_results, studies
 from prune_jax import data as data_lib
 from prune_jax import store as store_lib
 from prune_jax import timing, train
@@ -183,6 +183,43 @@ def run_sweep(config: dict[str, Any], mnist: data_lib.MNIST, *,
   return outputs.payload(STUDY, config, started=start, base_info=base_info, curves=curves,
                          timings={"prune_evaluate_compile_seconds": compile_seconds,
                                   "prune_evaluate_seconds": seconds})
+
+
+# ---------------------------------------------------------------------------------------------
+# Its part of REPORT.md, and what `reproduce` runs (experiments/studies.py)
+# ---------------------------------------------------------------------------------------------
+def report_section(payload: studies.Payload) -> list[str]:
+  """Study 1: accuracy without retraining, ours beside the seed's, per level."""
+  c = payload["curves"]
+  rows = []
+  for i, level in enumerate(payload["sparsities"]):
+    rows.append([f"{level:g}", markdown.mean_std(c["weight"], i), markdown.seed_value("sweep/weight", level),
+                 markdown.mean_std(c["unit"], i), markdown.seed_value("sweep/unit", level),
+                 f"{c['weight']['measured_sparsity'][i]:.1f} / "
+                 f"{c['unit']['measured_sparsity'][i]:.1f}"])
+  return [
+      "## 1. Sweep: pruning without retraining", "",
+      f"{markdown.spread_note(payload)}; dense net {markdown.mean_std(c['dense'], 0, digits=2)} (seed: "
+      f"{min(seed_results.DENSE_ACCURACY_RUNS):g}-{max(seed_results.DENSE_ACCURACY_RUNS):g}). "
+      "The seed's values marked ~ were read off its plots.", "",
+      *markdown.table(["sparsity %", "weight pruning", "seed", "unit pruning", "seed",
+               "measured zeros % (weight / unit)"], rows), "",
+  ]
+
+
+SECTIONS = (studies.Section("sweep", report_section, ("sweep/sweep.png",)),)
+
+
+def reproduction(config: dict[str, Any]) -> studies.Study:
+  """Study 1 as `reproduce` runs it (`config`: `frame.study_config()`'s)."""
+  cost = (len(config["seeds"]) * 2 * len(config["sparsities"]) * studies.FORWARD_10K
+          + 2 * studies.COMPILE)
+
+  def run(shared: studies.Shared) -> dict[str, studies.Payload]:
+    return {STUDY: run_sweep(config, shared.mnist, bases=shared.bases, store=shared.store)}
+
+  return studies.Study("study 1: sweep", (studies.BASE_NETS,), cost, run,
+                       studies.write_each(frame.write_and_plot), SECTIONS)
 
 
 main = frame.main(run_sweep, frame.study_config)

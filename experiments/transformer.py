@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import common_flags, frame  # pylint: disable=unused-import (shared flags)
+from experiments import common_flags, frame, studies  # pylint: disable=unused-import (shared flags)
 from prune_jax import calibration, language_model, models, plots, pruner, report, results
 from prune_jax import schedules, text_data, timing
 from prune_jax.groups import unit_groups
@@ -513,10 +513,11 @@ def shrunk_speed(config: dict[str, Any], dense_fn: Any, params: Params, small_fn
 
 # --- the study ------------------------------------------------------------------------------
 
-def run(config: dict[str, Any], corpus: text_data.CharCorpus) -> dict[str, Any]:
-  """The whole study; returns its payload."""
+def run(config: dict[str, Any], corpus: text_data.CharCorpus, *,
+        store: store_lib.Store | None = None) -> dict[str, Any]:
+  """The whole study; returns its payload. `store`: of finished units (default: the workdir's)."""
   started = time.perf_counter()
-  store = frame.units(config)
+  store = store or frame.units(config)
   val = text_data.validation_windows(corpus.val, batches=config["val_batches"],
                                      batch_size=config["gpt_batch_size"],
                                      context=config["gpt"]["context"])
@@ -616,8 +617,20 @@ def payload(config: dict[str, Any], dense: dict[int, dict[str, Any]],
       "structured": structured_rows,
       "dense_finetuned": dense_finetuned,
       "structured_speed": speed_rows,
+      "precision": matmul_precisions(),
       "seconds": time.perf_counter() - started,
   }
+
+
+def matmul_precisions() -> dict[str, str]:
+  """The precision of the float32 matrix products of each step, on this backend (the payload's
+  `precision`): the model's own passes at the precision in force (`jax_default_matmul_precision`:
+  "default" is the platform's, full float32 on a CPU, TF32 on NVIDIA GPUs); the validation loss
+  and the calibration statistics and reconstructions always at full float32 ("highest")."""
+  in_force = str(jax.config.jax_default_matmul_precision or "default")
+  return {"backend": jax.default_backend(), "training": in_force, "calibration_forward": in_force,
+          "timed_forward": in_force, "evaluation": "highest", "calibration_statistics": "highest",
+          "reconstruction": "highest"}
 
 
 CSV_HEADER = ["method", "level", "loss_mean", "loss_std", "increase_mean", "increase_std",
@@ -661,14 +674,14 @@ def format_table(payload_: dict[str, Any]) -> str:
     cells = []
     for level in levels:
       row = payload_["one_shot"][f"{method}/{level}"]
-      cells.append(f"+{row['increase']['mean']:.3f} ± {row['increase']['std']:.3f}")
+      cells.append(f"{row['increase']['mean']:+.3f} ± {row['increase']['std']:.3f}")
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   gradual_rows = payload_.get("gradual", {})
   if gradual_rows:
     lines += ["", "pruned gradually during the same training steps, increase over the dense net:",
               "", "| | " + " | ".join(gradual_rows) + " |", "|---|" + "---:|" * len(gradual_rows),
               "| gradual (magnitude, cubic) | " + " | ".join(
-                  f"+{r['increase']['mean']:.3f} ± {r['increase']['std']:.3f}"
+                  f"{r['increase']['mean']:+.3f} ± {r['increase']['std']:.3f}"
                   for r in gradual_rows.values()) + " |"]
   structured_rows = payload_.get("structured", {})
   if structured_rows:
@@ -684,7 +697,7 @@ def format_table(payload_: dict[str, Any]) -> str:
       cells = [structured_rows[f"{target_level}/{c}"] for c in criteria]
       target, level = target_level.split("/")
       lines.append(f"| {target} | {level} | {cells[0]['macs_ratio']:.2f} | " + " | ".join(
-          f"+{c['increase_before']['mean']:.3f} -> +{c['increase_after']['mean']:.3f} ± "
+          f"{c['increase_before']['mean']:+.3f} -> {c['increase_after']['mean']:+.3f} ± "
           f"{c['increase_after']['std']:.3f}" for c in cells) + " |")
   speed_rows = payload_.get("structured_speed", {})
   if speed_rows:
@@ -715,6 +728,79 @@ def load_corpus(config: dict[str, Any]) -> text_data.CharCorpus:
   """Tiny Shakespeare from `config["shakespeare_dir"]` (or where `load_shakespeare` finds it)."""
   return text_data.load_shakespeare(config["shakespeare_dir"])
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Its part of REPORT.md, and what `reproduce` runs (experiments/studies.py)
+# ---------------------------------------------------------------------------------------------
+# Its costs in full-net steps (`reproduce`'s estimate of the time left), measured on 2 CPU cores:
+# one GPT training step (53 ms), and each one-shot or structured cell besides its training.
+_GPT_STEP_COST = 9
+_CELL_COST = 1000
+
+
+def _precision_note(precision: dict[str, str] | None) -> str:
+  if not precision:  # a payload from before the study recorded it
+    return ""
+  return (f"Float32 matrix products on {precision['backend']}: training, fine-tuning, the "
+          "calibration forward passes and the timed forwards at the precision in force "
+          f"(`{precision['training']}`: the platform's, full float32 on a CPU, TF32 on NVIDIA "
+          "GPUs); the validation losses, the calibration Gram matrices, SparseGPT's Cholesky "
+          f"factors and updates and the refit's least squares at `{precision['reconstruction']}` "
+          "(full float32) on every backend.")
+
+
+def report_section(payload_: studies.Payload) -> list[str]:
+  """Study 7: the one-shot, in-training and structured tables, the speed of the shrunk GPTs."""
+  config, model = payload_["config"], payload_["model"]
+  seeds = payload_["seeds"]
+  spread = (f"mean ± sample std over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
+            if len(seeds) > 1 else f"seed {seeds[0]}")
+  one_shot = list(payload_["one_shot"].values())
+  zeros = [abs(r["zeros_percent"]["mean"] - r["nominal_percent"]) for r in one_shot]
+  patterns = [r["pattern_holds"] for r in one_shot if r["pattern_holds"] is not None]
+  sparsegpt = [r["seconds"]["median"] for r in one_shot if r["method"] == "sparsegpt"]
+  lines = [
+      "## 7. A GPT on Tiny Shakespeare: one shot, in training, structured", "",
+      f"{model['description']}, {model['num_params']:,} parameters, {config['gpt_steps']} AdamW "
+      f"steps of {config['gpt_batch_size']} windows (nanoGPT's recipe). Validation loss (nats "
+      f"per character) on {config['val_batches']} fixed batches of {config['gpt_batch_size']} x "
+      f"{config['gpt']['context']} characters of the last 10%, {spread}. One shot: the block "
+      f"kernels pruned with {config['calibration_windows']} calibration windows of the training "
+      "text, no retraining (`+refit`: the method's mask, then the kept weights solved by least "
+      "squares to reproduce the dense layer's outputs). Random: the floor.",
+      "", *format_table(payload_).split("\n"), "",
+      f"Measured zeros of the one-shot nets within {max(zeros, default=0):.2f} points of the "
+      "nominal share" + (f"; every N:M net holds its pattern: {all(patterns)}" if patterns
+                         else "") + "." + (f" SparseGPT prunes the whole model in a median "
+                                           f"{min(sparsegpt):.2f}-{max(sparsegpt):.2f} s "
+                                           "(calibration included, compiled)." if sparsegpt
+                                           else ""),
+  ]
+  note = _precision_note(payload_.get("precision"))
+  return lines + ([note] if note else []) + [""]
+
+
+SECTIONS = (studies.Section(STUDY, report_section, ("transformer/transformer.png",
+                                                    "transformer/transformer_structured.png")),)
+
+
+def reproduction(config: dict[str, Any]) -> studies.Study:
+  """Study 7 as `reproduce` runs it (`config`: `study_config()`'s). It trains its own GPTs."""
+  trainings = 1 + len(config["gradual_levels"])
+  cells = len(config["oneshot_methods"]) * len(config["oneshot_levels"])
+  structured_cells = 1 + (len(config["structured_levels"]) * len(config["structured_targets"])
+                          * len(config["structured_criteria"]))
+  cost = len(config["seeds"]) * (
+      _GPT_STEP_COST * (trainings * config["gpt_steps"]
+                        + structured_cells * config["finetune_steps"])
+      + _CELL_COST * (cells + structured_cells))
+
+  def run_study(shared: studies.Shared) -> dict[str, studies.Payload]:
+    return {STUDY: run(config, shared.corpus, store=shared.store)}
+
+  return studies.Study("study 7: a GPT on Tiny Shakespeare", (studies.SHAKESPEARE,), cost,
+                       run_study, studies.write_each(write), SECTIONS, times=True)
 
 main = frame.main(run, study_config, write=write, load=load_corpus)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from absl import flags
 
-from experiments import base_nets, conv, frame, outputs, report, reproduce, shrink_timing
+from experiments import base_nets, conv, frame, outputs, report, shrink_timing
 from _trees import assert_agree
 from prune_jax import LeNet5, MLP, equivalence
 
@@ -104,13 +104,6 @@ def test_reproduce_adds_section_6_when_asked(first_run):
   assert "## 6. Channel pruning of a CNN" in text and "](conv/conv.png)" in text
   assert "| 80 | 1-3-24-17 | 80.1 |" in text
   assert report.load_payloads(workdir) == {"conv": saved}
-  config = {**TINY, "workdir": workdir, "regrow": False}
-  steps = {"weight": 500, "unit": 1000}
-  costs = reproduce.phase_costs(config, steps=steps, cached=0, share_retrained=True,
-                                conv_config={**config, "retrain_steps": 1000})
-  assert list(costs)[-2:] == ["study 6: channel pruning of a CNN", "report"]
-  assert "study 6: channel pruning of a CNN" not in reproduce.phase_costs(
-      config, steps=steps, cached=0, share_retrained=True)
 
 
 def test_timing_rows_are_study_4s(first_run):

@@ -99,6 +99,14 @@ def test_targets_compare_the_best_masked_method_with_the_dense_net():
   assert got[0]["met"] is True and got[1]["met"] is None  # 97% not run
 
 
+def test_reproduce_runs_it_on_the_shared_base_nets():
+  study = methods.reproduction(TINY)
+  assert study.phase == "study 5: beyond the seed" and study.needs == ("base nets",)
+  runs = 6 * 2 + 1  # each method at both levels, and the dense net of the same budget
+  assert study.cost == runs * TINY["budget_steps"]
+  assert {s.payload for s in study.sections} == {"methods_weight", "methods_unit"}
+
+
 def test_bad_flags_are_named(tmp_path):
   with pytest.raises(ValueError, match="unknown"):
     methods.parse_names(["weight"], ["gradual_global", "magic"])

@@ -1,4 +1,5 @@
-"""Smoke test of `experiments.reproduce` (all four studies, tiny settings) and of REPORT.md."""
+"""Smoke test of `experiments.reproduce` (studies 1-4, tiny settings), of the interface every
+study offers it (`experiments/studies.py`), and of REPORT.md."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 from absl import logging
 
-from experiments import frame, report, reproduce, seed_results
+from experiments import conv, frame, recovery, report, reproduce, seed_results, studies
 
 TINY = {"mnist_dir": None, "seeds": [0], "sparsities": [0, 50, 90], "train_steps": 50,
         "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer",
@@ -34,9 +35,9 @@ def test_process_seconds_counts_from_the_process_start():
 
 def test_macs_fraction_matches_the_seeds_arithmetic():
   # SEED_RESULTS.md: dense/shrunk = 3.0x at 50%, 25.2x at 90%, with every hidden layer shrunk.
-  assert 1 / reproduce.macs_fraction(50) == pytest.approx(3.0, abs=0.05)
-  assert 1 / reproduce.macs_fraction(90) == pytest.approx(25.2, abs=0.05)
-  assert reproduce.macs_fraction(0) == 1.0
+  assert 1 / studies.macs_fraction(50) == pytest.approx(3.0, abs=0.05)
+  assert 1 / studies.macs_fraction(90) == pytest.approx(25.2, abs=0.05)
+  assert studies.macs_fraction(0) == 1.0
 
 
 def test_progress_estimates_what_remains(monkeypatch):
@@ -84,9 +85,13 @@ def test_reproduce_runs_all_studies_and_writes_the_report(bases_in, mnist_dir, m
   workdir = bases_in()
   # Study 2's training compiled ahead, as on an accelerator: the same files and numbers.
   config = {**TINY, "workdir": str(workdir), "compile_ahead": "true"}
-  assert not reproduce.study_2_stored(config, mnist, frame.units(config))  # so it compiles ahead
+  study_2 = {**config, "mode": "weight"}
+  assert not recovery.all_stored(study_2, mnist, frame.units(config))  # so it compiles ahead
   path = reproduce.run(config, TINY_SHRINK, command="python -m experiments.reproduce --tiny")
-  assert reproduce.study_2_stored(config, mnist, frame.units(config))  # a rerun would not
+  assert recovery.all_stored(study_2, mnist, frame.units(config))  # a rerun would not
+  rerun = studies.Shared(frame.units(config))
+  rerun.mnist = mnist
+  assert reproduce.compile_ahead(reproduce.chosen_studies(config, TINY_SHRINK), rerun) == []
   assert path == os.path.join(str(workdir), "REPORT.md")
   text = open(path).read()
   for heading in ("## 1. Sweep", "## 2. Recovery after weight", "## 3. Recovery after unit",
@@ -100,11 +105,15 @@ def test_reproduce_runs_all_studies_and_writes_the_report(bases_in, mnist_dir, m
   assert "s for the phases below, compilation included; " in text
   assert ("s since the process started (with Python's start-up" in text) == os.path.exists(
       "/proc/self/stat")
-  for study in report.STUDY_ORDER:
-    payload = json.load(open(workdir / study / "results.json"))
+  sections = [s for s in report.SECTIONS
+              if s.payload in ("sweep", "recovery_weight", "recovery_unit", "shrink")]
+  assert len(sections) == 4
+  for section in sections:
+    payload = json.load(open(workdir / section.payload / "results.json"))
     assert payload["sparsities"] == [0, 50, 90]
-    assert os.path.exists(workdir / report.PLOTS[study]), study
-    assert f"]({report.PLOTS[study]})" in text
+    for plot in section.plots:
+      assert os.path.exists(workdir / plot), plot
+      assert f"]({plot})" in text
   # Study 4 reused the shrunk nets study 3 retrained (one stored unit per level), instead of
   # training them again.
   shrink_payload = json.load(open(workdir / "shrink" / "results.json"))
@@ -122,6 +131,38 @@ def test_reproduce_runs_all_studies_and_writes_the_report(bases_in, mnist_dir, m
   payloads["shrink"]["timing"]["target"]["levels_beyond_limit"] = [50]
   assert "Faster than the limit allows (by more than 1.1 x) at 50%: the roofline understates" in \
       report.build_report(payloads, workdir=str(workdir))
+
+
+def test_phases_are_what_the_chosen_studies_need():
+  config = {**TINY, "workdir": "unused", "retrain_steps": None}  # the seed's budgets
+  shrink_config = {**TINY_SHRINK, "retrain_steps": 1000}
+  chosen = reproduce.chosen_studies(config, shrink_config)
+  costs = reproduce.phase_costs(config, chosen, cached_bases=0)
+  assert list(costs) == ["load MNIST", "base nets", "study 1: sweep",
+                         "study 2: recovery after weight pruning",
+                         "study 3: recovery after unit pruning", "study 4: shrink and time",
+                         "report"]
+  assert all(cost > 0 for cost in costs.values())
+  # Study 4 reuses study 3's shrunk nets when it retrains them the same steps (the seed's 1000
+  # here, as study 3's default), and costs more when it must retrain its own.
+  own = reproduce.chosen_studies(config, {**shrink_config, "keep_last_hidden": True})[3]
+  assert own.cost > chosen[3].cost
+  assert [s.times for s in chosen] == [False, False, False, True]
+  with_6 = reproduce.chosen_studies(config, shrink_config,
+                                    conv_config={**config, "retrain_steps": 1000})
+  assert list(reproduce.phase_costs(config, with_6, cached_bases=1))[-2:] == [
+      "study 6: channel pruning of a CNN", "report"]
+  assert reproduce.needed(with_6[-1:]) == [studies.MNIST]  # LeNet-5s of its own: no base nets
+
+
+def test_every_payload_has_one_report_section():
+  names = [s.payload for s in report.SECTIONS]
+  assert len(names) == len(set(names))
+  assert {"sweep", "recovery_weight", "recovery_unit", "shrink", "methods_weight",
+          "methods_unit", "conv", "transformer"} == set(names)
+  with pytest.raises(ValueError, match="no report section for the payloads"):
+    report.build_report({"sweep": {"config": {}, "machine": {"cpu": "x", "cores": 1},
+                                   "versions": {}}, "mystery": {}})
 
 
 def test_report_without_results_names_the_fix(tmp_path):

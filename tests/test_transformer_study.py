@@ -4,12 +4,13 @@ pruned one shot by every method, the payload, the files, the store, the flags.""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
 
 from _runs import finish, start
-from experiments import transformer
+from experiments import reproduce, transformer
 from prune_jax import plots, store as store_lib
 
 TINY = dict(shakespeare_dir=None, seeds=[0], fresh=False, compilation_cache=False,
@@ -28,11 +29,16 @@ TINY = dict(shakespeare_dir=None, seeds=[0], fresh=False, compilation_cache=Fals
 
 def test_tiny_study(tmp_path, shakespeare):
   """One tiny run of the whole study (one test, so that pytest-xdist's workers do not each run
-  it): its one-shot grid, gradual nets, structured cells, files and store."""
-  payload = transformer.run({**TINY, "workdir": str(tmp_path)}, shakespeare)
+  it), as `reproduce --transformer` runs it: its one-shot grid, gradual nets, structured cells,
+  files, store and REPORT.md section."""
+  config = {**TINY, "workdir": str(tmp_path)}
+  path = reproduce.run_studies(config, [transformer.reproduction(config)], corpus=shakespeare)
+  with open(os.path.join(tmp_path, "transformer", "results.json")) as f:
+    payload = json.load(f)
   check_one_shot_and_gradual(payload)
   check_structured(payload)
   check_files_and_store(payload, str(tmp_path))
+  check_report(open(path).read())
 
 
 def check_one_shot_and_gradual(payload):
@@ -84,6 +90,22 @@ def check_files_and_store(payload, workdir):
   store = store_lib.Store(os.path.join(workdir, "cache", "units"))
   assert store.get("gpt_dense", transformer.dense_key({**TINY, "workdir": workdir}, 0),
                    template=None) is not None
+
+
+def check_report(text):
+  """Study 7's section of REPORT.md, beside the run's phases (only what it needs is loaded)."""
+  assert "## 7. A GPT on Tiny Shakespeare" in text
+  assert "](transformer/transformer.png)" in text
+  assert "](transformer/transformer_structured.png)" in text
+  assert "| sparsegpt |" in text and "| gradual (magnitude, cubic) |" in text
+  assert "every N:M net holds its pattern: True" in text
+  # What precision each step used, on this backend.
+  assert (f"Float32 matrix products on {jax.default_backend()}: training, fine-tuning" in text
+          and "least squares at `highest`" in text)
+  phases = [line.split(" | ")[0].strip("| ") for line in text.splitlines()
+            if line.startswith("| ") and " | " in line]
+  assert "load Tiny Shakespeare" in phases and "study 7: a GPT on Tiny Shakespeare" in phases
+  assert "load MNIST" not in phases and "base nets" not in phases
 
 
 @pytest.mark.parametrize("text, want", [("50", {"name": "50%", "sparsity": 0.5, "nominal": 50}),
