@@ -1,6 +1,7 @@
 r"""Study 6: channel pruning of a LeNet-5-style CNN: coupled groups, retraining, shrinking, speed.
 
     python -m experiments.conv --workdir=results --seeds=0
+    python -m experiments.conv --workdir=results --seeds=0,1,2 --gradual=magnitude
 
 The base net of each seed is `prune_jax.LeNet5` (5x5 conv to 6 channels, ReLU, 2x2 max-pool,
 5x5 conv to 16, ReLU, pool, flatten, Dense 120, 84 and 10), trained on MNIST with the shared
@@ -48,14 +49,27 @@ One shrunk net, the first seed's at the highest level after retraining, is writt
 `prune_jax.save_shrunk` to `<workdir>/conv/lenet5_<level>.npz` and read back with
 `prune_jax.load_shrunk`, whose logits must be the same (`export` in results.json).
 
-Each seed and level (with its retrained net), each batch size's timing table and the retraining
-check are units of the workdir's store (`experiments/frame.py`): an interrupted run continues
-where it stopped; `--fresh` starts over.
+**Channels pruned while training** (`--gradual=magnitude,taylor,...`): each seed's base net is
+also pruned at every level by `prune_jax.pruning(kind="unit", groups=unit_groups(...),
+criterion=...)` while it trains the same `--retrain_steps` steps with the same optimizer and
+batches as the one-shot retraining (study 5's rules: same base nets, same budget, masks kept at
+every step): a cubic ramp from step 0 to `--gradual_until` of the steps (masks every
+`--gradual_mask_every` steps), then training at the final masks; the trained net is shrunk
+(`extend_masks`, `shrink_fn`; shrunk == masked is checked) and tested. The floor,
+`random_oneshot`, deletes random channels one shot and retrains the shrunk net the same steps.
+At 0% nothing is pruned, so every method is the one-shot level's retrained net (not trained
+again). Curves `gradual_<criterion>` and `random_oneshot`, section `gradual` (per seed and level:
+accuracy, widths, units deleted, train seconds), `conv_gradual.png` and a table in REPORT.md.
+
+Each seed and level (with its retrained net), each gradual net, each batch size's timing table and
+the retraining check are units of the workdir's store (`experiments/frame.py`): an interrupted run
+continues where it stopped; `--fresh` starts over.
 
 Writes `<workdir>/conv/results.json` (curves `dense`, `before_retraining`, `after_retraining`,
 whose measured sparsity is the percentage of units deleted over the pruned layers; `levels`,
-`timing`, `equivalence`, `retraining_check`, `export`, `model`, `groups`), `results.csv`,
-`timing.csv`, `conv.png` and the exported net.
+`timing`, `equivalence`, `retraining_check`, `export`, `model`, `groups`; with `--gradual` its
+curves and `gradual`), `results.csv`, `timing.csv`, `conv.png` (`conv_gradual.png`) and the
+exported net.
 """
 
 import functools
@@ -67,11 +81,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import app, logging
+import numpy as np
+from absl import app, flags, logging
 
 from experiments import base_nets, common_flags, frame, markdown, outputs, shrink_timing, studies
+from prune_jax import criteria
 from prune_jax import data as data_lib
-from prune_jax import equivalence, results
+from prune_jax import equivalence, plots, results
 from prune_jax import store as store_lib
 from prune_jax import train
 from prune_jax.exporting import load_shrunk, save_shrunk
@@ -79,6 +95,8 @@ from prune_jax.groups import Group, unit_groups
 from prune_jax.macs import count_macs
 from prune_jax.masks import apply_masks, unit_masks
 from prune_jax.models import LeNet5, shrunk_model
+from prune_jax.pruner import extend_masks, pruning
+from prune_jax.schedules import polynomial_sparsity
 from prune_jax.structured import shrink_fn
 
 Params = Any
@@ -96,6 +114,23 @@ _TIMING_COST = 3000
 RETRAIN_CHECK_STEPS = 50
 CHECK_IMAGES = 1000
 RETRAIN_CHECK_RTOL = 1e-9
+# Channels pruned while training (--gradual): the criteria of prune_jax.pruning(kind="unit",
+# groups=...) that apply to LeNet-5 (no BatchNorm for "bn_scale"), and the floor.
+GRADUAL_CRITERIA = ("magnitude", "l1", "taylor", "random")
+RANDOM_FLOOR = "random_oneshot"
+
+GRADUAL = flags.DEFINE_list(
+    "gradual", [], "Study 6: also prune the channels while training, with these criteria of "
+    f"{GRADUAL_CRITERIA} (curves gradual_<criterion>), against one-shot + retraining "
+    "(after_retraining) and the random floor (random_oneshot: random channels, one-shot, then "
+    "retrained): every method starts from the same base net and trains --retrain_steps steps "
+    "with the same optimizer (study 5's rules). Empty: the study as before.")
+GRADUAL_UNTIL = flags.DEFINE_float(
+    "gradual_until", 0.625, "Study 6, --gradual: the cubic ramp reaches the final sparsity at "
+    "this fraction of --retrain_steps (then trains at it), as study 5's.", lower_bound=0.0,
+    upper_bound=1.0)
+GRADUAL_MASK_EVERY = flags.DEFINE_integer(
+    "gradual_mask_every", 50, "Study 6, --gradual: steps between mask updates.", lower_bound=1)
 
 
 def base_model() -> LeNet5:
@@ -121,7 +156,9 @@ def conv_config() -> dict[str, Any]:
       eval_batches=common_flags.parse_eval_batches(common_flags.EVAL_BATCHES.value),
       timing_runs=common_flags.TIMING_RUNS.value,
       timing_precision=common_flags.TIMING_PRECISION.value,
-      timing_autotune=common_flags.TIMING_AUTOTUNE.value)
+      timing_autotune=common_flags.TIMING_AUTOTUNE.value,
+      gradual=[c.strip() for c in GRADUAL.value if c.strip()],
+      gradual_until=GRADUAL_UNTIL.value, gradual_mask_every=GRADUAL_MASK_EVERY.value)
   if not common_flags.SPARSITIES.present:
     config["sparsities"] = list(DEFAULT_SPARSITIES)
   return config
@@ -137,13 +174,23 @@ def check_conv_config(config: dict[str, Any], *, test_size: int) -> dict[str, An
   config = {"sparsities": list(DEFAULT_SPARSITIES), "retrain_steps": SEED_RETRAIN_STEPS,
             "eval_batches": [int(b) for b in common_flags.DEFAULT_EVAL_BATCHES],
             "timing_runs": 7, "timing_precision": common_flags.DEFAULT_TIMING_PRECISION,
-            "timing_autotune": False,
+            "timing_autotune": False, "gradual": [], "gradual_until": 0.625,
+            "gradual_mask_every": 50,
             **config}
   if config["retrain_steps"] is None:
     config["retrain_steps"] = SEED_RETRAIN_STEPS
   frame.check_config(config)
   if int(config["retrain_steps"]) < 0:
     raise ValueError(f"--retrain_steps must be >= 0, got {config['retrain_steps']}")
+  unknown = [c for c in config["gradual"] if c not in GRADUAL_CRITERIA]
+  if unknown or len(set(config["gradual"])) != len(config["gradual"]):
+    raise ValueError(f"--gradual takes distinct criteria of {GRADUAL_CRITERIA} (LeNet-5 has no "
+                     f"BatchNorm for 'bn_scale'), got {config['gradual']}")
+  if config["gradual"] and int(config["retrain_steps"]) < 1:
+    raise ValueError("--gradual prunes during --retrain_steps steps: give at least 1")
+  if not 0 <= float(config["gradual_until"]) <= 1 or int(config["gradual_mask_every"]) < 1:
+    raise ValueError(f"--gradual_until must be in [0, 1] and --gradual_mask_every >= 1, got "
+                     f"{config['gradual_until']}, {config['gradual_mask_every']}")
   if int(config["timing_runs"]) < 1:
     raise ValueError(f"--timing_runs must be >= 1, got {config['timing_runs']}")
   if not 0 <= float(config["timing_precision"]) < 1:
@@ -179,9 +226,13 @@ class LevelNets:
   """
 
   def __init__(self, model: LeNet5, params: Params, groups: Sequence[Group],
-               fraction: jax.Array, *, scope: str, example: jax.Array):
+               fraction: jax.Array | None, *, scope: str, example: jax.Array,
+               scores: dict[str, jax.Array] | None = None, masks: Params | None = None):
+    """`fraction` of each layer's units (or of all, `scope`) by `scores` (default: L2), or the
+    `masks` of the variables dict given instead."""
     variables = {"params": params}
-    self.masks = unit_masks(variables, fraction, groups=groups, scope=scope)
+    self.masks = masks if masks is not None else unit_masks(variables, fraction, groups=groups,
+                                                            scope=scope, scores=scores)
     self.masked = apply_masks(variables, self.masks)["params"]
     self.small, self.small_apply = shrink_fn(model.apply, variables, self.masks, example)
     self.small_model = shrunk_model(model, self.small["params"])
@@ -248,6 +299,152 @@ def _level_unit(store: store_lib.Store, config: dict[str, Any], seed: int, level
   return store.get_or_compute(
       STUDY, _level_key(config, seed, level, model, int(test_x.shape[0])), compute,
       template=template)
+
+
+# ---------------------------------------------------------------------------------------------
+# Channels pruned while training (--gradual), against one-shot + retraining and the random floor
+# ---------------------------------------------------------------------------------------------
+def gradual_names(config: dict[str, Any]) -> list[str]:
+  """The curves --gradual adds: `gradual_<criterion>` per criterion, then the random floor."""
+  if not config.get("gradual"):
+    return []
+  return [f"gradual_{c}" for c in config["gradual"]] + [RANDOM_FLOOR]
+
+
+def gradual_until(config: dict[str, Any]) -> int:
+  """The step at which the gradual ramp reaches its final sparsity (a multiple of the mask
+  updates' spacing, at least one update)."""
+  every = int(config["gradual_mask_every"])
+  steps = int(config["retrain_steps"])
+  return max(every, int(round(float(config["gradual_until"]) * steps / every)) * every)
+
+
+@functools.lru_cache(maxsize=None)
+def _gradual_pruner(groups: tuple[Group, ...], criterion: str, scope: str, until: int,
+                    every: int, seed: int) -> Any:
+  """`pruner(tx, masks=..., final=...)` of one setting (one function object, so that its training
+  program compiles once for every level and seed: `final` is an argument)."""
+  key = jax.random.fold_in(jax.random.key(seed), 6) if criterion == "random" else None
+
+  def pruner(tx, masks=None, *, final):
+    return pruning(tx, polynomial_sparsity(final, start=0, end=until, every=every), masks=masks,
+                   kind="unit", groups=groups, criterion=criterion, scope=scope, key=key)
+
+  return pruner
+
+
+def _method_key(config: dict[str, Any], seed: int, level: float, model: LeNet5,
+                test_images: int, method: str) -> dict[str, Any]:
+  key = {**_level_key(config, seed, level, model, test_images), "method": method}
+  if method != RANDOM_FLOOR:
+    key.update(until=gradual_until(config), every=int(config["gradual_mask_every"]))
+  return key
+
+
+def _shrunk_accuracy(model: LeNet5, params: Params, groups: Sequence[Group], masks: Params,
+                     example: jax.Array, test_x: jax.Array, test_y: jax.Array, *,
+                     what: str) -> dict[str, Any]:
+  """A pruned full-size net (pruned units exactly 0) shrunk: its test accuracy, widths, units
+  deleted, and the check that the shrunk net computes the masked one."""
+  nets = LevelNets(model, params, groups, None, scope="layer", example=example, masks=masks)
+  with equivalence.highest_precision():
+    small = _forward(nets.small_model)(nets.small["params"], test_x)
+    masked = _forward(model)(nets.masked, test_x)
+  diff, scale = equivalence.max_difference(small, masked)
+  check_equivalent(diff, scale, what=f"{what}: shrunk LeNet5")
+  zeros = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0))
+              for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nets.masked)))
+  if zeros != 0:
+    raise RuntimeError(f"{what}: the pruner left pruned weights nonzero (max |w| {zeros:g}); "
+                       "they must be exactly 0")
+  return {"after": _accuracy(small, test_y), "widths": nets.widths,
+          "units_deleted_percent": nets.units_deleted, "max_abs_diff": diff}
+
+
+def _gradual_unit(store: store_lib.Store, config: dict[str, Any], seed: int, level: float,
+                  fraction: float, model: LeNet5, params: Params, groups: tuple[Group, ...],
+                  criterion: str, mnist: data_lib.MNIST) -> store_lib.Unit:
+  """One seed and level pruned while training from the base net (a stored unit)."""
+  test_x, test_y = jnp.asarray(mnist.test_images), jnp.asarray(mnist.test_labels)
+  example = test_x[:1]
+  name = f"gradual_{criterion}"
+
+  def compute():
+    pruner = _gradual_pruner(groups, criterion, config["scope"], gradual_until(config),
+                             int(config["gradual_mask_every"]), seed)
+    trained, stats = train.train(
+        model, params, mnist.train_images, mnist.train_labels, key=base_nets.retrain_key(seed),
+        steps=int(config["retrain_steps"]), batch_size=config["batch_size"],
+        learning_rate=config["learning_rate"], optimizer=config["optimizer"], pruner=pruner,
+        pruner_args={"final": jnp.float32(fraction)},
+        name=f"seed {seed}: {name} to {level:g}% of the channels")
+    masks = extend_masks(stats.masks, {"params": trained}, groups)
+    value = _shrunk_accuracy(model, trained, groups, masks, example, test_x, test_y,
+                             what=f"seed {seed}, {name} {level:g}%")
+    return {**value, "train_seconds": stats.seconds,
+            "compile_seconds": stats.compile_seconds}, None
+
+  return store.get_or_compute("conv_gradual", _method_key(
+      config, seed, level, model, int(test_x.shape[0]), name), compute)
+
+
+def _random_floor_unit(store: store_lib.Store, config: dict[str, Any], seed: int, level: float,
+                       fraction: float, model: LeNet5, params: Params,
+                       groups: tuple[Group, ...], mnist: data_lib.MNIST) -> store_lib.Unit:
+  """One seed and level: random channels deleted one shot, the shrunk net retrained the same
+  steps as one-shot + retraining (a stored unit)."""
+  test_x, test_y = jnp.asarray(mnist.test_images), jnp.asarray(mnist.test_labels)
+
+  def compute():
+    variables = {"params": params}
+    key = jax.random.fold_in(jax.random.key(seed), 7)
+    scores = criteria.group_scores(variables, groups, criterion="random", key=key)
+    nets = LevelNets(model, params, groups, fraction, scope=config["scope"], example=test_x[:1],
+                     scores=scores)
+    new, stats = train.train(
+        nets.small_model, nets.small["params"], mnist.train_images, mnist.train_labels,
+        key=base_nets.retrain_key(seed), steps=int(config["retrain_steps"]),
+        batch_size=config["batch_size"], learning_rate=config["learning_rate"],
+        optimizer=config["optimizer"],
+        name=f"seed {seed}: retrain the {level:g}%-random CNN {'-'.join(map(str, nets.widths))}")
+    with equivalence.highest_precision():
+      after = _forward(nets.small_model)(new, test_x)
+    return {"after": _accuracy(after, test_y), "widths": nets.widths,
+            "units_deleted_percent": nets.units_deleted, "train_seconds": stats.seconds,
+            "compile_seconds": stats.compile_seconds}, None
+
+  return store.get_or_compute("conv_gradual", _method_key(
+      config, seed, level, model, int(test_x.shape[0]), RANDOM_FLOOR), compute)
+
+
+def gradual_methods(store: store_lib.Store, config: dict[str, Any], seed: int, model: LeNet5,
+                    params: Params, groups: Sequence[Group], oneshot: Sequence[dict[str, Any]],
+                    mnist: data_lib.MNIST) -> dict[str, list[dict[str, Any]]]:
+  """Every --gradual method and the random floor at every level of one seed: `{name: [value per
+  level]}`. At 0% nothing is pruned: every method is the base net trained the same steps, i.e.
+  the one-shot level's retrained net (`oneshot`), not trained again."""
+  groups = tuple(groups)
+  fracs = [float(f) for f in frame.fractions(config["sparsities"])]
+  out: dict[str, list[dict[str, Any]]] = {}
+  for name in gradual_names(config):
+    rows = []
+    for level, fraction, same in zip(config["sparsities"], fracs, oneshot):
+      if fraction == 0:
+        rows.append({"after": same["after"], "widths": same["widths"],
+                     "units_deleted_percent": same["units_deleted_percent"],
+                     "train_seconds": 0.0, "compile_seconds": 0.0, "as_oneshot": True})
+        continue
+      if name == RANDOM_FLOOR:
+        unit = _random_floor_unit(store, config, seed, level, fraction, model, params, groups,
+                                  mnist)
+      else:
+        unit = _gradual_unit(store, config, seed, level, fraction, model, params, groups,
+                             name.removeprefix("gradual_"), mnist)
+      rows.append(unit.value)
+      logging.info("seed %d, %s %g%%: widths %s, accuracy %.2f%% after %d steps", seed, name,
+                   level, unit.value["widths"], unit.value["after"], config["retrain_steps"])
+    out[name] = rows
+  return out
 
 
 def retraining_check(model: LeNet5, nets: LevelNets, mnist: data_lib.MNIST, *, seed: int,
@@ -341,8 +538,9 @@ def run_conv(config: dict[str, Any], mnist: data_lib.MNIST, *,
   example = test_x[:1]
   params_by_seed, base_info = frame.load_bases(config, mnist, bases, store=store, model=model)
   timed_seed = config["seeds"][0]
-  phase_seconds = dict.fromkeys(("prune_check_retrain", "retraining_check", "timing",
-                                 "export"), 0.0)
+  phase_seconds = dict.fromkeys(("prune_check_retrain", "gradual", "retraining_check",
+                                 "timing", "export"), 0.0)
+  gradual = {name: [] for name in gradual_names(config)}
 
   t0 = time.perf_counter()
   dense_acc, acc_before, acc_after, deleted, records = [], [], [], [], {}
@@ -371,7 +569,14 @@ def run_conv(config: dict[str, Any], mnist: data_lib.MNIST, *,
     acc_after.append([u["after"] for u in units])
     deleted.append([u["units_deleted_percent"] for u in units])
     records[str(seed)] = units
-  phase_seconds["prune_check_retrain"] = time.perf_counter() - t0
+    if gradual:
+      t1 = time.perf_counter()
+      for name, rows in gradual_methods(store, config, seed, model, params, groups, units,
+                                        mnist).items():
+        gradual[name].append(rows)
+      phase_seconds["gradual"] += time.perf_counter() - t1
+  phase_seconds["prune_check_retrain"] = (time.perf_counter() - t0 -
+                                          phase_seconds["gradual"])
 
   t0 = time.perf_counter()
   check = store.get_or_compute(
@@ -411,6 +616,18 @@ def run_conv(config: dict[str, Any], mnist: data_lib.MNIST, *,
   curves = {"dense": frame.constant_curve(dense_acc, [0.0] * len(dense_acc), len(levels)),
             "before_retraining": outputs.curve(acc_before, deleted),
             "after_retraining": outputs.curve(acc_after, deleted)}
+  for name, per_seed in gradual.items():
+    curves[name] = outputs.curve([[r["after"] for r in rows] for rows in per_seed],
+                                 [[r["units_deleted_percent"] for r in rows] for rows in per_seed])
+  sections = {}
+  if gradual:
+    sections["gradual"] = {
+        "methods": list(gradual), "criteria": list(config["gradual"]),
+        "steps": int(config["retrain_steps"]), "until": gradual_until(config),
+        "every": int(config["gradual_mask_every"]), "optimizer": config["optimizer"],
+        "learning_rate": config["learning_rate"], "scope": config["scope"],
+        "per_seed": {str(seed): {name: gradual[name][i] for name in gradual}
+                     for i, seed in enumerate(config["seeds"])}}
   diffs = [max(u["equivalence"]["max_abs_diff"], u["equivalence"]["runner_max_abs_diff"])
            for units in records.values() for u in units]
   retrain_seconds = sum(u["retrain_seconds"] for units in records.values() for u in units)
@@ -431,7 +648,7 @@ def run_conv(config: dict[str, Any], mnist: data_lib.MNIST, *,
               "before_retraining": {b: t["rows"] for b, t in tables.items()},
               "masked": {b: t["masked"] for b, t in tables.items()},
               "device": shrink_timing.device()},
-      export=export)
+      export=export, **sections)
 
 
 def _time_batch(model: LeNet5, params: Params, nets: Sequence[LevelNets],
@@ -452,13 +669,15 @@ def _time_batch(model: LeNet5, params: Params, nets: Sequence[LevelNets],
 # Output
 # ---------------------------------------------------------------------------------------------
 def write_outputs(payload: dict[str, Any], workdir: str) -> str:
-  """Writes results.json/results.csv and `conv.png` (`frame.write_and_plot`) and timing.csv;
-  returns the study folder."""
+  """Writes results.json/results.csv and the plots (`frame.write_and_plot`: `conv.png` and,
+  with --gradual, `conv_gradual.png`) and timing.csv; returns the study folder."""
   folder = frame.write_and_plot(payload, workdir)
   results.write_csv(os.path.join(folder, "timing.csv"), *shrink_timing.timing_rows(payload))
   logging.info("inference timing (medians of at most %d runs):\n%s", payload["timing"]["runs"],
                shrink_timing.summary(payload))
   return folder
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,15 +714,47 @@ def report_section(payload: studies.Payload) -> list[str]:
       *markdown.table(["sparsity %", "widths", "units deleted %", "before retraining",
                f"after {payload['config']['retrain_steps']} steps", "MAC ratio",
                *[f"speed-up, batch {b}" for b in batches],
-               f"speed-up / MAC ratio (batch {batches[-1]})"], rows), ""]
+               f"speed-up / MAC ratio (batch {batches[-1]})"], rows), "",
+      *gradual_section(payload)]
 
 
-SECTIONS = (studies.Section(STUDY, report_section, ("conv/conv.png",)),)
+def gradual_section(payload: studies.Payload) -> list[str]:
+  """With --gradual: the table of one-shot + retraining, each gradual method and the random
+  floor at every level (test accuracy, mean ± std over seeds; units deleted, measured)."""
+  if "gradual" not in payload:
+    return []
+  g, c = payload["gradual"], payload["curves"]
+  levels = payload["sparsities"]
+  labels = {"after_retraining": "one shot, then retrained (study 6's)",
+            RANDOM_FLOOR: "random channels, one shot, then retrained (floor)"}
+  rows = []
+  for name in ("after_retraining", *g["methods"]):
+    what = labels.get(name, f"pruned while training, {name.removeprefix('gradual_')}")
+    rows.append([f"`{name}`: {what}", *[markdown.mean_std(c[name], i, digits=2)
+                                        for i in range(len(levels))]])
+  rows.append(["units deleted, measured %", *[f"{m:.1f}" for m in
+                                              c["after_retraining"]["measured_sparsity"]]])
+  return [
+      "### Channels pruned while training", "",
+      f"Every method starts from the same base net of each seed and trains {g['steps']} steps "
+      f"({g['optimizer']}, learning rate {g['learning_rate']:g}, the same batches): one-shot "
+      "L2 + retraining (the shrunk net), random channels + retraining (the floor), and the "
+      "optax pruner (`pj.pruning(kind=\"unit\", groups=unit_groups(...))`), a cubic ramp from "
+      f"step 0 to step {g['until']} (masks every {g['every']} steps; scope {g['scope']}), then "
+      "training at the final masks; pruned channels exactly 0 at every step. Test accuracy, %; "
+      "at 0% no method prunes (the base net retrained).", "",
+      *markdown.table(["method", *[f"{level:g}%" for level in levels]], rows), ""]
+
+
+SECTIONS = (studies.Section(STUDY, report_section, ("conv/conv.png", "conv/conv_gradual.png")),)
 
 
 def reproduction(config: dict[str, Any]) -> studies.Study:
   """Study 6 as `reproduce` runs it (`config`: `conv_config()`'s). It trains its own LeNet-5s."""
   steps = config["train_steps"] + len(config["sparsities"]) * config["retrain_steps"] / 2
+  # --gradual: full-size nets per criterion, and the floor's shrunk ones.
+  steps += len(config["sparsities"]) * config["retrain_steps"] * (
+      len(config.get("gradual") or ()) + 0.5 * bool(config.get("gradual")))
   cost = len(config["seeds"]) * steps * _STEP_COST + _TIMING_COST
 
   def run(shared: studies.Shared) -> dict[str, studies.Payload]:

@@ -123,8 +123,10 @@ WARM_TIMING = flags.DEFINE_bool(
     "included) and a second, compiled one (the figure reported); --nowarm_timing times the "
     "first call only.")
 SPARSEGPT_BLOCK_SIZE = flags.DEFINE_integer(
-    "sparsegpt_block_size", 128, "SparseGPT's block of input features whose mask is chosen at "
-    "once (the paper's 128; these layers have 128 or 512 inputs).", lower_bound=1)
+    "sparsegpt_block_size", 32, "SparseGPT's block of input features whose mask is chosen at "
+    "once. The paper's 128 is a sixth of the inputs of its smallest model's layers (768); these "
+    "layers have 128 or 512 inputs, so 128 would choose a whole layer's mask at once (3 seeds: "
+    "+0.176 at 70%, against +0.117 with 32). 32 keeps several blocks per layer.", lower_bound=1)
 ONESHOT_LEVELS = flags.DEFINE_list(
     "oneshot_levels", list(DEFAULT_LEVELS), "One-shot levels: sparsities in percent of the block "
     "kernels (e.g. 50), or N:M patterns (e.g. 2:4: each output keeps 2 of every 4 inputs).")

@@ -181,6 +181,28 @@ def dense_stack(params: Params, *, caller: str) -> list[DenseLayer]:
   return layers
 
 
+def first_differences(want: Any, got: Any, limit: int = 3) -> str:
+  """How tree `got` differs from `want`, in a line: the first paths only one of them has, and
+  the first leaves whose shapes differ; "" if they have the same paths and shapes (their node
+  types may still differ, e.g. a dict for an NNX State). For error messages that would otherwise
+  print whole trees."""
+  def shapes(tree: Any) -> dict[str, Any]:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    return {path_str(kp): tuple(getattr(x, "shape", ())) for kp, x in flat}
+  a, b = shapes(want), shapes(got)
+  parts = []
+  missing = [p for p in a if p not in b]
+  extra = [p for p in b if p not in a]
+  if missing:
+    parts.append(f"missing {_few(missing, limit)}")
+  if extra:
+    parts.append(f"unexpected {_few(extra, limit)}")
+  other = [f"{p} has shape {b[p]}, expected {a[p]}" for p in a if p in b and a[p] != b[p]]
+  if other:
+    parts.append(_few(other, limit))
+  return "; ".join(parts)
+
+
 def _few(paths: list[str], limit: int = 5) -> str:
   shown = ", ".join(paths[:limit])
   return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")

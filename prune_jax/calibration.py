@@ -356,12 +356,6 @@ def _batches(batches: Any) -> tuple[tuple[Any, ...], int]:
   return args, counts.pop()
 
 
-def _is_kernel(rel: str) -> bool:
-  """A leaf named `kernel` (in an NNX State, the `value` of a Variable named `kernel`)."""
-  names = rel.split("/")
-  return names[-1] == "kernel" or names[-2:] == ["kernel", "value"]
-
-
 def _trace_batches(apply_fn: Callable[..., Any], params: Params, args: Any) -> _trace.Program:
   """`_trace.trace` of `apply_fn(params, *args)`; a failure says how batches are laid out."""
   try:
@@ -378,7 +372,7 @@ def _selected(products: list[Product], params: Params,
   """The products whose kernels `prunable` selects (checked: each kernel used once)."""
   values = {leaf.path: leaf.value for leaf in _paths.leaves(params)}
   if prunable is None:
-    chosen = [p for p in products if p.rel is not None and _is_kernel(p.rel)
+    chosen = [p for p in products if p.rel is not None and masks_lib.is_kernel(p.rel)
               and np.ndim(values[p.path]) >= 2]
     if not chosen:
       raise ValueError("no kernel of a matrix product found: the default selects every leaf "

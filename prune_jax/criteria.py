@@ -1,6 +1,7 @@
 """Pruning criteria: a score per weight (or per unit), higher = more worth keeping.
 
-Used by `prune_jax.masks`, not re-exported: choose a criterion with `criterion=`.
+Used by `prune_jax.masks` and the pruner: choose a criterion with `criterion=`; only
+`group_scores` is re-exported (`pj.group_scores`).
 
 `weight_masks` and `unit_masks` (`prune_jax.masks`) take `criterion=`, one of
 
@@ -13,11 +14,28 @@ Used by `prune_jax.masks`, not re-exported: choose a criterion with `criterion=`
 - a function `criterion(path, w, g) -> scores` of a leaf's relative path (e.g. `"Dense_0/kernel"`),
   its array and its gradient (`None` when no `grads=` were given), returning real scores of
   `w`'s shape (any sign; `-inf` allowed, NaN not); weights only.
+
+Units of coupled groups (`unit_groups`) are scored by `group_scores(params, groups, criterion=...)`
+(fed to `unit_masks(..., groups=groups, scores=...)`, and what `pruning(kind="unit", groups=...)`
+ranks with): one score per unit of every prunable group, from the unit's slices in `params`,
+
+- `"magnitude"`: the L2 norm of its producing kernel slices (`unit_masks`' own default);
+- `"l1"`: the L1 norm (sum of `|w|`) of the same slices;
+- `"taylor"`: `|sum of w * g|` over every slice the unit owns in `params` (its kernel slices,
+  bias, BatchNorm scale and bias, the next layer's input slices): the first-order change of the
+  loss when the unit is deleted (Molchanov et al. 2019, "Importance Estimation for Neural
+  Network Pruning"); needs the gradients `g`;
+- `"bn_scale"`: `|gamma|` of the group's BatchNorm scale (a 1-D `scale` leaf; summed when a
+  residual add couples several): network slimming (Liu et al. 2017), usually with an L1 penalty
+  on the scales in the loss; a group without one is an error;
+- `"random"`: uniform scores from `key=`, the same for a group whatever the weights (drawn from
+  the key and its first producing kernel's relative path, as the Dense units' random scores).
 """
 
+import functools
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,22 +47,39 @@ Params = Any
 Masks = Any
 CRITERIA = ("magnitude", "random", "saliency")
 UNIT_CRITERIA = ("magnitude", "random")
+GROUP_CRITERIA = ("magnitude", "l1", "taylor", "bn_scale", "random")
 Criterion = str | Callable[[str, jax.Array, jax.Array | None], jax.Array]
 
 
-def check_criterion(criterion: Criterion, *, units: bool = False, key: Any = None) -> None:
-  """Raises a clear error for an unknown criterion, or `"random"` without a key."""
-  names = UNIT_CRITERIA if units else CRITERIA
+def check_criterion(criterion: Criterion, *, units: bool = False, key: Any = None,
+                    groups: bool = False) -> None:
+  """Raises a clear error for an unknown criterion, or `"random"` without a key.
+
+  `units`: the criteria of `unit_masks` on Dense chains (`UNIT_CRITERIA`); `groups`: those of
+  `group_scores` (`GROUP_CRITERIA`, units of coupled groups, the unit pruner's); else weights.
+  """
+  names = GROUP_CRITERIA if groups else UNIT_CRITERIA if units else CRITERIA
   if callable(criterion) and not isinstance(criterion, str):
+    if groups:
+      raise ValueError(f"units are scored by one of {GROUP_CRITERIA}; a function criterion "
+                       "scores single weights (use weight_masks, or kind='weight'); for your own "
+                       "unit scores pass unit_masks(..., groups=groups, scores={group.name: "
+                       "[size]})")
     if units:
       raise ValueError("unit_masks takes criterion='magnitude' (column L2 norm) or 'random'; a "
                        "function criterion scores single weights: use weight_masks")
     return
   if criterion not in names:
-    what = "unit_masks" if units else "weight_masks"
-    extra = (" ('saliency' scores single weights: use weight_masks)"
-             if units and criterion == "saliency" else "")
-    choices = f"one of {names}" + ("" if units else " or a function (path, w, g) -> scores")
+    what = "units" if groups else "unit_masks" if units else "weight_masks"
+    extra = ""
+    if (units or groups) and criterion == "saliency":
+      extra = (" ('saliency' scores single weights: use weight_masks, or kind='weight'"
+               + ("; 'taylor' is its counterpart for units)" if groups else ")"))
+    elif units and criterion in GROUP_CRITERIA:
+      extra = (f" ({criterion!r} scores the units of coupled groups: pass scores="
+               f"group_scores(params, groups, criterion={criterion!r}) with groups=)")
+    choices = f"one of {names}" + ("" if units or groups else
+                                   " or a function (path, w, g) -> scores")
     raise ValueError(f"{what}: criterion must be {choices}, got {criterion!r}{extra}")
   if criterion == "random" and key is None:
     raise ValueError("criterion 'random' draws its scores from a key: pass "
@@ -93,6 +128,190 @@ def unit_scores(kernels: Sequence[_paths.Leaf], *, criterion: str,
   if criterion == "magnitude":
     return None
   return tuple(_uniform_scores(key, leaf, leaf.value.shape[-1:]) for leaf in kernels)
+
+
+def group_scores(params: Params, groups: Sequence[Any], *, criterion: str = "magnitude",
+                 grads: Params | None = None, key: Any = None, prunable: Any = None,
+                 masks: Masks | None = None) -> dict[str, jax.Array]:
+  """The score of every unit of each prunable group (higher = more worth keeping).
+
+  Feed them to `unit_masks(params, s, groups=groups, scores=...)`; `pruning(kind="unit",
+  groups=groups, criterion=...)` ranks with them at every rebuild. The criteria (see the module
+  doc) read the unit's slices in `params` only: members of other collections (a variables
+  dict's `batch_stats`, the `BatchStat`s missing from `nnx.state(model, nnx.Param)`) are left
+  out. Jittable (the groups are static).
+
+  Args:
+    params: the tree the groups were traced from, or its params collection (or an NNX sub-State
+      holding the groups' kernels).
+    groups: `unit_groups(apply_fn, params, ...)` (or `dense_groups(params)`).
+    criterion: `"magnitude"` (L2), `"l1"`, `"taylor"`, `"bn_scale"` or `"random"`.
+    grads: gradients, a tree like `params`; needed by `"taylor"`, ignored by the others.
+    key: a `jax.random` key, needed by `"random"`.
+    prunable: as in `unit_masks(..., groups=)`: `prunable(path, leaf)` over the groups'
+      producing kernels selects the groups scored (all must pass); default: every prunable group.
+    masks: a mask tree mirroring `params` (e.g. the pruner's current masks): the units it
+      prunes (their producing slices all False) score `-0.0`, below every other score, so that
+      masks built from these scores only grow.
+
+  Returns:
+    `{group.name: float32 [group.size]}` for every prunable (and selected) group; scores are
+    non-negative, `-0.0` for the units `masks` prune.
+
+  Raises:
+    ValueError: an unknown criterion, `"random"` without a key, `"taylor"` without grads or with
+      grads of another structure or shape, `"bn_scale"` on a group without a BatchNorm scale
+      (naming it), or (as `unit_masks`) groups traced from other params.
+    TypeError: groups that are not `unit_groups`' result, a key that is not a `jax.random` key.
+
+  Example:
+    >>> params = {"Dense_0": {"kernel": jnp.array([[3.0, 0.1, -1.0], [4.0, 0.1, 1.0]])},
+    ...           "Dense_1": {"kernel": jnp.ones((3, 2))}}
+    >>> groups = dense_groups(params, lambda path, w: path == "Dense_0/kernel")
+    >>> group_scores(params, groups, criterion="l1")["Dense_0/kernel"]
+    Array([7. , 0.2, 2. ], dtype=float32)
+  """
+  check_criterion(criterion, groups=True, key=key)
+  # pylint: disable-next=g-import-not-at-top (group_masks imports masks, which imports this)
+  from prune_jax import group_masks
+  groups = group_masks._check_groups(groups)  # pylint: disable=protected-access
+  leaves = {leaf.path: leaf for leaf in _paths.leaves(params)}
+  if prunable is not None and not callable(prunable):
+    raise TypeError(f"prunable must be a function (path, leaf) -> bool, got {prunable!r}")
+  chosen = []
+  for g in groups:
+    if not g.prunable:
+      continue
+    members = group_masks._resolve(g, leaves)  # pylint: disable=protected-access
+    producers = group_masks._producer_paths(g, members)  # pylint: disable=protected-access
+    if prunable is None or all(prunable(_rel_path(leaves[p]), leaves[p].value)
+                               for p, _ in producers):
+      chosen.append((g, members, producers))
+  if criterion == "taylor" and grads is None:
+    raise ValueError("criterion 'taylor' scores |sum of w * g| over each unit's slices and needs "
+                     "the gradients: pass grads=jax.grad(loss)(params) (the pruner passes the "
+                     "step's own)")
+  grad_of = None
+  if criterion == "taylor":
+    grad_of = {leaf.path: leaf.value for leaf in _paths.leaves(grads)}
+  mask_of = {} if masks is None else {
+      leaf.path: m for leaf, m in _paths.mask_for_each_leaf(params, masks) if m is not None}
+  slots: dict[str, int] = {}
+  mask_slots: dict[str, int] = {}
+
+  def slot(table: dict[str, int], path: str) -> int:
+    return table.setdefault(path, len(table))
+
+  sizes, sliced, pruned, fixed = [], [], [], []
+  for g, members, producers in chosen:
+    n = g.size
+    if criterion in ("magnitude", "l1"):
+      used = [m for m in members if (m.path, m.axis) in producers]
+    elif criterion == "taylor":  # not the statistics of a variables dict: not trained
+      used = [m for m in members if leaves[m.path].names is not None]
+    elif criterion == "bn_scale":
+      used = [m for m in members if _is_scale(leaves[m.path])]
+      if not used:
+        paths = _paths._few([m.path for m in members], 4)  # pylint: disable=protected-access
+        raise ValueError(
+            f"criterion 'bn_scale' ranks units by |gamma| of their BatchNorm scale, but group "
+            f"{g.name} has none (its members: {paths}); "
+            "pass prunable= to prune only the groups followed by a BatchNorm, or another "
+            "criterion (e.g. 'magnitude')")
+    else:
+      used = []
+    sizes.append(n)
+    sliced.append(tuple((slot(slots, m.path), m.axis, _unit_index(m.index, n)) for m in used))
+    pruned.append(tuple((slot(mask_slots, m.path), m.axis, _unit_index(m.index, n))
+                        for m in members if (m.path, m.axis) in producers and m.path in mask_of))
+    if criterion == "random":
+      p = producers[0][0]
+      fixed.append(_uniform_scores(key, leaves[p], (n,)))
+    else:
+      fixed.append(None)
+  values = tuple(leaves[p].value for p in slots)
+  grad_values = None
+  if grad_of is not None:
+    grad_values = []
+    for p in slots:
+      g = grad_of.get(p)
+      if g is None:
+        raise ValueError(f"grads has no leaf {p!r}; pass gradients with the structure of "
+                         "params, e.g. jax.grad(loss)(params)")
+      if tuple(np.shape(g)) != tuple(leaves[p].value.shape):
+        raise ValueError(f"grads for {p} has shape {tuple(np.shape(g))} but the leaf has "
+                         f"{tuple(leaves[p].value.shape)}; pass gradients of these params")
+      grad_values.append(g)
+    grad_values = tuple(grad_values)
+  spec = _GroupSpec(criterion, tuple(sizes), tuple(sliced), tuple(pruned))
+  scores = _group_unit_scores(values, grad_values, tuple(mask_of[p] for p in mask_slots),
+                              tuple(fixed), spec=spec)
+  return {g.name: s for (g, _, _), s in zip(chosen, scores)}
+
+
+class _GroupSpec(NamedTuple):
+  """The static structure of one `group_scores` call (hashable: the jit cache key)."""
+  criterion: str
+  sizes: tuple[int, ...]
+  sliced: tuple[tuple[tuple[int, int, tuple[int, ...] | None], ...], ...]  # value, axis, index
+  pruned: tuple[tuple[tuple[int, int, tuple[int, ...] | None], ...], ...]  # mask, axis, index
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _group_unit_scores(values: tuple[jax.Array, ...], grads: tuple[jax.Array, ...] | None,
+                       masks: tuple[jax.Array, ...], fixed: tuple[jax.Array | None, ...], *,
+                       spec: _GroupSpec) -> tuple[jax.Array, ...]:
+  """Every group's unit scores `[size]` (see `group_scores`), one compiled program."""
+  out = []
+  for g, n in enumerate(spec.sizes):
+    total = fixed[g]
+    if total is None:
+      total = jnp.zeros((n,), jnp.float32)
+      for v, axis, index in spec.sliced[g]:
+        x = values[v].astype(jnp.promote_types(values[v].dtype, jnp.float32))
+        if spec.criterion == "magnitude":
+          entry = jnp.square(x)
+        elif spec.criterion == "taylor":
+          entry = x * grads[v].astype(x.dtype)
+        else:  # l1, bn_scale
+          entry = jnp.abs(x)
+        total = total + _per_unit(entry, axis, index, n)
+      if spec.criterion == "magnitude":
+        total = jnp.sqrt(total)
+      elif spec.criterion == "taylor":
+        total = jnp.abs(total)
+    total = total.astype(jnp.float32)
+    if spec.pruned[g]:
+      kept = sum(_per_unit(masks[m].astype(jnp.int32), axis, index, n)
+                 for m, axis, index in spec.pruned[g])
+      total = jnp.where(kept > 0, total, jnp.float32(-0.0))
+    out.append(total)
+  return tuple(out)
+
+
+def _per_unit(entries: jax.Array, axis: int, index: tuple[int, ...] | None, n: int) -> jax.Array:
+  """`entries` summed over every axis but `axis`, then over the positions of each unit: `[n]`
+  (positions of other groups, `-1`, left out)."""
+  per = jnp.sum(entries, axis=tuple(a for a in range(entries.ndim) if a != axis))
+  if index is None:
+    return per
+  ids = np.asarray(index)
+  return jax.ops.segment_sum(jnp.where(ids >= 0, per, 0), np.maximum(ids, 0), num_segments=n)
+
+
+def _unit_index(index: tuple[int, ...], n: int) -> tuple[int, ...] | None:
+  """None for the identity map onto all `n` units (no gather), else the index map."""
+  return None if tuple(index) == tuple(range(n)) else tuple(index)
+
+
+def _is_scale(leaf: _paths.Leaf) -> bool:
+  """A BatchNorm scale: a 1-D leaf named `scale` (linen) or `scale/value` (NNX)."""
+  names = leaf.path.split("/")
+  return (names[-1] == "scale" or names[-2:] == ["scale", "value"]) and leaf.value.ndim == 1
+
+
+def _rel_path(leaf: _paths.Leaf) -> str:
+  return leaf.rel if leaf.rel is not None else leaf.path
 
 
 def keep_pruned(criterion: Criterion, masks: Masks, *, key: Any = None) -> Callable[..., jax.Array]:

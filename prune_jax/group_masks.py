@@ -7,6 +7,9 @@ units are pruned per group (`scope="layer"`) or over all groups (`scope="global"
 normalised by each group's RMS, as for Dense layers), within `[min_fraction, max_fraction]` of
 each group, keeping a multiple of `round_to` units. The mask of every member leaf is False on
 the slices of the pruned units, so `apply_masks` zeroes whole units and `shrink_fn` deletes them.
+With concrete params and sparsity (a one-off prune) the masks are computed in NumPy, nothing
+compiled; traced (under `jit`, in the pruner), by one compiled program: the same masks, bit for
+bit (`_unit_norms` sums in one fixed order that both follow).
 
 Example:
   >>> params = init_mlp(jax.random.key(0), MLP(hidden=(8, 6)))
@@ -19,6 +22,7 @@ Example:
 """
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -98,9 +102,10 @@ def group_unit_masks(params: Params, sparsity: Any, groups: Sequence[Group], *,
                      in producer_keys]
     for m in score_members:
       _check_finite(leaves[m.path])
-    scored.append(tuple(_Slice(slot(m.path), m.axis, _compact(m.index)) for m in score_members))
-    masked.append(tuple(_Slice(slot(m.path), m.axis, _compact(m.index)) for m in members))
     n = g.size
+    scored.append(tuple(_Slice(slot(m.path), m.axis, _compact(m.index, n))
+                        for m in score_members))
+    masked.append(tuple(_Slice(slot(m.path), m.axis, _compact(m.index, n)) for m in members))
     low = min(n, math.ceil(min_fraction * n - 1e-9))
     high = max(low, math.floor(max_fraction * n + 1e-9))
     if scope == "global":
@@ -114,12 +119,35 @@ def group_unit_masks(params: Params, sparsity: Any, groups: Sequence[Group], *,
                tuple(tuple(int(d) for d in v.shape) for v in values), scope)
   if scope == "layer":
     counts = tuple(_num_pruned(sparsity, n, n) for n in sizes)
+    warn_emptied([g.name for g, _ in resolved], sizes,
+                 [c if isinstance(c, jax.core.Tracer) else np.clip(int(c), low, high)
+                  for c, low, high in zip(counts, lo, hi)], stacklevel=4)
   else:
     counts = (_num_pruned(sparsity, sum(sizes), sum(hi)),)
-  bounds = (jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32),
-            jnp.asarray(round_to, jnp.int32))
-  masks = _group_masks(values, counts, bounds, custom, spec=spec)
+  if _concrete(values, counts, custom):  # a one-off prune: NumPy, nothing to compile
+    masks = _group_masks_numpy(values, counts, (lo, hi, round_to), custom, spec=spec)
+  else:
+    bounds = (jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32),
+              jnp.asarray(round_to, jnp.int32))
+    masks = _group_masks(values, counts, bounds, custom, spec=spec)
   return _mask_tree(params, dict(zip(value_paths, masks)))
+
+
+def warn_emptied(names: Sequence[str], sizes: Sequence[int], counts: Sequence[Any], *,
+                 stacklevel: int = 3) -> None:
+  """Warns if concrete `counts` prune every unit of some groups (layers): a layer without units
+  cuts the signal (a chain of layers then outputs a constant). Traced counts are not checked."""
+  if any(isinstance(c, jax.core.Tracer) for c in counts):
+    return
+  emptied = [name for name, n, c in zip(names, sizes, counts) if n and int(c) >= n]
+  if emptied:
+    few = _paths._few(emptied, 3)  # pylint: disable=protected-access
+    warnings.warn(
+        f"unit_masks prunes every unit of {len(emptied)} of {len(names)} groups ({few}): a "
+        "layer without units passes no signal, so the network may output a constant. To keep "
+        "units in every group, pass scope='global' (each group keeps its best unit), "
+        "max_fraction < 1 (e.g. 0.9), or a sparsity below 1",
+        UserWarning, stacklevel=stacklevel)
 
 
 def _custom_scores(scores: Any, chosen: Sequence[Group],
@@ -178,7 +206,8 @@ class _Resolved(NamedTuple):
 def _resolve(group: Group, leaves: dict[str, _paths.Leaf]) -> list[_Resolved]:
   """The group's members found in `leaves`: by path, or without the leading "params/" when the
   groups were traced on a variables dict and the tree is its params collection (members of
-  other collections, e.g. batch_stats, are then left out)."""
+  other collections, e.g. batch_stats, are then left out, as are those missing from a tree that
+  holds all the group's producing kernels: an NNX sub-State without its BatchStats)."""
   out = []
   for m in group.members:
     path = m.path
@@ -190,6 +219,8 @@ def _resolve(group: Group, leaves: dict[str, _paths.Leaf]) -> list[_Resolved]:
             any(p.startswith("params/") for p in _group_paths(group)) and
             not any(p.startswith("params/") for p in leaves)):
         continue  # another collection's leaf, and the tree is the params collection alone
+      elif all(p in leaves for p, _ in group.producers):
+        continue  # a sub-State holding the kernels, e.g. nnx.state(model, nnx.Param): no stats
       else:
         raise ValueError(
             f"group {group.name} slices {m.path}, which this param tree does not have; pass the "
@@ -218,9 +249,11 @@ def _rel(leaf: _paths.Leaf, fallback: str) -> str:
   return leaf.rel if leaf.rel is not None else (leaf.path or fallback)
 
 
-def _compact(index: tuple[int, ...]) -> tuple[int, ...] | None:
-  """None for the identity map (the common case: no gather needed), else the map."""
-  return None if index == tuple(range(len(index))) else index
+def _compact(index: tuple[int, ...], size: int) -> tuple[int, ...] | None:
+  """None for the identity map onto all `size` units of the group (the common case: no gather
+  needed), else the map (also for positions 0 … k - 1 of a larger group, e.g. the first input
+  of a concatenation merged into one group by a depthwise conv or a residual add)."""
+  return None if index == tuple(range(size)) else index
 
 
 # --- checks ----------------------------------------------------------------------------------
@@ -275,7 +308,7 @@ def _group_masks(values: tuple[jax.Array, ...], counts: tuple[jax.Array, ...],
     scores = []
     for n in norms:
       n = n.astype(dtype)
-      rms = jnp.sqrt(jnp.mean(jnp.square(n)))
+      rms = jnp.sqrt(_tree_sum(jnp.square(n)[:, None], jnp)[0] / n.size)
       scores.append(jnp.where(rms > 0, n / jnp.where(rms > 0, rms, 1), 0))
     keys = [_int_keys(s) for s in scores]
     pool = []
@@ -306,21 +339,135 @@ def _group_masks(values: tuple[jax.Array, ...], counts: tuple[jax.Array, ...],
   return tuple(masks)
 
 
-def _unit_norms(values: tuple[jax.Array, ...], slices: tuple[_Slice, ...], n: int) -> jax.Array:
-  """L2 norm `[n]` of each unit over `slices`, in at least float32."""
+def _unit_norms(values: tuple[Any, ...], slices: tuple[_Slice, ...], n: int, xp: Any = jnp
+                ) -> Any:
+  """L2 norm `[n]` of each unit over `slices`, in at least float32.
+
+  The sums of squares run in one fixed order (`_tree_sum`), so that `xp=np` (a one-off prune,
+  nothing compiled) and `xp=jnp` under jit give the same bits, hence the same masks.
+  """
   total = None
   for s in slices:
     v = values[s.value]
     x = v.astype(jnp.promote_types(v.dtype, jnp.float32))
-    sq = jnp.sum(jnp.square(x), axis=tuple(a for a in range(x.ndim) if a != s.axis))
-    if s.index is not None:
-      ids = np.asarray(s.index)
-      sq = jax.ops.segment_sum(jnp.where(ids >= 0, sq, 0), np.maximum(ids, 0), num_segments=n)
+    sq = _flush(xp.square(xp.moveaxis(x, s.axis, -1).reshape(-1, x.shape[s.axis])), xp)
+    if s.index is not None:  # positions -> units, -1 (another group's) left out
+      table = _segments(s.index, n)
+      sq = xp.concatenate([sq, xp.zeros((sq.shape[0], 1), sq.dtype)], axis=1)[:, table]
+      sq = sq.transpose(0, 2, 1).reshape(-1, n)  # [rows, n, m] -> [rows * m, n]
+    sq = _tree_sum(sq, xp)
     total = sq if total is None else total + sq
-  return jnp.sqrt(total)
+  return xp.sqrt(total)
+
+
+def _tree_sum(x: Any, xp: Any) -> Any:
+  """`x.sum(axis=0)` as pairwise sums of halves, zero-padded: a summation order that XLA and
+  NumPy both follow exactly (elementwise float adds are not reassociated)."""
+  rows = x.shape[0]
+  if rows == 0:
+    return xp.zeros(x.shape[1:], x.dtype)
+  while rows > 1:
+    half = (rows + 1) // 2
+    if 2 * half != rows:
+      x = xp.concatenate([x, xp.zeros((1, *x.shape[1:]), x.dtype)])
+    x = x[:half] + x[half:]
+    rows = half
+  return x[0]
+
+
+def _flush(x: Any, xp: Any) -> Any:
+  """Subnormal squares as 0 in NumPy, as XLA's CPU code flushes them (the same bits)."""
+  if xp is jnp:
+    return x
+  return np.where(x < np.finfo(x.dtype).tiny, np.zeros((), x.dtype), x)
+
+
+def _segments(index: tuple[int, ...], n: int) -> np.ndarray:
+  """`[n, m]` positions (m = most positions of a unit): unit u's positions in ascending order,
+  padded with `len(index)` (a zero appended to the squares)."""
+  ids = np.asarray(index, np.int64)
+  per_unit = [np.flatnonzero(ids == u) for u in range(n)]
+  m = max(1, max((len(p) for p in per_unit), default=1))
+  table = np.full((n, m), len(ids), np.int64)
+  for u, p in enumerate(per_unit):
+    table[u, :len(p)] = p
+  return table
 
 
 def _gather(keep: jax.Array, index: tuple[int, ...]) -> jax.Array:
   """`keep[index]`, True where the index is -1 (a position of another group)."""
   ids = np.asarray(index)
   return jnp.where(ids >= 0, keep[np.maximum(ids, 0)], True)
+
+
+# --- the same numbers in NumPy, for concrete arguments -----------------------------------------
+
+def _concrete(values: Sequence[Any], counts: Sequence[Any], custom: Sequence[Any]) -> bool:
+  """Whether nothing is traced: the masks can then be computed in NumPy, without compiling."""
+  return not any(isinstance(x, jax.core.Tracer) for x in (*values, *counts, *custom))
+
+
+def _group_masks_numpy(values: tuple[Any, ...], counts: tuple[Any, ...],
+                       bounds: tuple[Sequence[int], Sequence[int], int],
+                       custom: tuple[Any, ...], *, spec: _Spec) -> tuple[jax.Array, ...]:
+  """`_group_masks` in NumPy, bit for bit (the same summation order, the same integer keys
+  and tie-breaking): a one-off prune at a concrete sparsity compiles nothing."""
+  values = tuple(np.asarray(v) for v in values)
+  norms = [_unit_norms(values, slices, n, np) if c is None else np.asarray(c)
+           for slices, n, c in zip(spec.scored, spec.sizes, custom)]
+  lo, hi, round_to = (np.asarray(b, np.int64) for b in bounds)
+  counts = [int(c) for c in counts]
+  if spec.scope == "layer":
+    keys = [_int_keys_np(n) for n in norms]
+    keeps = [_keep_largest_np(k, int(np.clip(c, lo[g], hi[g])))
+             for g, (k, c) in enumerate(zip(keys, counts))]
+  else:
+    dtype = np.result_type(*norms)
+    scores = []
+    for n in norms:
+      n = n.astype(dtype)
+      rms = np.sqrt(_tree_sum(np.square(n)[:, None], np)[0] / dtype.type(n.size))
+      scores.append(np.where(rms > 0, n / (rms if rms > 0 else dtype.type(1)),
+                             dtype.type(0)).astype(dtype))
+    keys = [_int_keys_np(s) for s in scores]
+    pool = []
+    for g, k in enumerate(keys):
+      rank = np.argsort(np.argsort(k, kind="stable"), kind="stable")
+      pool.append(np.where(rank < lo[g], -1, np.where(rank >= hi[g], np.iinfo(k.dtype).max, k)))
+    flat = _keep_largest_np(np.concatenate(pool), max(counts[0], int(np.sum(lo))))
+    keeps = list(np.split(flat, np.cumsum(spec.sizes)[:-1]))
+  rounded = []
+  for keep, k, n in zip(keeps, keys, spec.sizes):
+    kept = int(np.sum(keep))
+    target = min(n, -(-kept // int(round_to)) * int(round_to))
+    rounded.append(keep if target == kept else _keep_largest_np(k, n - target))
+  masks: list[Any] = [None] * len(values)
+  for keep, slices in zip(rounded, spec.masked):
+    for s in slices:
+      along = keep if s.index is None else np.append(keep, True)[np.asarray(s.index)]
+      shape = [1] * len(spec.shapes[s.value])
+      shape[s.axis] = spec.shapes[s.value][s.axis]
+      mask = along.reshape(shape)
+      masks[s.value] = mask if masks[s.value] is None else masks[s.value] & mask
+  # device_put, not jnp.asarray: the latter compiles a program per shape.
+  return tuple(jax.device_put(np.ascontiguousarray(np.broadcast_to(m, shape)))
+               for m, shape in zip(masks, spec.shapes))
+
+
+def _int_keys_np(scores: np.ndarray) -> np.ndarray:
+  """`masks._int_keys` in NumPy."""
+  if np.issubdtype(scores.dtype, np.floating):
+    if scores.dtype.itemsize < 4:
+      scores = scores.astype(np.float32)
+    int_dtype = np.int64 if scores.dtype.itemsize == 8 else np.int32
+    bits = scores.view(int_dtype)
+    return np.where(bits < 0, bits ^ np.iinfo(int_dtype).max, bits)
+  return scores
+
+
+def _keep_largest_np(keys: np.ndarray, k: int) -> np.ndarray:
+  """`masks._keep_largest` in NumPy: False on the `k` smallest keys, ties broken by index."""
+  keep = np.ones(keys.shape, bool)
+  if keys.size and k > 0:
+    keep[np.argsort(keys, kind="stable")[:k]] = False
+  return keep

@@ -41,6 +41,7 @@ Example:
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from prune_jax import _paths, _trace, _units
@@ -71,8 +72,9 @@ class Group(NamedTuple):
   """Units that must be removed together, and every leaf axis they slice.
 
   Attributes:
-    name: the path of the first producing kernel (with `:axis` if that kernel produces several
-      groups), e.g. "params/Conv_0/kernel".
+    name: the path of its first producing kernel in program order (the first that `apply_fn`
+      reads: for a residual stream, the stem conv, not the alphabetically first block), with
+      `:axis` if that kernel produces several groups, e.g. "params/Conv_0/kernel".
     size: the number of units.
     members: every (leaf, axis, index map) the units slice, in natural path order.
     producers: the (path, axis) of each kernel axis whose output slices are the units (several
@@ -150,9 +152,10 @@ def unit_groups(apply_fn: Callable[..., Any], params: Params, *example_args: Any
     *example_args: example inputs (arrays or `jax.ShapeDtypeStruct`s), e.g. a batch `[B, ...]`.
 
   Returns:
-    The groups, ordered by their first producing kernel (natural path order), unprunable ones
-    included: plain NamedTuples of strings, ints and tuples (`Group.to_json()` for JSON,
-    `print(group)` for a summary).
+    The groups, unprunable ones included, ordered by their alphabetically first producing
+    kernel (natural path order: `Dense_10` after `Dense_9`) and each named after its first
+    producer in program order (`Group.name`): plain NamedTuples of strings, ints and tuples
+    (`Group.to_json()` for JSON, `print(group)` for a summary).
 
   Raises:
     ValueError: if `apply_fn(params, *example_args)` cannot be traced (JAX's error quoted), or
@@ -166,7 +169,46 @@ def unit_groups(apply_fn: Callable[..., Any], params: Params, *example_args: Any
     [('params/Dense_0/kernel', 8, True), ('params/Dense_1/kernel', 4, True), \
 ('params/Dense_2/kernel', 10, False)]
   """
-  return trace_groups(apply_fn, params, example_args).groups
+  traced = trace_groups(apply_fn, params, example_args)
+  return _TracedGroups(traced.groups, traced, apply_fn, call_key(params, example_args))
+
+
+class _TracedGroups(tuple):
+  """The tuple of groups `unit_groups` returns, remembering the trace it read them from, so
+  that `shrink_fn(..., groups=groups)` on the same call need not trace again. It behaves as a
+  plain tuple (equality, hashing, indexing) and pickles as one."""
+
+  def __new__(cls, groups: tuple[Group, ...], traced: "Traced", apply_fn: Any, key: Any):
+    self = super().__new__(cls, groups)
+    self.traced, self.apply_fn, self.key = traced, apply_fn, key
+    return self
+
+  def __reduce__(self) -> Any:
+    return tuple, (tuple(self),)
+
+
+def cached_trace(groups: Any, apply_fn: Callable[..., Any], params: Params,
+                 args: Sequence[Any]) -> "Traced | None":
+  """The trace `groups` came from if `unit_groups` made them for this very call (the same
+  function, param and argument shapes and dtypes, matmul precision), else None."""
+  if not isinstance(groups, _TracedGroups):
+    return None
+  try:
+    same = groups.apply_fn is apply_fn or bool(groups.apply_fn == apply_fn)
+  except Exception:  # pylint: disable=broad-except (an __eq__ that cannot compare: not the same)
+    same = False
+  return groups.traced if same and groups.key == call_key(params, args) else None
+
+
+def call_key(params: Params, args: Sequence[Any]) -> tuple[str, str, Any]:
+  """What a trace depends on besides the function: the tree structures, shapes and dtypes of
+  `params` and `args`, and the default matmul precision in force."""
+  leaves, tree = jax.tree.flatten((params, tuple(args)))
+  shapes = [(tuple(d if isinstance(d, int) else f"{d}@{id(getattr(d, 'scope', None))}"
+                   for d in (x.shape if hasattr(x, "shape") else np.shape(x))),
+             str(getattr(x, "dtype", type(x).__name__)))
+            for x in leaves]
+  return str(tree), str(shapes), jax.config.jax_default_matmul_precision
 
 
 def trace_groups(apply_fn: Callable[..., Any], params: Params, args: Sequence[Any]) -> Traced:
@@ -217,6 +259,13 @@ def _groups(a: _units.Analysis, roots: np.ndarray
   order = sorted(range(len(paths)), key=lambda k: _paths.natural_key(tuple(paths[k].split("/"))))
   rank = {leaf: r for r, leaf in enumerate(order)}
   producers = sorted(a.producers, key=lambda p: (rank[p[0]], p[1]))
+  # Program order: the first equation that reads each leaf (the stem conv before the blocks).
+  first_read: dict[int, int] = {}
+  leaf_of = {value: leaf for leaf, value in enumerate(program.param_values)}
+  for i, eqn in enumerate(program.eqns):
+    for atom in eqn.ins:
+      if isinstance(atom, int) and atom in leaf_of:
+        first_read.setdefault(leaf_of[atom], i)
 
   def axis_roots(leaf: int, axis: int) -> np.ndarray:
     block = a.param_blocks[leaf][axis]
@@ -243,22 +292,39 @@ def _groups(a: _units.Analysis, roots: np.ndarray
   for i in range(len(producers)):
     clusters.setdefault(find(i), []).append(i)
 
-  groups, unit_roots = [], []
-  names_used: dict[str, int] = {}
-  for members_of in clusters.values():
+  # Each class of a producer axis: its cluster and its unit there (in order of first appearance).
+  cluster_of = np.full(len(roots), -1, np.int64)
+  unit_of = np.full(len(roots), -1, np.int64)
+  unit_maps: list[dict[int, int]] = []
+  for k, members_of in enumerate(clusters.values()):
     units: dict[int, int] = {}
     for i in members_of:
       for root in axis_roots(*producers[i]).tolist():
         units.setdefault(root, len(units))
-    members = []
-    for leaf in order:
-      for axis, block in enumerate(a.param_blocks[leaf]):
-        if block is None or block.size == 0:
-          continue
-        index = tuple(units.get(r, -1) for r in axis_roots(leaf, axis).tolist())
-        if any(u >= 0 for u in index):
-          members.append(Member(paths[leaf], axis, index))
-    first_leaf, first_axis = producers[members_of[0]]
+    unit_maps.append(units)
+    ids = np.fromiter(units, np.int64, len(units))
+    cluster_of[ids] = k
+    unit_of[ids] = np.arange(len(units))
+  # Every param axis read once (not once per cluster): the members of each cluster, in order.
+  members_by: list[list[Member]] = [[] for _ in clusters]
+  for leaf in order:
+    for axis, block in enumerate(a.param_blocks[leaf]):
+      if block is None or block.size == 0:
+        continue
+      axis_r = axis_roots(leaf, axis)
+      axis_c = cluster_of[axis_r]
+      for k in np.unique(axis_c[axis_c >= 0]).tolist():
+        index = np.where(axis_c == k, unit_of[axis_r], -1)
+        members_by[k].append(Member(paths[leaf], axis, tuple(index.tolist())))
+
+  groups, unit_roots, axes = [], [], []
+  names_used: dict[str, int] = {}
+  for k, members_of in enumerate(clusters.values()):
+    units = unit_maps[k]
+    members = members_by[k]
+    first_leaf, first_axis = min(
+        (producers[i] for i in members_of),
+        key=lambda p: (first_read.get(p[0], len(program.eqns)), rank[p[0]], p[1]))
     name = paths[first_leaf]
     names_used[name] = names_used.get(name, 0) + 1
     reasons = [a.reason(r) for r in units]
@@ -267,14 +333,15 @@ def _groups(a: _units.Analysis, roots: np.ndarray
     if bad:
       reason = bad[0] if len(bad) == len(units) else (
           f"{len(bad)} of its {len(units)} units: {bad[0]}")
+    axes.append(first_axis)
     groups.append(Group(name, len(units), tuple(members),
                         tuple((paths[leaf], axis) for leaf, axis in
                               (producers[i] for i in members_of)),
                         not bad, reason))
     unit_roots.append(np.array(list(units), dtype=np.int64))
   # Disambiguate kernels that produce several groups (e.g. a DenseGeneral with two output axes).
-  groups = [g._replace(name=f"{g.name}:{g.producers[0][1]}") if names_used[g.name] > 1 else g
-            for g in groups]
+  groups = [g._replace(name=f"{g.name}:{axis}") if names_used[g.name] > 1 else g
+            for g, axis in zip(groups, axes)]
   return tuple(groups), tuple(unit_roots)
 
 

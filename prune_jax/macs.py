@@ -16,7 +16,8 @@ Elementwise operations (bias adds, ReLU, pooling's maxima, BatchNorm) are not mu
 product and are not counted. Nested calls (`jit`, `custom_jvp_call` such as `jax.nn.relu`,
 `remat`, ...) are counted once per call, a `scan`'s body `length` times, a `cond` once if its
 branches cost the same; a `while` loop whose body multiplies is refused (its trip count is not
-in the program).
+in the program). The forward pass of `load_shrunk` (a `jax.export` call, opaque StableHLO) is
+counted from the products its file's plan lists; another exported function is refused.
 
 Example:
   >>> model = MLP(hidden=(8,))                       # Dense 784 -> 8 -> 10, no biases
@@ -59,8 +60,9 @@ def macs_by_op(fn: Callable[..., Any], *args: Any) -> list[OpMacs]:
     One `OpMacs` per `dot_general` / `conv_general_dilated` (inside nested calls too).
 
   Raises:
-    ValueError: if `fn(*args)` cannot be traced (JAX's error quoted), for symbolic shapes, or
-      for a `while` loop (or `cond` branches of different costs) that multiplies.
+    ValueError: if `fn(*args)` cannot be traced (JAX's error quoted), for symbolic shapes, for
+      a `while` loop (or `cond` branches of different costs) that multiplies, or for a function
+      exported with `jax.export` other than one `load_shrunk` loaded.
   """
   if not callable(fn):
     raise TypeError(f"fn must be a function of the example arguments, got {fn!r}")
@@ -72,6 +74,15 @@ def macs_by_op(fn: Callable[..., Any], *args: Any) -> list[OpMacs]:
                      f"{type(e).__name__}: {e}") from e
   found: list[OpMacs] = []
   _walk(closed.jaxpr, 1, found)
+  return found
+
+
+def _symbolic_ops(fn: Callable[..., Any], *args: Any) -> list[OpMacs]:
+  """`macs_by_op`, where shapes may be symbolic (`jax.export.symbolic_shape`): the shapes and
+  multiply-adds are then expressions of the dimension variables (for `save_shrunk`'s plan)."""
+  closed = jax.make_jaxpr(fn)(*args)
+  found: list[OpMacs] = []
+  _walk(closed.jaxpr, 1, found, symbolic=True)
   return found
 
 
@@ -90,23 +101,27 @@ def count_macs(fn: Callable[..., Any], *args: Any) -> int:
   return sum(op.macs for op in macs_by_op(fn, *args))
 
 
-def _walk(jaxpr: Any, times: int, found: list[OpMacs]) -> None:
+def _walk(jaxpr: Any, times: int, found: list[OpMacs], *, symbolic: bool = False) -> None:
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name in ("dot_general", "conv_general_dilated"):
-      shapes = tuple(_shape(v.aval, name) for v in (*eqn.invars, *eqn.outvars))
+      shapes = tuple(tuple(v.aval.shape) if symbolic else _shape(v.aval, name)
+                     for v in (*eqn.invars, *eqn.outvars))
       found.append(OpMacs(name, shapes, times * _op_macs(name, eqn.params, shapes)))
+      continue
+    if name == "call_exported":  # a function exported with jax.export, e.g. load_shrunk's
+      found.extend(_exported_macs(eqn, times))
       continue
     bodies = list(_jaxprs(eqn.params))
     if not bodies:
       continue
     if name == "scan":
-      _walk(bodies[0], times * int(eqn.params["length"]), found)
+      _walk(bodies[0], times * int(eqn.params["length"]), found, symbolic=symbolic)
     elif name == "cond":
       costs = []
       for body in bodies:
         ops: list[OpMacs] = []
-        _walk(body, times, ops)
+        _walk(body, times, ops, symbolic=symbolic)
         costs.append((sum(op.macs for op in ops), ops))
       if len({c for c, _ in costs}) > 1:
         raise ValueError(f"a cond's branches cost {[c for c, _ in costs]} multiply-adds: which "
@@ -115,14 +130,23 @@ def _walk(jaxpr: Any, times: int, found: list[OpMacs]) -> None:
     elif name == "while":
       ops = []
       for body in bodies:
-        _walk(body, times, ops)
+        _walk(body, times, ops, symbolic=symbolic)
       if ops:
         raise ValueError("a while loop multiplies in its body, but its trip count is not in the "
                          "program; count one iteration (its body function) instead, or use "
                          "lax.scan / fori_loop with static bounds")
     else:  # a call (jit, custom_jvp_call, remat, ...): its body runs once
       for body in bodies:
-        _walk(body, times, found)
+        _walk(body, times, found, symbolic=symbolic)
+
+
+def _exported_macs(eqn: Any, times: int) -> list[OpMacs]:
+  """The products inside a `call_exported` equation, from the plan `load_shrunk` read with it
+  (its StableHLO is not a jaxpr); raises for any other exported function."""
+  from prune_jax import exporting  # pylint: disable=g-import-not-at-top (it imports this lazily)
+  shapes = [_shape(v.aval, "call_exported") for v in eqn.invars]
+  return [OpMacs(name, op_shapes, times * macs)
+          for name, op_shapes, macs in exporting.macs_of_call(eqn.params["exported"], shapes)]
 
 
 def _op_macs(name: str, params: dict[str, Any], shapes: Sequence[tuple[int, ...]]) -> int:
@@ -131,7 +155,9 @@ def _op_macs(name: str, params: dict[str, Any], shapes: Sequence[tuple[int, ...]
     (contracting, _), _ = params["dimension_numbers"]
     return math.prod(out) * math.prod(lhs[d] for d in contracting)
   out_features = params["dimension_numbers"].rhs_spec[0]
-  return math.prod(out) * math.prod(rhs) // rhs[out_features]
+  # Per output element: the kernel window times the input channels of its group (the kernel's
+  # other axes), so that a layer shrunk to 0 output channels costs 0, not 0 / 0.
+  return math.prod(out) * math.prod(d for i, d in enumerate(rhs) if i != out_features)
 
 
 def _jaxprs(params: dict[str, Any]) -> Any:

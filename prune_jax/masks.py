@@ -23,8 +23,9 @@ Example:
   >>> pruned = apply_masks(params, masks)
 """
 
+import fnmatch
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
@@ -40,6 +41,9 @@ Prunable = Callable[[str, jax.Array], bool]
 Scope = Literal["layer", "global", "erk", "output"]
 Criterion = criteria.Criterion
 Pattern = tuple[int, int]
+# Per-leaf sparsities: {fnmatch pattern over the relative path: sparsity}, or a function
+# (path, leaf) -> sparsity or None (the default).
+CustomSparsity = Mapping[str, Sparsity] | Callable[[str, jax.Array], Sparsity | None]
 
 _SCOPES = ("layer", "global")
 _WEIGHT_SCOPES = ("layer", "global", "erk", "output")
@@ -52,7 +56,8 @@ _PATTERN_SLACK = 1e-6
 def weight_masks(params: Params, sparsity: Sparsity | None = None, *, scope: Scope = "layer",
                  prunable: Prunable | None = None, criterion: Criterion = "magnitude",
                  key: jax.Array | None = None, grads: Params | None = None,
-                 pattern: Pattern | None = None) -> Masks:
+                 pattern: Pattern | None = None,
+                 custom_sparsity: CustomSparsity | None = None) -> Masks:
   """Masks the lowest-scoring weights (default: smallest `|w|`): exactly `round(sparsity * n)`.
 
   With `scope="layer"` (the seed's definition), each prunable leaf of `n` entries loses its
@@ -89,6 +94,14 @@ def weight_masks(params: Params, sparsity: Sparsity | None = None, *, scope: Sco
   `lambda path, w, g: -w * g` (a first-order movement score). Every scope and pattern works with
   every criterion.
 
+  Per-leaf sparsity (`custom_sparsity=`, jaxpruner's `custom_sparsity_map`): some prunable
+  leaves get their own sparsity instead of `sparsity`, e.g. `{"Dense_2/kernel": 0.945}` (DNS's
+  allocation keeps 5.5% of a logits layer; the default `prunable` leaves the logits layer out,
+  so pass a `prunable` that selects it). With `scope="layer"` or `"output"`, such a leaf loses
+  `round(s * n)` of its weights (of each unit's) at its own `s`. With `scope="global"` or
+  `"erk"`, it is taken out of the pool and pruned on its own to its sparsity; the other
+  prunable leaves are pooled (or ERK-allocated) exactly as without it, `n` being their total.
+
   Counting: `round` rounds half to even. A Python `float`/`int` sparsity gives
   `round(sparsity * n)` computed in float64 (Python's `round`); an array sparsity (numpy/jax
   scalar, or a traced value under `jit`/`vmap`) gives `jnp.round(sparsity * n)` in its own float
@@ -109,16 +122,26 @@ def weight_masks(params: Params, sparsity: Sparsity | None = None, *, scope: Sco
       pattern): the full pattern.
     scope: `"layer"`, `"global"`, `"erk"` or `"output"`, see above.
     prunable: `prunable(path, leaf) -> bool` selects the leaves to prune, given the path relative
-      to the params collection (e.g. `"Dense_1/kernel"`) and the array. Default: every 2-D leaf
-      named `kernel` except the last one (the logits layer, which the seed never prunes). Leaves
-      are ordered by path with digit runs compared as numbers (`Dense_10` after `Dense_9`).
-      Leaves of other collections of a variables dict (e.g. `batch_stats`) are never pruned.
+      to the params collection (e.g. `"Dense_1/kernel"`) and the array. Default: every 2-D
+      kernel (a leaf named `kernel`, or in an NNX `State` the `value` of a Variable named
+      `kernel`: `.../kernel/value`; `is_kernel`) except the last one (the logits layer, which the
+      seed never prunes). Leaves are ordered by path with digit runs compared as numbers
+      (`Dense_10` after `Dense_9`); an NNX State's attributes are thus in name order, so the
+      logits layer is the last only if its name sorts last (else pass `prunable`). Leaves of
+      other collections of a variables dict (e.g. `batch_stats`) are never pruned.
     criterion: `"magnitude"`, `"random"`, `"saliency"` or a function, see above.
     key: a `jax.random` key, needed by `"random"`.
     grads: gradients, a tree like `params` (e.g. `jax.grad(loss)(params)`), needed by
       `"saliency"` and passed to a function criterion; ignored by the others.
     pattern: `(N, M)`, ints with `0 <= N <= M` and `M >= 1`: N:M sparsity along the input axis,
       see above. `None`: no pattern.
+    custom_sparsity: per-leaf sparsities, see above: a mapping `{pattern: sparsity}` whose keys
+      are `fnmatch` patterns (case-sensitive; `*` also matches `/`) over the path `prunable`
+      sees (e.g. `"Dense_2/kernel"`, `"*/Conv_*/kernel"`, in NNX `"out/kernel/value"`); a leaf
+      takes the value of the first pattern that matches it (mapping order); every pattern must
+      match a prunable leaf. Or a function `custom_sparsity(path, leaf) -> sparsity | None`,
+      called on every prunable leaf (`None`: `sparsity`). Values in [0, 1] (with a pattern,
+      at most `1 - N/M`). `None`: every leaf at `sparsity`.
 
   Returns:
     A mask tree mirroring `params`: bool arrays of the leaves' shapes (True = keep) for prunable
@@ -129,10 +152,11 @@ def weight_masks(params: Params, sparsity: Sparsity | None = None, *, scope: Sco
       `prunable` that matches nothing, NaN/inf in a (concrete) prunable leaf, naming its path,
       `"random"` without a key, `"saliency"` without grads, or grads that do not match params;
       with a pattern: bad `N` or `M`, a sparsity above `1 - N/M`, scope `"global"` or `"erk"`,
-      or a prunable leaf whose `fan_in` `M` does not divide, naming it.
+      or a prunable leaf whose `fan_in` `M` does not divide, naming it; a `custom_sparsity`
+      pattern that matches no prunable leaf, or a value outside [0, 1], naming it.
     TypeError: a sparsity that is not a real scalar (or `None` without a pattern), a `prunable`
-      that is not callable, a key that is not a `jax.random` key, or a pattern that is not a
-      pair of ints.
+      that is not callable, a key that is not a `jax.random` key, a pattern that is not a
+      pair of ints, or a `custom_sparsity` that is neither a mapping of strings nor callable.
 
   Example:
     >>> params = {"Dense_0": {"kernel": jnp.array([[0.3, -0.1], [0.2, 0.4]])},
@@ -150,17 +174,31 @@ def weight_masks(params: Params, sparsity: Sparsity | None = None, *, scope: Sco
     >>> weight_masks(params, pattern=(1, 2))["Dense_0"]["kernel"]  # 1:2 down each column
     Array([[ True, False],
            [False,  True]], dtype=bool)
+    >>> every = lambda path, leaf: True                        # the logits layer too
+    >>> m = weight_masks(params, 0.5, prunable=every, custom_sparsity={"Dense_1/*": 1 / 3})
+    >>> int(m["Dense_1"]["kernel"].sum()), int(m["Dense_0"]["kernel"].sum())  # 4 of 6, 2 of 4
+    (4, 2)
   """
   return _weight_masks(params, sparsity, scope=scope, prunable=prunable, criterion=criterion,
-                       key=key, grads=grads, pattern=pattern)
+                       key=key, grads=grads, pattern=pattern, custom_sparsity=custom_sparsity)
+
+
+def is_kernel(path: str) -> bool:
+  """Whether `path` (`/`-joined) names a kernel: a leaf `kernel` (linen), or the `value` of an
+  NNX Variable named `kernel` (`.../kernel/value`); the default selection of the weight masks,
+  the pruner and calibrated pruning."""
+  names = path.split("/")
+  return names[-1] == "kernel" or names[-2:] == ["kernel", "value"]
 
 
 def _weight_masks(params: Params, sparsity: Sparsity | None, *, scope: Scope,
                   prunable: Prunable | None, criterion: Criterion, key: jax.Array | None,
                   grads: Params | None, pattern: Pattern | None = None,
-                  select: bool = False) -> Masks:
+                  select: bool = False, custom_sparsity: CustomSparsity | None = None,
+                  custom_scale: jax.Array | None = None) -> Masks:
   """`weight_masks`; `select=True` finds each threshold by bisection instead of a sort (the same
-  masks, about 3x faster for one sparsity, much slower under `vmap` over many): the pruner's."""
+  masks, about 3x faster for one sparsity, much slower under `vmap` over many): the pruner's.
+  `custom_scale` multiplies every `custom_sparsity` value (the pruner's schedule progress)."""
   _check_scope(scope, _WEIGHT_SCOPES)
   pattern = check_pattern(pattern, scope=scope)
   full = sparsity is None
@@ -173,7 +211,10 @@ def _weight_masks(params: Params, sparsity: Sparsity | None, *, scope: Scope,
   if pattern is not None and not full:
     _check_pattern_sparsity(sparsity, pattern)
   criteria.check_criterion(criterion, key=key)
-  chosen = _select(params, prunable)
+  chosen = _select(params, prunable, nnx=True)
+  own = _custom_sparsities(chosen, custom_sparsity, pattern)
+  if custom_scale is not None:
+    own = {path: jnp.asarray(s, jnp.float32) * custom_scale for path, s in own.items()}
   for leaf in chosen:
     _check_finite(leaf)
     if pattern is not None:
@@ -181,16 +222,85 @@ def _weight_masks(params: Params, sparsity: Sparsity | None, *, scope: Scope,
   scores = criteria.weight_scores(chosen, criterion=criterion, key=key, grads=grads)
   if scope in ("layer", "output"):
     sizes = [_fan_in(s.shape) if scope == "output" else s.size for s in scores]
-    counts = tuple(_num_pruned(sparsity, n, _eligible(n, pattern)) for n in sizes)
-  else:
-    total = sum(s.size for s in scores)
-    counts = (_num_pruned(sparsity, total, total),)
-  if scope == "erk":
-    counts = allocation.erk_pruned_counts([s.shape for s in scores], counts[0])
-    scope = "layer"
-  keeps = _weight_keeps(scores, counts, scope=scope, pattern=pattern, select=select)
+    counts = tuple(_num_pruned(own.get(leaf.path, sparsity), n, _eligible(n, pattern))
+                   for leaf, n in zip(chosen, sizes))
+    keeps = _weight_keeps(scores, counts, scope=scope, pattern=pattern, select=select)
+  else:  # leaves with their own sparsity each alone; the others pooled
+    keeps = [None] * len(chosen)
+    alone = [i for i, leaf in enumerate(chosen) if leaf.path in own]
+    pooled = [i for i, leaf in enumerate(chosen) if leaf.path not in own]
+    if alone:
+      counts = tuple(_num_pruned(own[chosen[i].path], scores[i].size, scores[i].size)
+                     for i in alone)
+      for i, k in zip(alone, _weight_keeps(tuple(scores[i] for i in alone), counts,
+                                           scope="layer", select=select)):
+        keeps[i] = k
+    if pooled:
+      pool = tuple(scores[i] for i in pooled)
+      total = sum(s.size for s in pool)
+      counts, by = (_num_pruned(sparsity, total, total),), "global"
+      if scope == "erk":
+        counts, by = allocation.erk_pruned_counts([s.shape for s in pool], counts[0]), "layer"
+      for i, k in zip(pooled, _weight_keeps(pool, counts, scope=by, select=select)):
+        keeps[i] = k
   keep = {leaf.path: k for leaf, k in zip(chosen, keeps)}
   return _mask_tree(params, keep)
+
+
+def _custom_sparsities(chosen: list[_paths.Leaf], custom: CustomSparsity | None,
+                       pattern: Pattern | None) -> dict[str, Sparsity]:
+  """`{leaf path: sparsity}` for the prunable leaves `custom` gives their own sparsity, checked.
+
+  Raises:
+    ValueError: a mapping's pattern that matches no prunable leaf, or a value outside [0, 1]
+      (above `1 - N/M` with a pattern), naming it.
+    TypeError: `custom` neither a mapping with string keys nor callable; a value not a number.
+  """
+  if custom is None:
+    return {}
+  own = {}
+  if isinstance(custom, Mapping):
+    for glob in custom:
+      if not isinstance(glob, str):
+        raise TypeError(f"custom_sparsity's keys are fnmatch patterns over leaf paths (strings, "
+                        f"e.g. 'Dense_2/kernel' or '*/Conv_*/kernel'), got {glob!r}")
+    matched = set()
+    for leaf in chosen:
+      glob = next((g for g in custom if fnmatch.fnmatchcase(leaf.rel, g)), None)
+      if glob is not None:
+        own[leaf.path], what = custom[glob], f"custom_sparsity[{glob!r}]"
+        matched.add(glob)
+        _check_custom_value(own[leaf.path], what, pattern)
+    unmatched = [g for g in custom if g not in matched]
+    if unmatched:
+      paths = [leaf.rel for leaf in chosen]
+      value = next((leaf.rel for leaf in chosen if leaf.rel.endswith("/value")), None)
+      example = "path.endswith('kernel/value')" if value else "path.endswith('kernel')"
+      raise ValueError(
+          f"custom_sparsity pattern {unmatched[0]!r} matches no prunable leaf; its keys are "
+          f"fnmatch patterns over the paths that `prunable` selected (relative to the params "
+          f"collection): {_paths._few(paths, 8)}. Fix the pattern, or select that leaf with "
+          f"prunable= (the default leaves out the logits layer), e.g. prunable=lambda path, "
+          f"leaf: {example}")
+  elif callable(custom):
+    for leaf in chosen:
+      value = custom(leaf.rel, leaf.value)
+      if value is not None:
+        _check_custom_value(value, f"custom_sparsity({leaf.rel!r}, leaf)", pattern)
+        own[leaf.path] = value
+  else:
+    raise TypeError(f"custom_sparsity must be a mapping {{path pattern: sparsity}} or a function "
+                    f"(path, leaf) -> sparsity or None, got {custom!r}")
+  return own
+
+
+def _check_custom_value(value: Any, what: str, pattern: Pattern | None) -> None:
+  try:
+    _check_sparsity(value)
+    if pattern is not None:
+      _check_pattern_sparsity(value, pattern)
+  except (ValueError, TypeError) as e:
+    raise type(e)(f"{what}: {e}") from None
 
 
 def satisfies_pattern(masks: Masks, pattern: Pattern, *, exact: bool = False) -> bool:
@@ -325,7 +435,10 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   BatchNorm entries, the next kernel's input slices); see `prune_jax.group_masks`. `prunable`
   then selects groups by their producing kernels (all must pass). Without `groups`, the Dense
   layers below, exactly as before; `min_fraction`, `max_fraction` or `round_to` then apply to
-  them as one group per kernel (column and bias, not the next kernel's rows).
+  them as one group per kernel (column and bias, not the next kernel's rows). With `groups`, a
+  call on concrete params and a concrete sparsity (a one-off prune) is computed in NumPy, with
+  nothing to compile; under `jit`/`vmap` (a traced sparsity, the pruner) one compiled program
+  computes the same masks, bit for bit (the norms are summed in the same fixed order).
 
   A unit is an output column `kernel[:, j]` (for a kernel of more dimensions, the slice
   `kernel[..., j]` of its last axis). Its score is the L2 norm of that column; the bias is not
@@ -334,7 +447,9 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   delete it without changing the network's function.
 
   With `scope="layer"`, each prunable kernel with `out` units loses `round(sparsity * out)` of
-  them; sparsity 1.0 prunes every unit of every prunable layer.
+  them; sparsity 1.0 prunes every unit of every prunable layer (with a `UserWarning`, as for
+  any group left without units when the sparsity is concrete: the network then passes no
+  signal through it).
 
   With `scope="global"`, units of all prunable layers compete on a normalised score: the column
   norm divided by the root-mean-square column norm of its layer (`||W||_F / sqrt(out)`). This
@@ -421,6 +536,9 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
   kernels = tuple(leaf.value for leaf, _ in layers)
   if scope == "layer":
     counts = tuple(_num_pruned(sparsity, k.shape[-1], k.shape[-1]) for k in kernels)
+    from prune_jax import group_masks  # pylint: disable=g-import-not-at-top (it imports this)
+    group_masks.warn_emptied([leaf.path for leaf, _ in layers],
+                             [k.shape[-1] for k in kernels], counts)
   else:
     total = sum(k.shape[-1] for k in kernels)
     nonempty = sum(1 for k in kernels if k.shape[-1])
@@ -444,8 +562,16 @@ def unit_layers(params: Params,
       shape is not `[out]`, naming the leaf.
   """
   everything = {leaf.path: leaf for leaf in _paths.leaves(params)}
+  try:
+    selected = _select(params, prunable)
+  except ValueError as e:
+    if prunable is not None:
+      raise
+    raise ValueError(f"{e}; or, for units of a model that is not a chain of Dense layers "
+                     "(convolutions, BatchNorm, residual adds, attention heads), pass groups="
+                     "unit_groups(apply_fn, params, *example_args)") from None
   layers = []
-  for leaf in _select(params, prunable):
+  for leaf in selected:
     if leaf.names[-1:] == ("bias",):
       raise ValueError(f"{leaf.path}: unit_masks ranks kernels and masks each kernel's bias along "
                        "with its columns; leave biases out of `prunable`")
@@ -527,15 +653,20 @@ def _check_sparsity(sparsity: Any) -> None:
                      f"{sparsity!r}")
 
 
-def _select(params: Params, prunable: Prunable | None) -> list[_paths.Leaf]:
-  """The leaves to prune, in layer order (natural path order)."""
+def _select(params: Params, prunable: Prunable | None, *, nnx: bool = False
+            ) -> list[_paths.Leaf]:
+  """The leaves to prune, in layer order (natural path order). `nnx=True`: the default takes
+  the kernels of an NNX State (`.../kernel/value`, `is_kernel`) too (the weight masks'; not
+  `unit_layers`', which finds each kernel's bias as its sibling leaf)."""
   candidates = [leaf for leaf in _paths.leaves(params) if leaf.names is not None]
   if prunable is None:
+    named = is_kernel if nnx else (lambda rel: rel.rpartition("/")[2] == "kernel")
     kernels = [leaf for leaf in candidates
-               if leaf.names[-1:] == ("kernel",) and getattr(leaf.value, "ndim", 0) == 2]
+               if named(leaf.rel) and getattr(leaf.value, "ndim", 0) == 2]
     if len(kernels) < 2:
       found = f"only {kernels[0].path}" if kernels else "none"
-      raise ValueError(f"the default `prunable` selects every 2-D 'kernel' except the last one "
+      kind = "'kernel' (in an NNX State, '.../kernel/value')" if nnx else "'kernel'"
+      raise ValueError(f"the default `prunable` selects every 2-D {kind} except the last one "
                        f"(the logits layer), but this tree has {found}: nothing to prune. Pass "
                        "prunable=lambda path, leaf: ... to choose the leaves")
     return kernels[:-1]

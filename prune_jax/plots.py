@@ -20,6 +20,7 @@ Files are written atomically (`prune_jax.results.write_bytes`).
 """
 
 import io
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -479,7 +480,8 @@ def plot_conv(payload: Payload, folder: str) -> list[str]:
     folder: output folder.
 
   Returns:
-    `[<folder>/conv.png]`.
+    `[<folder>/conv.png]`, and `<folder>/conv_gradual.png` where the payload has `gradual`
+    methods (pruned while training, with the random floor, beside one shot + retraining).
   """
   levels = payload["sparsities"]
   curves = payload["curves"]
@@ -496,7 +498,42 @@ def plot_conv(payload: Payload, folder: str) -> list[str]:
   ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=9, frameon=False)
   _shrink_speed_axes(ax_speed, payload)
   _titles(fig, ax, "Channel pruning of a CNN: accuracy and inference speed-up", payload)
-  return [_save(fig, os.path.join(folder, f"{payload['study']}.png"))]
+  paths = [_save(fig, os.path.join(folder, f"{payload['study']}.png"))]
+  if "gradual" in payload:
+    paths.append(_plot_conv_gradual(payload, folder))
+  return paths
+
+
+_CONV_GRADUAL_STYLE = {"gradual_magnitude": dict(color="tab:blue", marker="D"),
+                  "gradual_l1": dict(color="tab:cyan", marker="v"),
+                  "gradual_taylor": dict(color="tab:purple", marker="^"),
+                  "gradual_random": dict(color="tab:brown", marker="x"),
+                  "random_oneshot": dict(color="0.55", marker="x", linestyle=":")}
+
+
+def _plot_conv_gradual(payload: Payload, folder: str) -> str:
+  """Study 6 with --gradual: `conv_gradual.png` from the payload alone: test accuracy against the channels deleted, for
+  one-shot + retraining (`after_retraining`), every gradual method and the random floor, all
+  after the same steps from the same base nets, with the dense line."""
+  levels = payload["sparsities"]
+  curves = payload["curves"]
+  steps = payload["gradual"]["steps"]
+  fig = Figure(figsize=(8.5, 6.2), layout="constrained")
+  ax = fig.add_subplot()
+  _dense_line(ax, curves["dense"], label="dense (not pruned)")
+  _curve(ax, levels, curves["after_retraining"], name="retrained",
+               label=f"one shot, then {steps} steps of retraining")
+  for name in payload["gradual"]["methods"]:
+    what = ("random channels, one shot, then retrained (floor)" if name == "random_oneshot" else
+            f"pruned while training ({name.removeprefix('gradual_')}), {steps} steps")
+    _curve(ax, levels, curves[name], name=name, label=what, style=_CONV_GRADUAL_STYLE[name])
+  low = min(min(curves[n]["mean"]) for n in ("after_retraining", *payload["gradual"]["methods"]))
+  _accuracy_axes(ax, levels, xlabel="sparsity k (%): k% of the channels (convolutions) "
+                       "and units (Dense) of each layer deleted",
+                       ylim=(max(0, 10 * math.floor(low / 10 - 0.5)), 100), note=True)
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=9, frameon=False)
+  _titles(fig, ax, "Channel pruning of a CNN while it trains, at equal steps", payload)
+  return _save(fig, os.path.join(folder, f"{payload['study']}_gradual.png"))
 
 
 # ---------------------------------------------------------------------------------------------

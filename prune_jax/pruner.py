@@ -19,6 +19,21 @@ same way in practice: a pruned unit's column is zero, so its norm ranks it first
 unit whose column is exactly zero too could take its place, by the lower index). Without a
 schedule the masks given are kept fixed (`pruning(tx, masks=masks)`, what `prune_jax.train` uses).
 
+With `kind="unit", groups=unit_groups(apply_fn, variables, *example_args)`, any model's units
+(convolution channels, attention heads, residual streams) are pruned gradually: every rebuild
+scores each unit of every prunable group (`criteria.group_scores`: `"magnitude"`, `"l1"`,
+`"taylor"` from the step's gradients, `"bn_scale"`, `"random"`; the units already pruned score
+lowest, so the masks only grow) and masks all of its slices *in the tree the pruner is given*
+(`unit_masks(params, s, groups=groups, scores=...)`): its kernel slices, bias, BatchNorm scale
+and bias, the next layer's input slices; each lands on exactly 0 and its optimizer state is
+zeroed. Members of other collections (a linen model's `batch_stats`, the `nnx.BatchStat`s of an
+NNX model whose `nnx.Param` state is trained) are not optimized, so the pruner leaves them
+alone: a pruned unit's BatchNorm output is `scale * normalised + bias = 0` whatever its
+statistics, and its input, the zeroed channel, drives its running mean and variance towards 0.
+At the end, `extend_masks(masks, variables, groups)` gives the masks of the whole tree
+(statistics included) that `shrink_fn` needs, and `shrink_opt_state(tx, state.inner, params,
+plan)` the wrapped optimizer's state for the small model, to keep training it.
+
 With `pattern=(N, M)` the pruning is gradual N:M: every rebuild prunes the schedule's sparsity
 within the pattern (at most `M - N` in every group of `M` inputs of an output unit; the weights
 already pruned rank lowest in their groups, so the masks still only grow), and a schedule that
@@ -27,7 +42,11 @@ ends at `1 - N/M` ends in the exact pattern (2:4 for sparse tensor cores).
 With `regrow=`, weights also come back: after each rebuild, a fraction of every layer's kept
 weights (the smallest) is dropped and as many pruned weights with the largest gradient grow back
 at zero (`prune_jax.regrowth.regrow`; RigL with a constant sparsity, gradual pruning with
-regrowth with a ramp).
+regrowth with a ramp; `schedules.constant_sparsity` for the former).
+
+With `custom_sparsity=` some leaves have their own final sparsity (e.g. `{"Dense_2/kernel":
+0.945}`): at every rebuild each is pruned to its value times the schedule's progress
+`schedule(t) / schedule(end)` (jaxpruner's per-layer sparsity under a schedule).
 
 It jits, runs inside `lax.scan`, and vmaps over a stack of nets: vmap `init`/`update` with
 `stack_axes(state)` as in/out axes, which keeps the step count unbatched, so that the rebuild stays
@@ -48,7 +67,7 @@ Example:
   True
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -56,8 +75,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prune_jax import _paths, criteria, regrowth, schedules
+from prune_jax import _paths, criteria, group_masks, regrowth, schedules
 from prune_jax import masks as masks_lib
+from prune_jax.criteria import group_scores  # re-exported: pj.group_scores
+from prune_jax.groups import Group
 
 Params = Any
 Masks = Any
@@ -85,13 +106,18 @@ def pruning(tx: optax.GradientTransformation,
             scope: masks_lib.Scope = "layer", prunable: masks_lib.Prunable | None = None,
             key: jax.Array | None = None, every: int | None = None,
             regrow: float | Callable[[Any], Any] | None = None,
-            pattern: masks_lib.Pattern | None = None) -> optax.GradientTransformationExtraArgs:
+            pattern: masks_lib.Pattern | None = None,
+            custom_sparsity: masks_lib.CustomSparsity | None = None,
+            groups: Sequence[Group] | None = None
+            ) -> optax.GradientTransformationExtraArgs:
   """Wraps the optimizer `tx` so that it prunes the params as they train (see the module doc).
 
   At a step `t` with `schedule.is_update(t)`, the masks become
   `weight_masks(params, schedule(t), scope=scope, criterion=criterion, pattern=pattern, ...)`
   (or `unit_masks`
-  for `kind="unit"`), with the weights pruned so far ranked first. Then, for every leaf,
+  for `kind="unit"`, with `groups` `unit_masks(params, schedule(t), groups=groups,
+  scores=group_scores(params, groups, criterion=criterion, grads=g, ...))`), with the weights
+  (units) pruned so far ranked first. Then, for every leaf,
 
       g' = where(mask, g, 0);   u, inner = tx.update(g', inner, params);   u' = where(mask, u, -w)
 
@@ -101,19 +127,28 @@ def pruning(tx: optax.GradientTransformation,
   Args:
     tx: any optax optimizer, e.g. `optax.adamw(1e-3)` or `optax.sgd(0.1, momentum=0.9)`.
     schedule: when and how much to prune: a `Schedule` (`polynomial_sparsity`,
-      `one_shot_sparsity`, `iterative_sparsity`), or a plain function `step -> sparsity` with
-      `every=`. `None`: keep the `masks` given fixed.
+      `one_shot_sparsity`, `iterative_sparsity`, `constant_sparsity` for RigL), or a plain
+      function `step -> sparsity` with `every=` (rebuilding forever). `None`: keep the `masks`
+      given fixed.
     masks: the masks at step 0, e.g. from `weight_masks`; default: nothing pruned. Needed without
       a schedule. With a schedule they must have the structure the pruner builds (same `kind`
       and `prunable`; with a pattern, at most `M - N` pruned in a group). Pruned params need
       not be zero yet: the first update zeroes them.
-    kind: `"weight"` (`weight_masks`) or `"unit"` (`unit_masks`: whole columns and their biases).
+    kind: `"weight"` (`weight_masks`) or `"unit"` (`unit_masks`: whole columns and their biases;
+      with `groups`, whole units of any model).
     criterion: as in `weight_masks` (`"magnitude"`, `"random"`, `"saliency"` (scored on the
-      step's gradients), or a function `(path, w, g) -> scores`); for units `"magnitude"` or
-      `"random"`. A random criterion keeps one `key` for all rebuilds, so its masks are nested.
+      step's gradients), or a function `(path, w, g) -> scores`); for units (see
+      `criteria.group_scores`) `"magnitude"` (L2 of the producing slices), `"l1"`, `"taylor"`
+      (`|sum of w * g|` over the unit's slices, with the step's gradients: one batch's estimate),
+      `"bn_scale"` (`|gamma|` of the group's BatchNorm, network slimming; every pruned group
+      needs one) or `"random"`; without `groups` the Dense layers' units are the groups
+      (`dense_groups`). A random criterion keeps one `key` for all rebuilds, so its masks are
+      nested.
     scope: `"layer"`, `"global"` or (weights) `"erk"` or `"output"` (each output unit by the
       same fraction), as in `weight_masks`; with a pattern, `"layer"` or `"output"`.
-    prunable: which leaves to prune, as in `weight_masks` (default: every 2-D kernel but the last).
+    prunable: which leaves to prune, as in `weight_masks` (default: every 2-D kernel but the
+      last; in an NNX State, the `.../kernel/value` leaves); with `groups`, which groups, by
+      their producing kernels, as in `unit_masks` (default: every prunable group).
     key: the `jax.random` key of `criterion="random"`.
     every: for a plain function schedule only: rebuild the masks at steps `0, every, 2 * every...`.
     regrow: weights only: after each rebuild, swap this fraction of every layer's kept weights
@@ -125,6 +160,20 @@ def pruning(tx: optax.GradientTransformation,
       sparsity above `1 - N/M` gives the full pattern. Ramp the schedule to `1 - N/M` (e.g.
       `polynomial_sparsity(0.5, ...)` for 2:4) to end in the exact pattern. `M` must divide
       every prunable leaf's fan-in (checked at `init`).
+    custom_sparsity: weights only: per-leaf sparsities, as in `weight_masks` (a mapping
+      `{fnmatch pattern: sparsity}` over the paths `prunable` sees, or a function
+      `(path, leaf) -> sparsity | None`), each the leaf's *final* sparsity: a leaf with its own
+      `s` is pruned at step `t` to `s * schedule(t) / schedule(schedule.end)`, so it follows the
+      schedule's curve and reaches `s` when the others reach the schedule's final sparsity
+      (jaxpruner's semantics). A schedule without an end (a plain function of the step,
+      `constant_sparsity` without `end`) or ending at 0 has no final value to scale by: such a
+      leaf is then pruned to `s` at every rebuild. With `scope="global"` or `"erk"` such
+      leaves are pruned on their own and the others pooled at the schedule's sparsity.
+    groups: units only: `unit_groups(apply_fn, variables, *example_args)`, traced from the params
+      given to `init`/`update` or from a larger tree holding them (a variables dict whose
+      `"params"` they are; an NNX State of which they are the `nnx.Param` part): the masks
+      cover every member of each prunable group found in the params (see the module doc).
+      Static: the same groups for every rebuild, under jit, scan and vmap.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; its state is a `PruningState` (extra keyword
@@ -137,8 +186,13 @@ def pruning(tx: optax.GradientTransformation,
       `regrow`, without a schedule, with scope `"global"` or `"erk"`, or below a `Schedule`
       whose final sparsity exceeds `1 - N/M`; at `init`, masks that do not match the params
       (naming the leaf), a prunable leaf whose fan-in `M` does not divide, or starting masks
-      that prune more than `M - N` of a group; at `update`, no params.
-    TypeError: a pattern that is not a pair of ints.
+      that prune more than `M - N` of a group; at `update`, no params; `custom_sparsity` for
+      units or without a schedule, or (at `init`) one that matches no prunable leaf or holds a
+      sparsity outside [0, 1]; `groups` for weights, or (at `init`) groups traced from other
+      params; `"taylor"` / `"bn_scale"` where a pruned group has no gradients / no BatchNorm;
+      `init` on a tree without arrays (`shrink_opt_state` of the pruner itself: pass the
+      wrapped optimizer and `state.inner`).
+    TypeError: a pattern that is not a pair of ints; groups that are not `unit_groups`'.
 
   Example:
     >>> tx = pruning(optax.adam(1e-3), one_shot_sparsity(0.5), scope="global")
@@ -148,7 +202,12 @@ def pruning(tx: optax.GradientTransformation,
   if kind not in KINDS:
     raise ValueError(f"kind must be 'weight' (single weights) or 'unit' (whole units), got "
                      f"{kind!r}")
-  criteria.check_criterion(criterion, units=kind == "unit", key=key)
+  criteria.check_criterion(criterion, units=kind == "unit", groups=kind == "unit", key=key)
+  if groups is not None:
+    if kind != "unit":
+      raise ValueError("groups= gives the coupled units of a model, which kind='unit' prunes; "
+                       "pass kind='unit' (or drop groups= for single weights)")
+    groups = group_masks._check_groups(groups)  # pylint: disable=protected-access
   if pattern is not None and kind != "weight":
     raise ValueError(f"pattern={pattern!r} prunes single weights in groups of M inputs: use "
                      "kind='weight', or pattern=None for units")
@@ -173,26 +232,67 @@ def pruning(tx: optax.GradientTransformation,
                        "gradients): use kind='weight', or regrow=None for units")
     if schedule is None:
       raise ValueError("regrow acts when the schedule rebuilds the masks, but no schedule was "
-                       "given: pass e.g. a constant sparsity, lambda step: 0.9, with every=100")
+                       "given: pass e.g. constant_sparsity(0.9, every=100, end=7500) (RigL)")
     regrowth.check_fraction(regrow, what="regrow", or_else=" or a function of the step")
+  if custom_sparsity is not None:
+    if kind != "weight":
+      raise ValueError("custom_sparsity gives leaves their own share of single weights: use "
+                       "kind='weight', or custom_sparsity=None for units")
+    if schedule is None:
+      raise ValueError("custom_sparsity acts when a schedule rebuilds the masks, but no schedule "
+                       "was given; build fixed masks with weight_masks(params, s, "
+                       "custom_sparsity=...) and pass masks= without custom_sparsity=")
   inner_tx = optax.with_extra_args_support(tx)
 
-  def build(params: Params, sparsity: jax.Array, grads: Params, previous: Masks) -> Masks:
+  def build(params: Params, step: jax.Array, grads: Params, previous: Masks) -> Masks:
+    sparsity = schedule(step)
     if kind == "unit":
-      return masks_lib.unit_masks(params, sparsity, scope=scope, prunable=prunable,
-                                  criterion=criterion, key=key)
+      if groups is None and criterion in criteria.UNIT_CRITERIA:
+        return masks_lib.unit_masks(params, sparsity, scope=scope, prunable=prunable,
+                                    criterion=criterion, key=key)
+      chosen, select = unit_groups_of(params)
+      scores = group_scores(params, chosen, criterion=criterion, grads=grads, key=key,
+                            prunable=select, masks=previous)
+      return group_masks.group_unit_masks(params, sparsity, chosen, scope=scope,
+                                          prunable=select, scores=scores)
     # One sparsity per rebuild: the bisection threshold beats a sort (same masks).
     return masks_lib._weight_masks(  # pylint: disable=protected-access
         params, sparsity, scope=scope, prunable=prunable,
         criterion=criteria.keep_pruned(criterion, previous, key=key), key=None, grads=grads,
-        pattern=pattern, select=True)
+        pattern=pattern, select=True, custom_sparsity=custom_sparsity,
+        custom_scale=None if custom_sparsity is None else _progress(schedule, step))
+
+  def unit_groups_of(params: Params) -> tuple[Sequence[Group], Any]:
+    """The groups the unit masks prune, and the `prunable` that selects among them."""
+    if groups is not None:
+      return groups, prunable
+    return group_masks.dense_groups(params, prunable), None
+
+  def structure(p: Params) -> Masks:
+    if groups is not None:
+      return group_masks.group_unit_masks(p, 0.0, groups, scope=scope, prunable=prunable)
+    if kind == "unit":
+      return masks_lib.unit_masks(p, 0.0, scope=scope, prunable=prunable)
+    return masks_lib.weight_masks(p, 0.0, prunable=prunable, pattern=pattern,
+                                  custom_sparsity=custom_sparsity)
 
   def init(params: Params) -> PruningState:
-    # The masks' structure (which leaves are pruned) without ranking anything.
-    template = jax.eval_shape(
-        lambda p: masks_lib.unit_masks(p, 0.0, scope=scope, prunable=prunable)
-        if kind == "unit" else masks_lib.weight_masks(p, 0.0, prunable=prunable, pattern=pattern),
-        params)  # with a pattern, also checks that M divides every prunable leaf's fan-in
+    if not jax.tree.leaves(params):
+      raise ValueError(
+          "pruning's init got a tree without arrays. If it came from "
+          "optax.tree_utils.tree_map_params (e.g. shrink_opt_state(tx, state, ...) after "
+          "shrink_fn), pass the wrapped optimizer and its state instead: "
+          "shrink_opt_state(inner_tx, state.inner, params, plan), and keep training the small "
+          "model with inner_tx (nothing of it is pruned any more)")
+    # The masks' structure (which leaves are pruned) without ranking anything; with a pattern,
+    # also checks that M divides every prunable leaf's fan-in.
+    template = jax.eval_shape(structure, params)
+    if kind == "unit" and (groups is not None or criterion not in criteria.UNIT_CRITERIA):
+      # The criterion's own checks (a BatchNorm in every group for "bn_scale"...) now, not at
+      # the first rebuild; the params stand for the gradients.
+      jax.eval_shape(lambda p: group_scores(p, unit_groups_of(p)[0], criterion=criterion,
+                                            grads=p, key=key, prunable=unit_groups_of(p)[1]),
+                     params)
     if masks is None:
       start = jax.tree.map(lambda s: jnp.ones(s.shape, bool), template)
     else:
@@ -216,7 +316,7 @@ def pruning(tx: optax.GradientTransformation,
     if schedule is not None:
 
       def rebuild(current, inner):
-        new = build(params, schedule(state.count), updates, current)
+        new = build(params, state.count, updates, current)
         if regrow is not None:
           fraction = regrow(state.count) if callable(regrow) else regrow
           new = regrowth.regrow(new, params, updates, fraction)
@@ -234,6 +334,15 @@ def pruning(tx: optax.GradientTransformation,
     return new_updates, PruningState(optax.safe_int32_increment(state.count), current, inner)
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _progress(schedule: schedules.Schedule, step: jax.Array) -> jax.Array:
+  """`schedule(step) / schedule(schedule.end)`: float32 `[]`, 1 without an end or a final 0."""
+  if schedule.end is None:
+    return jnp.ones((), jnp.float32)
+  final = jnp.asarray(schedule(schedule.end), jnp.float32)
+  ratio = jnp.asarray(schedule(step), jnp.float32) / jnp.where(final > 0, final, 1)
+  return jnp.where(final > 0, ratio, 1).astype(jnp.float32)
 
 
 def current_masks(state: optax.OptState) -> Masks:
@@ -262,6 +371,94 @@ def current_masks(state: optax.OptState) -> Masks:
     raise ValueError(f"expected one PruningState in the optimizer state, found {len(found)}; "
                      "pass the state of a transformation built with prune_jax.pruning")
   return found[0].masks
+
+
+def extend_masks(masks: Masks, tree: Params, groups: Sequence[Group]) -> Masks:
+  """The masks of `tree` that prune the units `masks` prune: every member of their groups.
+
+  The pruner masks the members of each group in the params it trains. To delete the pruned
+  units with `shrink_fn`, which wants a mask for every member, the BatchNorm statistics
+  included, extend its masks to the tree the groups were traced from (a variables dict with its
+  `batch_stats`, a whole NNX State). A unit is pruned where the slices of any member in
+  `masks` are all False (as `shrink_plan` reads them; a leaf shared by several groups and
+  entirely False says nothing); host-side, on concrete masks.
+
+  Args:
+    masks: a mask tree over the params, e.g. `current_masks(opt_state)` (a variables dict's
+      `"params"` collection, or an NNX `nnx.Param` State).
+    tree: the tree `unit_groups` traced the groups from.
+    groups: those groups.
+
+  Returns:
+    A mask tree mirroring `tree`: every member slice of a pruned unit False, `None` for leaves
+    of no pruned group.
+
+  Raises:
+    ValueError: `tree` lacks a member of a group, or `masks` a producing kernel (naming it).
+    TypeError: traced masks, or groups that are not `unit_groups`'.
+
+  Example:
+    >>> params = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+    ...           "Dense_1": {"kernel": jnp.ones((4, 2))}}
+    >>> groups = dense_groups(params)
+    >>> masks = {"Dense_0": {"kernel": jnp.ones((3, 4), bool).at[:, 1].set(False),
+    ...                      "bias": None}, "Dense_1": {"kernel": None}}
+    >>> extend_masks(masks, params, groups)["Dense_0"]["bias"]
+    Array([ True, False,  True,  True], dtype=bool)
+  """
+  groups = group_masks._check_groups(groups)  # pylint: disable=protected-access
+  flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
+  given: dict[str, Any] = {}
+  for keypath, m in flat:
+    if isinstance(m, jax.core.Tracer):
+      raise TypeError("extend_masks reads concrete masks (host-side, as shrink_fn): call it "
+                      "outside jit/vmap, e.g. on current_masks(opt_state) after training")
+    given[_paths.path_str(keypath)] = None if m is None else np.asarray(m)
+
+  def in_masks(path: str) -> str | None:
+    if path in given:
+      return path
+    head, _, rest = path.partition("/")
+    return rest if head == "params" and rest in given else None
+
+  shapes = {leaf.path: tuple(leaf.value.shape) for leaf in _paths.leaves(tree)}
+  sharing: dict[str, int] = {}
+  for g in groups:
+    for m in g.members:
+      sharing[m.path] = sharing.get(m.path, 0) + 1
+  out: dict[str, np.ndarray] = {}
+  for g in groups:
+    for p, _ in g.producers:
+      if in_masks(p) is None:
+        raise ValueError(f"the masks have no leaf {p}, a producing kernel of group {g.name}: "
+                         "pass the masks of the params the pruner trained (current_masks), "
+                         "and the tree the groups were traced from")
+    keep = np.ones(g.size, bool)
+    for m in g.members:
+      found = in_masks(m.path)
+      mask = None if found is None else given[found]
+      if mask is None or (sharing[m.path] > 1 and not mask.any()):
+        continue
+      along = mask.any(axis=tuple(a for a in range(mask.ndim) if a != m.axis))
+      index = np.asarray(m.index)
+      unit_kept = np.ones(g.size, bool)
+      np.logical_and.at(unit_kept, index[index >= 0], along[index >= 0])
+      keep &= unit_kept
+    if keep.all():
+      continue
+    for m in g.members:
+      if m.path not in shapes:
+        raise ValueError(f"group {g.name} slices {m.path}, which `tree` does not have: pass the "
+                         "tree the groups were traced from (e.g. the variables dict with its "
+                         "batch_stats, or the whole NNX State)")
+      shape = shapes[m.path]
+      view = [1] * len(shape)
+      view[m.axis] = shape[m.axis]
+      along = np.append(keep, True)[np.asarray(m.index, np.int64)]  # -1: another group's
+      mask = np.broadcast_to(along.reshape(view), shape)
+      out[m.path] = mask if m.path not in out else out[m.path] & mask
+  # pylint: disable-next=protected-access
+  return masks_lib._mask_tree(tree, {p: jnp.asarray(m) for p, m in out.items()})
 
 
 def stack_axes(state: optax.OptState) -> Any:

@@ -196,6 +196,54 @@ def iterative_sparsity(fraction: Sparsity, rounds: int, *, start: int = 0,
   return Schedule(value, start, every, start + (rounds - 1) * every)
 
 
+def constant_sparsity(sparsity: Sparsity, *, every: int, start: int = 0,
+                      end: int | None = None) -> Schedule:
+  """A constant sparsity whose masks are rebuilt every `every` steps: sparse training.
+
+  `s_t = sparsity` from `start` on (0 before); the masks are rebuilt at `start, start + every,
+  ...` up to `end` (the last rebuild at or before it; `None`: forever), then kept. With the
+  pruner's `regrow=` this is RigL (Evci et al. 2020: the first rebuild prunes to `sparsity`,
+  each later one drops the smallest kept weights and grows as many by gradient, at a constant
+  sparsity) or SET; without `regrow` the masks stay those of the first rebuild (they only grow,
+  and the count is fixed).
+
+  Args:
+    sparsity: the fraction pruned, in [0, 1] (checked when concrete; may be traced, e.g. under
+      `jax.vmap` over a vector of sparsities).
+    every: the steps between two rebuilds, >= 1.
+    start: the first rebuild, >= 0.
+    end: the last step at which the masks may be rebuilt, >= `start`; `None` for no end.
+
+  Returns:
+    A `Schedule` updating at `start + k * every <= end`.
+
+  Raises:
+    ValueError: a sparsity outside [0, 1], `every < 1`, a negative start, or `end < start`.
+
+  Example:
+    >>> schedule = constant_sparsity(0.9, every=100, end=750)    # RigL: stop updating at 750
+    >>> [round(float(schedule(t)), 6) for t in (0, 50, 10_000)]
+    [0.9, 0.9, 0.9]
+    >>> [bool(schedule.is_update(t)) for t in (0, 50, 700, 800)]
+    [True, False, True, False]
+  """
+  _check_fraction("sparsity", sparsity)
+  _check_step("start", start)
+  if not isinstance(every, numbers.Integral) or isinstance(every, bool) or every < 1:
+    raise ValueError(f"every must be an integer >= 1 (steps between mask updates), got {every!r}")
+  if end is not None:
+    _check_step("end", end)
+    if end < start:
+      raise ValueError(f"the schedule ends before it starts: end={end} < start={start}; pass an "
+                       "end at or after the start, or end=None to update forever")
+  s = jnp.asarray(sparsity, jnp.float32)
+
+  def value(t: Step) -> jax.Array:
+    return jnp.where(jnp.asarray(t) >= start, s, jnp.zeros_like(s))
+
+  return Schedule(value, start, int(every), end)
+
+
 def as_schedule(schedule: Schedule | Callable[[Step], Any], *, every: int | None) -> Schedule:
   """`schedule` itself, or a plain function of the step wrapped to update every `every` steps.
 
@@ -218,7 +266,8 @@ def as_schedule(schedule: Schedule | Callable[[Step], Any], *, every: int | None
   if every is None:
     raise ValueError("a plain function of the step does not say when the sparsity changes: pass "
                      "every=N to rebuild the masks every N steps, or use polynomial_sparsity / "
-                     "one_shot_sparsity / iterative_sparsity")
+                     "one_shot_sparsity / iterative_sparsity / constant_sparsity (a fixed "
+                     "sparsity, rebuilt every k steps until a step: RigL)")
   if not isinstance(every, numbers.Integral) or isinstance(every, bool) or every < 1:
     raise ValueError(f"every must be an integer >= 1, got {every!r}")
   fn = schedule

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prune_jax import _paths, _trace, groups as groups_lib
+from prune_jax import _paths, _trace, conv_lowering, groups as groups_lib
 from prune_jax.groups import Group
 
 Params = Any
@@ -112,7 +112,7 @@ class ShrinkPlan(NamedTuple):
                          f"positions along axis {axis}: shrink the tree these groups were "
                          "traced from (full size, not already shrunk)")
       value = np.take(value, kept, axis=axis)
-    return jnp.asarray(value)
+    return jax.device_put(value)  # not jnp.asarray, which compiles a program per shape
 
   def _sizes(self) -> dict[tuple[str, int], int]:
     return {(m.path, m.axis): len(m.index) for g in self.groups for m in g.members}
@@ -245,20 +245,31 @@ class ShrunkApply:
     self._full = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), full_params)
     self._small_shapes = [tuple(x.shape) for x in jax.tree.leaves(small_params)]
     self._small_tree = jax.tree.structure(small_params)
+    self._small = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), small_params)
     self._cache: dict[Any, tuple[groups_lib.Traced, np.ndarray]] = {}
     if traced is not None:
-      self._cache[example_key] = (traced, self._pruned_ids(traced))
+      self._cache[(example_key, _trace_key(self._full)[0])] = (traced, self._pruned_ids(traced))
     self._jitted = jax.jit(self._run)
+    self._cache, self._jitted = _shared_runner(self, apply_fn, plan)
 
   def __call__(self, small_params: Params, *args: Any) -> Any:
     return self._jitted(small_params, *args)
 
-  def trace(self, *args: Any) -> tuple[groups_lib.Traced, np.ndarray]:
-    """The traced program for `args`' shapes and, per unit id, whether it is deleted."""
+  def trace(self, *args: Any, dtypes: Sequence[Any] | None = None
+            ) -> tuple[groups_lib.Traced, np.ndarray]:
+    """The traced program for `args`' shapes and, per unit id, whether it is deleted.
+
+    `dtypes`: the dtype of each params leaf (default: the full params'), e.g. float64 params
+    run in float64 (under `jax.enable_x64`), as the model would with them."""
     specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-    key = _trace_key(specs)
+    full = self._full
+    if dtypes is not None:
+      leaves, tree = jax.tree.flatten(full)
+      full = jax.tree.unflatten(tree, [jax.ShapeDtypeStruct(x.shape, d)
+                                       for x, d in zip(leaves, dtypes)])
+    key = (_trace_key(specs), _trace_key(full)[0])
     if key not in self._cache:
-      traced = groups_lib.trace_groups(self.apply_fn, self._full, specs)
+      traced = groups_lib.trace_groups(self.apply_fn, full, specs)
       self._cache[key] = (traced, self._pruned_ids(traced))
     return self._cache[key]
 
@@ -282,15 +293,16 @@ class ShrunkApply:
   def _run(self, small_params: Params, *args: Any) -> Any:
     leaves, tree = jax.tree.flatten(small_params)
     if tree != self._small_tree or [tuple(x.shape) for x in leaves] != self._small_shapes:
+      where = _paths.first_differences(self._small, small_params) or "other node types"
       raise ValueError("small_apply takes the params shrink_fn returned (same structure and "
-                       f"shapes); got {tree} with shapes {[tuple(x.shape) for x in leaves]}")
-    traced, pruned = self.trace(*args)
+                       f"shapes); these differ: {where}")
+    traced, pruned = self.trace(*args, dtypes=[x.dtype for x in leaves])
     outs = _evaluate(traced, pruned, leaves, jax.tree.leaves(args))
     return jax.tree.unflatten(traced.program.out_tree, outs)
 
 
-def shrink_fn(apply_fn: Callable[..., Any], params: Params, masks: Masks, *example_args: Any
-              ) -> tuple[Params, ShrunkApply]:
+def shrink_fn(apply_fn: Callable[..., Any], params: Params, masks: Masks, *example_args: Any,
+              groups: Sequence[Group] | None = None) -> tuple[Params, ShrunkApply]:
   """Deletes the units `masks` prune from `params`, and returns a function that runs them.
 
   `small_apply(small_params, *args)` equals `apply_fn(apply_masks(params, masks), *args)` up to
@@ -304,6 +316,9 @@ def shrink_fn(apply_fn: Callable[..., Any], params: Params, masks: Masks, *examp
     masks: unit masks mirroring `params`, normally `unit_masks(params, s, groups=unit_groups(
       apply_fn, params, *example_args))`: every member leaf of a pruned unit masked.
     *example_args: example inputs, as for `unit_groups`.
+    groups: `unit_groups(apply_fn, params, *example_args)`, if you have it: its trace is then
+      reused instead of tracing `apply_fn` again (groups of another call are traced anew and
+      must equal that call's).
 
   Returns:
     `(small_params, small_apply)`: `params`' structure with the pruned slices deleted (jax
@@ -321,7 +336,14 @@ def shrink_fn(apply_fn: Callable[..., Any], params: Params, masks: Masks, *examp
     >>> run(small, jnp.ones((3, 784))).shape, run.plan.widths()["params/Dense_0/kernel"]
     ((3, 10), 2)
   """
-  traced = groups_lib.trace_groups(apply_fn, params, example_args)
+  traced = None if groups is None else groups_lib.cached_trace(groups, apply_fn, params,
+                                                                example_args)
+  if traced is None:
+    traced = groups_lib.trace_groups(apply_fn, params, example_args)
+    if groups is not None and tuple(groups) != traced.groups:
+      raise ValueError("groups= differs from unit_groups(apply_fn, params, *example_args) for "
+                       "these arguments; pass the groups unit_groups returned for them (or leave "
+                       "groups= out)")
   plan = shrink_plan(traced.groups, params, masks)
   small = plan.shrink(params)
   specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example_args)
@@ -385,10 +407,14 @@ def _evaluate(traced: groups_lib.Traced, pruned: np.ndarray, params: Sequence[An
   for value, arg in zip(program.arg_values, args):
     env[value] = arg
   for value, const in program.consts.items():
+    cuts = [(axis, keep(ids)) for axis, ids in enumerate(analysis.vals[value].ids)
+            if ids is not None]
+    if not cuts:  # as captured: also a typed PRNG key, which numpy cannot hold
+      env[value] = const
+      continue
     arr = np.asarray(const)
-    for axis, ids in enumerate(analysis.vals[value].ids):
-      if ids is not None:
-        arr = np.compress(keep(ids), arr, axis=axis)
+    for axis, kept in cuts:
+      arr = np.compress(kept, arr, axis=axis)
     env[value] = arr
 
   def read(atom: _trace.Atom) -> Any:
@@ -396,7 +422,8 @@ def _evaluate(traced: groups_lib.Traced, pruned: np.ndarray, params: Sequence[An
 
   for eqn in program.eqns:
     ins = [read(x) for x in eqn.ins]
-    outs = _trace.bind(eqn, ins, _rewrite(eqn, analysis, keep, new_shape))
+    # Convolutions and max-pools on the lowering measured fastest for their shapes.
+    outs = conv_lowering.bind(eqn, ins, _rewrite(eqn, analysis, keep, new_shape))
     for value, out, aval in zip(eqn.outs, outs, eqn.out_avals):
       if value is None:
         continue
@@ -437,6 +464,35 @@ def _rewrite(eqn: _trace.Eqn, analysis: Any, keep: Callable[[Any], Any],
   return params
 
 
+# Runners of recent shrink_fn calls, by (function, shapes, plan): a shrink_fn at widths seen
+# before reuses their traces and compiled programs instead of compiling the same forward again.
+_RUNNERS: dict[Any, tuple[dict[Any, Any], Any]] = {}
+_MAX_RUNNERS = 8
+
+
+def _shared_runner(runner: "ShrunkApply", apply_fn: Callable[..., Any], plan: ShrinkPlan
+                   ) -> tuple[dict[Any, Any], Any]:
+  """The trace cache and jitted call to use: an earlier runner's of the same function, full and
+  small shapes and kept units (the same program), else `runner`'s own (remembered)."""
+  # pylint: disable=protected-access
+  try:
+    key = (apply_fn, str(jax.tree.structure(runner._full)), _trace_key(runner._full)[0],
+           str(runner._small_tree), tuple(runner._small_shapes), plan)
+    hash(key)
+  except TypeError:  # an unhashable apply_fn: nothing shared
+    return runner._cache, runner._jitted
+  found = _RUNNERS.pop(key, None)
+  if found is None:
+    found = (runner._cache, runner._jitted)
+  else:
+    for trace_key, value in runner._cache.items():
+      found[0].setdefault(trace_key, value)
+  _RUNNERS[key] = found  # the most recent last
+  while len(_RUNNERS) > _MAX_RUNNERS:
+    _RUNNERS.pop(next(iter(_RUNNERS)))
+  return found
+
+
 def _lookup(positions: dict[str, Any], path: str) -> Any:
   """`positions[path]`, also across a variables dict and its params collection."""
   if path in positions:
@@ -452,8 +508,12 @@ def _other_path(path: str) -> str:
 def _trace_key(specs: Any) -> tuple[str, Any]:
   """The key of a traced program: the arguments' shapes and dtypes, and the default matmul
   precision in force (the traced products hold it: a program traced outside
-  `jax.default_matmul_precision("highest")` would run at the default precision inside it)."""
-  shapes = str([(tuple(str(d) for d in x.shape), str(x.dtype)) for x in jax.tree.leaves(specs)])
+  `jax.default_matmul_precision("highest")` would run at the default precision inside it).
+  A symbolic dimension counts with its scope: each `jax.export` call makes its own "b", which
+  a program traced with another's cannot take."""
+  def dim(d: Any) -> str:
+    return str(d) if isinstance(d, int) else f"{d}@{id(getattr(d, 'scope', None))}"
+  shapes = str([(tuple(dim(d) for d in x.shape), str(x.dtype)) for x in jax.tree.leaves(specs)])
   return shapes, jax.config.jax_default_matmul_precision
 
 

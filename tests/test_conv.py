@@ -19,11 +19,13 @@ from prune_jax import LeNet5, MLP, equivalence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Base net and retraining in chunks of the same shape: the 0% level's retraining (the base
-# net's shapes) reuses the base net's compiled program.
+# net's shapes) reuses the base net's compiled program. With --gradual=magnitude (masks every 5
+# steps to step 15): the random floor's shrunk nets reuse the one-shot retraining's program.
 TINY = {"seeds": [0], "sparsities": [0, 80], "train_steps": 25, "batch_size": 100,
         "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer", "retrain_base": False,
         "fresh": False, "mnist_dir": None, "retrain_steps": 25, "eval_batches": [1, 100],
-        "timing_runs": 1, "timing_precision": 0.0}
+        "timing_runs": 1, "timing_precision": 0.0, "gradual": ["magnitude"],
+        "gradual_until": 0.625, "gradual_mask_every": 5}
 TEST_IMAGES = 500
 
 
@@ -55,13 +57,15 @@ def first_run(small_mnist, tmp_path_factory):
 
 def test_tiny_run_writes_every_file_in_the_shared_schema(first_run):
   _, folder, _, store = first_run
-  for name in ("results.json", "results.csv", "timing.csv", "conv.png", "lenet5_80.npz"):
+  for name in ("results.json", "results.csv", "timing.csv", "conv.png", "conv_gradual.png",
+               "lenet5_80.npz"):
     assert os.path.getsize(os.path.join(folder, name)) > 0, name
   with open(os.path.join(folder, "results.json")) as f:
     saved = json.load(f)
   outputs.check_payload(saved)
   assert saved["study"] == "conv" and saved["sparsities"] == [0, 80]
-  assert set(saved["curves"]) == {"dense", "before_retraining", "after_retraining"}
+  assert set(saved["curves"]) == {"dense", "before_retraining", "after_retraining",
+                                  "gradual_magnitude", "random_oneshot"}
   assert saved["model"]["class"] == "LeNet5" and saved["model"]["features"] == [6, 16]
   assert [(g["name"], g["size"], g["prunable"]) for g in saved["groups"]] == [
       ("params/Conv_0/kernel", 6, True), ("params/Conv_1/kernel", 16, True),
@@ -69,7 +73,8 @@ def test_tiny_run_writes_every_file_in_the_shared_schema(first_run):
       ("params/Dense_2/kernel", 10, False)]
   with open(os.path.join(folder, "timing.csv")) as f:
     assert len(f.read().splitlines()) == 1 + 2 * 2  # header + batches x levels
-  assert store.computed == 1 + 2 + 1 + 2  # base net, 2 levels, retraining check, 2 tables
+  # Base net, 2 levels, gradual and random floor at 80%, retraining check, 2 tables.
+  assert store.computed == 1 + 2 + 2 + 1 + 2
 
 
 def test_levels_are_checked_counted_and_retrained(first_run):
@@ -94,6 +99,27 @@ def test_levels_are_checked_counted_and_retrained(first_run):
   assert 0 < check["logit_scale"] and check["max_abs_diff"] <= check["tolerance"] < 1e-8
   export = payload["export"]
   assert export["file"] == "lenet5_80.npz" and export["max_abs_diff"] <= export["tolerance"]
+
+
+def test_gradual_channel_pruning_against_one_shot_and_the_random_floor(first_run):
+  """--gradual: the pruner's net and the random floor, each as sparse as one shot (the same
+  widths: per layer, round(0.8 n)), shrunk exactly; at 0% they are the one-shot net."""
+  _, _, payload, _ = first_run
+  gradual, curves = payload["gradual"], payload["curves"]
+  assert gradual["methods"] == ["gradual_magnitude", "random_oneshot"]
+  assert gradual["steps"] == 25 and gradual["until"] == 15 and gradual["every"] == 5
+  eighty = payload["levels"]["per_seed"]["0"][1]
+  for name in gradual["methods"]:
+    zero, pruned = gradual["per_seed"]["0"][name]
+    assert zero["as_oneshot"] and zero["after"] == curves["after_retraining"]["mean"][0]
+    assert pruned["widths"] == eighty["widths"] == [1, 3, 24, 17]
+    assert curves[name]["measured_sparsity"] == [0, eighty["units_deleted_percent"]]
+    assert curves[name]["mean"][1] == pruned["after"] and 0 < pruned["after"] < 100
+    assert pruned["train_seconds"] > 0
+  assert gradual["per_seed"]["0"]["gradual_magnitude"][1]["max_abs_diff"] < 1e-4
+  lines = conv.gradual_section(payload)
+  assert lines[0] == "### Channels pruned while training"
+  assert any(line.startswith("| `random_oneshot`: random channels") for line in lines)
 
 
 def test_reproduce_adds_section_6_when_asked(first_run):
@@ -122,9 +148,10 @@ def test_timing_rows_are_study_4s(first_run):
 def test_a_second_run_reads_every_unit_back(first_run, small_mnist):
   workdir, _, payload, _ = first_run
   again, store = run_tiny(workdir, small_mnist)
-  assert store.computed == 0 and store.loaded == 1 + 2 + 1 + 2
+  assert store.computed == 0 and store.loaded == 1 + 2 + 2 + 1 + 2
   assert again["curves"] == payload["curves"]
   assert again["levels"] == payload["levels"] and again["timing"] == payload["timing"]
+  assert again["gradual"] == payload["gradual"]
   assert again["base_nets"]["0"]["source"] == "cache"
 
 
@@ -178,6 +205,9 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
     conv.check_conv_config({**good, "eval_batches": [1000]}, test_size=500)
   with pytest.raises(ValueError, match="--scope must be one of"):
     conv.check_conv_config({**good, "scope": "row"}, test_size=10000)
+  with pytest.raises(ValueError, match="--gradual takes distinct criteria.*no BatchNorm"):
+    conv.check_conv_config({**good, "gradual": ["bn_scale"]}, test_size=10000)
+  assert conv.check_conv_config({**good, "gradual": []}, test_size=10000)["gradual"] == []
 
 
 def test_entry_point_refuses_bad_flags_with_a_clear_message(tmp_path):

@@ -1,16 +1,24 @@
 """Tests of the criteria of `weight_masks` / `unit_masks` (prune_jax.criteria): random, saliency,
-function criteria, the ranking of signed scores, and their errors."""
+function criteria, the ranking of signed scores, and their errors; the unit criteria of coupled
+groups (`group_scores`: L2, L1, Taylor, BatchNorm scale, random)."""
+
+import doctest
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _trees import random_params
-from prune_jax import criteria
+from prune_jax import _paths, criteria
+from prune_jax.group_masks import dense_groups
+from prune_jax.groups import Group, Member
 from prune_jax.masks import _int_keys, unit_masks, weight_masks  # pylint: disable=protected-access
+from prune_jax.pruner import pruning
+from prune_jax.schedules import one_shot_sparsity
 
 PARAMS = random_params(0, (30, 20), in_dim=25)
 
@@ -153,5 +161,94 @@ def test_random_unit_masks_are_reproducible_whole_units():
      "use weight_masks"),
 ])
 def test_bad_criteria_are_named(call, error, message):
+  with pytest.raises(error, match=message):
+    call()
+
+
+# --- Unit criteria over coupled groups (group_scores) ---------------------------------------------
+
+# A conv of 2 channels, its bias and BatchNorm, and a Dense kernel whose rows 0 and 2 are the
+# channels' (row 1 another group's, -1): the group of a variables dict, statistics included.
+VARIABLES = {
+    "params": {"Conv_0": {"kernel": jnp.array([[[[1.0, -2.0], [2.0, 0.5]]]]),
+                          "bias": jnp.array([0.5, -1.0])},
+               "BatchNorm_0": {"scale": jnp.array([0.3, -4.0]), "bias": jnp.array([1.0, 0.0])},
+               "Dense_0": {"kernel": jnp.array([[1.0, 1.0], [9.0, 9.0], [-1.0, 2.0]])}},
+    "batch_stats": {"BatchNorm_0": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}}
+GROUP = Group("params/Conv_0/kernel", 2, (
+    Member("batch_stats/BatchNorm_0/mean", 0, (0, 1)),
+    Member("batch_stats/BatchNorm_0/var", 0, (0, 1)),
+    Member("params/BatchNorm_0/bias", 0, (0, 1)), Member("params/BatchNorm_0/scale", 0, (0, 1)),
+    Member("params/Conv_0/bias", 0, (0, 1)), Member("params/Conv_0/kernel", 3, (0, 1)),
+    Member("params/Dense_0/kernel", 0, (0, -1, 1))), (("params/Conv_0/kernel", 3),), True, "")
+LOGITS = Group("params/Dense_0/kernel", 2, (Member("params/Dense_0/kernel", 1, (0, 1)),),
+               (("params/Dense_0/kernel", 1),), False, "the logits")
+# Per channel: L2 and L1 of its conv slice; |sum of w * g| over its slices in the params with
+# g = 1: (1 + 2) + 0.5 + 0.3 + 1 + (1 + 1) and (-2 + 0.5) - 1 - 4 + 0 + (-1 + 2); |gamma|.
+EXPECTED = {"magnitude": [5 ** 0.5, 4.25 ** 0.5], "l1": [3.0, 2.5], "taylor": [6.8, 5.5],
+            "bn_scale": [0.3, 4.0]}
+
+
+@pytest.mark.parametrize("criterion", sorted(EXPECTED))
+@pytest.mark.parametrize("tree", ["variables", "params"])
+def test_group_criteria_score_each_unit_from_its_slices(criterion, tree):
+  params = VARIABLES if tree == "variables" else VARIABLES["params"]
+  grads = jax.tree.map(jnp.ones_like, params)
+  scores = criteria.group_scores(params, (GROUP, LOGITS), criterion=criterion, grads=grads)
+  assert list(scores) == ["params/Conv_0/kernel"]  # the logits' group is not scored
+  np.testing.assert_allclose(scores["params/Conv_0/kernel"], EXPECTED[criterion], rtol=1e-6)
+
+
+def test_group_scores_rank_pruned_units_lowest_and_feed_unit_masks():
+  masks = unit_masks(VARIABLES["params"], 0.5, groups=(GROUP, LOGITS))  # L2: channel 1 goes
+  scores = criteria.group_scores(VARIABLES["params"], (GROUP, LOGITS), criterion="bn_scale",
+                                 masks=masks)["params/Conv_0/kernel"]
+  np.testing.assert_array_equal(scores, np.float32([0.3, 0.0]))
+  assert np.signbit(scores[1]) and not np.signbit(scores[0])  # -0.0: below every other score
+  by_gamma = unit_masks(VARIABLES["params"], 0.5, groups=(GROUP, LOGITS),
+                        scores=criteria.group_scores(VARIABLES["params"], (GROUP, LOGITS),
+                                                     criterion="bn_scale"))
+  np.testing.assert_array_equal(by_gamma["BatchNorm_0"]["scale"], [False, True])
+  np.testing.assert_array_equal(by_gamma["Dense_0"]["kernel"][:, 0], [False, True, True])
+
+
+def test_random_group_scores_are_the_dense_units_random_scores():
+  """For a Dense chain's groups, the random scores are unit_masks' own (same key, same paths)."""
+  groups = dense_groups(PARAMS)
+  key = jax.random.key(4)
+  scores = criteria.group_scores(PARAMS, groups, criterion="random", key=key)
+  kernels = [leaf for leaf in _paths.leaves(PARAMS) if leaf.path in scores]
+  for leaf, want in zip(kernels, criteria.unit_scores(kernels, criterion="random", key=key)):
+    np.testing.assert_array_equal(scores[leaf.path], want)
+
+
+def test_group_criteria_docstring_example():
+  result = doctest.testmod(criteria, extraglobs={"jnp": jnp, "dense_groups": dense_groups},
+                           optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: criteria.group_scores(PARAMS, dense_groups(PARAMS), criterion="taylor"), ValueError,
+     "needs the gradients"),
+    (lambda: criteria.group_scores(VARIABLES, (GROUP,), criterion="taylor",
+                                   grads={"params": {"Conv_0": {}}}), ValueError,
+     "grads has no leaf"),
+    (lambda: criteria.group_scores(PARAMS, dense_groups(PARAMS), criterion="bn_scale"),
+     ValueError, "group Dense_0/kernel has none .*pass prunable="),
+    (lambda: criteria.group_scores(PARAMS, dense_groups(PARAMS), criterion="random"), ValueError,
+     "pass key="),
+    (lambda: criteria.group_scores(PARAMS, dense_groups(PARAMS), criterion="saliency"),
+     ValueError, "'taylor' is its counterpart"),
+    (lambda: criteria.group_scores(PARAMS, dense_groups(PARAMS)[0]), TypeError,
+     "sequence of Group"),
+    (lambda: criteria.group_scores({"Dense_0": {"kernel": jnp.ones((2, 2))}}, (GROUP,)),
+     ValueError, "which this param tree does not have"),
+    (lambda: pruning(optax.sgd(0.1), one_shot_sparsity(0.5), groups=(GROUP,)), ValueError,
+     "pass kind='unit'"),
+    (lambda: pruning(optax.sgd(0.1), one_shot_sparsity(0.5), kind="unit",
+                     criterion=lambda p, w, g: w), ValueError, "scores="),
+])
+def test_bad_group_criteria_are_named(call, error, message):
   with pytest.raises(error, match=message):
     call()

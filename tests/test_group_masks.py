@@ -1,12 +1,16 @@
 """Tests of unit masks over groups (prune_jax.group_masks, via unit_masks(groups=...)): the Dense
 case bit for bit, whole units masked in every member, bounds, rounding, jit/vmap, errors."""
 
+import warnings
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import prune_jax as pj
+from prune_jax import timing
 from prune_jax.group_masks import dense_groups
 import zoo
 from _trees import random_params
@@ -46,6 +50,7 @@ def mlp_groups(params):
   return pj.unit_groups(model.apply, {"params": params}, jnp.ones((1, 11)))
 
 
+@pytest.mark.filterwarnings("ignore:unit_masks prunes every unit")  # sparsity 1.0 per layer
 @pytest.mark.parametrize("scope, ties", [("layer", False), ("global", True)])
 def test_dense_chain_is_the_special_case(scope, ties):
   """On an MLP, traced groups prune the same units as today's Dense-chain unit_masks, and the
@@ -279,3 +284,112 @@ def test_given_scores_errors():
       pj.unit_masks(entry.params, 0.5, groups=groups, scores=scores)
   with pytest.raises(ValueError, match="scores= .* pass groups="):
     pj.unit_masks(entry.params["params"], 0.5, scores={name: jnp.ones(size)})
+
+
+class ConcatDepthwise(nn.Module):
+  """Issue 23's example: a concatenation feeding a depthwise conv, which merges its parts (4 and
+  6 channels) into one group of 10 units."""
+
+  @nn.compact
+  def __call__(self, x):
+    a, b = nn.relu(nn.Conv(4, (1, 1))(x)), nn.relu(nn.Conv(6, (1, 1))(x))
+    h = nn.Conv(10, (3, 3), feature_group_count=10)(jnp.concatenate([a, b], -1))
+    return nn.Dense(3)(h.mean(axis=(1, 2)))
+
+
+def test_a_concatenation_merged_into_one_group():
+  """unit_masks crashed ("add got incompatible shapes (4,), (10,)"): the first part's positions
+  0..3 were taken for the whole group's identity map. Each unit is scored by its producers'
+  slices (Conv_0's or Conv_1's, and the depthwise conv's), and masked in both parts."""
+  model, x = ConcatDepthwise(), zoo._x((2, 5, 5, 3))  # pylint: disable=protected-access
+  variables = zoo.init_variables(model, x)
+  groups = pj.unit_groups(model.apply, variables, x)
+  assert (groups[0].size, groups[0].prunable) == (10, True)
+  masks = pj.unit_masks(variables, 0.5, groups=groups)["params"]
+  p = variables["params"]
+  sq = lambda k: np.square(np.asarray(k)).sum(axis=(0, 1, 2))
+  norms = np.concatenate([sq(p["Conv_0"]["kernel"]), sq(p["Conv_1"]["kernel"])])
+  norms = np.sqrt(norms + sq(p["Conv_2"]["kernel"]))
+  keep = np.zeros(10, bool)
+  keep[np.argsort(norms)[5:]] = True
+  np.testing.assert_array_equal(masks["Conv_2"]["bias"], keep)
+  np.testing.assert_array_equal(masks["Conv_0"]["bias"], keep[:4])
+  np.testing.assert_array_equal(masks["Conv_1"]["bias"], keep[4:])
+  np.testing.assert_array_equal(kept_units(masks["Conv_1"]["kernel"], 3), keep[4:])
+  small, small_apply = pj.shrink_fn(model.apply, variables, {"params": masks}, x)
+  assert small["params"]["Conv_2"]["kernel"].shape == (3, 3, 1, 5)
+  with pj.highest_precision():
+    pj.check_close(*pj.max_difference(small_apply(small, x), model.apply(
+        pj.apply_masks(variables, {"params": masks}), x)), what="shrunk concatenation")
+
+
+def test_emptying_a_group_warns_with_the_fix():
+  """Issue 23: sparsity 1.0 per layer deleted every unit of every group without a word (the
+  net then outputs a constant)."""
+  params = random_params(0, (13, 7, 5))
+  groups = mlp_groups(params)
+  for kwargs in ({}, {"groups": groups}):  # the Dense chain, and groups
+    with pytest.warns(UserWarning, match=r"unit_masks prunes every unit of 3 of 3 groups .*"
+                                         r"scope='global' .*max_fraction < 1"):
+      pj.unit_masks(params, 1.0, **kwargs)
+  with pytest.warns(UserWarning, match="every unit of 1 of 3 groups .*Dense_2"):
+    pj.unit_masks(params, 0.92)  # round(0.92 * (13, 7, 5)) = (12, 6, 5)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    pj.unit_masks(params, 0.5)
+    pj.unit_masks(params, 1.0, scope="global")  # keeps one unit per layer
+    pj.unit_masks(params, 1.0, groups=groups, max_fraction=0.9)
+    jax.jit(lambda s: pj.unit_masks(params, s, groups=groups))(1.0)  # traced: not known
+
+
+def test_without_groups_a_cnn_is_told_to_pass_them():
+  """Issue 23: on a CNN (one Dense layer) the message said 'nothing to prune. Pass prunable='
+  but not how to prune its convolutions."""
+  entry = zoo.resnet()
+  with pytest.raises(ValueError, match=r"nothing to prune. Pass prunable=.*; or, for units of "
+                                       r"a model that is not a chain of Dense layers .*pass "
+                                       r"groups=unit_groups\(apply_fn, params, \*example_args\)"):
+    pj.unit_masks(entry.params, 0.5)
+
+
+# --- a one-off prune (concrete sparsity) runs in NumPy; traced ones compile: the same masks -------
+
+@pytest.mark.parametrize("name", ["concat", "gpt"])
+def test_eager_and_jitted_masks_are_identical(name):
+  entry = getattr(zoo, name)()
+  groups = pj.unit_groups(entry.apply_fn, entry.params, *entry.args)
+  options = [dict(scope="layer"), dict(scope="global"), dict(scope="layer", round_to=4),
+             dict(scope="global", round_to=2, min_fraction=0.2, max_fraction=0.7),
+             dict(scope="layer", min_fraction=0.25, max_fraction=0.6, score="coupled")]
+  jitted = jax.jit(lambda p, s: [pj.unit_masks(p, s, groups=groups, **kw) for kw in options])
+  for sparsity in (0.3, 0.7):
+    for kw, traced in zip(options, jitted(entry.params, sparsity)):
+      eager = pj.unit_masks(entry.params, sparsity, groups=groups, **kw)
+      for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{name} {kw}")
+
+
+def test_eager_and_jitted_masks_agree_on_ties_and_tiny_weights():
+  # Units 0 and 2 tie exactly, unit 3 holds subnormal squares (flushed to 0 by XLA, so in NumPy
+  # too), unit 4 is zero: the same units are kept by index order in both paths.
+  column = np.array([1.0, 2.0, 1.0, 1e-20, 0.0, 3.0], np.float32)
+  params = {"Dense_0": {"kernel": jnp.asarray(np.tile(column, (4, 1)))},
+            "Dense_1": {"kernel": jnp.ones((6, 3))}}
+  groups = dense_groups(params)[:1]
+  for sparsity in (0.2, 0.34, 0.5, 0.67):
+    eager = pj.unit_masks(params, sparsity, groups=groups)
+    traced = jax.jit(lambda p, s: pj.unit_masks(p, s, groups=groups))(params, sparsity)
+    np.testing.assert_array_equal(np.asarray(eager["Dense_0"]["kernel"]),
+                                  np.asarray(traced["Dense_0"]["kernel"]))
+  kept = np.asarray(pj.unit_masks(params, 0.5, groups=groups)["Dense_0"]["kernel"]).all(axis=0)
+  np.testing.assert_array_equal(kept, [False, True, True, False, False, True])
+
+
+def test_a_one_off_prune_compiles_nothing():
+  entry = zoo.resnet()
+  groups = pj.unit_groups(entry.apply_fn, entry.params, *entry.args)
+  pj.unit_masks(entry.params, 0.5, groups=groups)  # any one-time set-up
+  with timing.CompileTally() as tally:
+    masks = pj.unit_masks(entry.params, 0.4, groups=groups, scope="global", round_to=2)
+    jax.block_until_ready(masks)
+  assert tally.total.programs == 0, tally.total

@@ -143,6 +143,35 @@ def test_two_output_axes_give_two_groups():
   assert ("params/out", 0) in {(m.path, m.axis) for m in groups[0].members}
 
 
+def test_a_group_is_named_after_its_first_producer_in_program_order():
+  """A stem `conv_init` and residual blocks `Block_0`, `Block_1` (as in flax's ResNet example):
+  the stream group holds the stem and each block's second conv; it is named after the stem,
+  which the model computes first, not `Block_0/Conv_1` ('B' sorts before 'c')."""
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      y = nn.relu(nn.Conv(3, (1, 1))(x))  # Conv_0
+      return x + nn.Conv(4, (1, 1))(y)  # Conv_1
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(4, (3, 3), name="conv_init")(x)
+      for _ in range(2):
+        x = Block()(x)
+      return nn.Dense(2)(x.mean(axis=(1, 2)))
+
+  x = jnp.ones((1, 4, 4, 2))
+  groups = pj.unit_groups(Net().apply, zoo.init_variables(Net(), x), x)
+  stream = next(g for g in groups if ("params/conv_init/kernel", 3) in g.producers)
+  assert stream.name == "params/conv_init/kernel" and stream.prunable
+  assert {p for p, _ in stream.producers} == {
+      "params/conv_init/kernel", "params/Block_0/Conv_1/kernel", "params/Block_1/Conv_1/kernel"}
+  assert sorted(g.name for g in groups) == [
+      "params/Block_0/Conv_0/kernel", "params/Block_1/Conv_0/kernel", "params/Dense_0/kernel",
+      "params/conv_init/kernel"]
+
+
 # --- reshapes into blocks (attention heads) -------------------------------------------------
 
 @pytest.mark.parametrize("blocks, index", [

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import prune_jax
+import zoo
 from prune_jax import macs as macs_lib
 from prune_jax.macs import count_macs, macs_by_op
 
@@ -86,6 +87,37 @@ def test_what_cannot_be_counted_is_refused():
     count_macs(lambda x: x @ x, jnp.ones((2, 3)))
   with pytest.raises(TypeError, match="must be a function"):
     count_macs(3, a)
+
+
+def test_a_model_loaded_by_load_shrunk_is_counted(tmp_path):
+  """Issue 23: count_macs of load_shrunk's forward pass returned 0 (a `call_exported`, opaque
+  StableHLO, was skipped). It is counted from the products its plan lists, at the call's batch
+  size; any other exported function is refused rather than counted as 0."""
+  entry = zoo.lenet_linen()
+  masks = prune_jax.unit_masks(entry.params, 0.5, groups=prune_jax.unit_groups(
+      entry.apply_fn, entry.params, entry.x))
+  small, small_apply = prune_jax.shrink_fn(entry.apply_fn, entry.params, masks, entry.x)
+  path = str(tmp_path / "lenet.npz")
+  prune_jax.save_shrunk(path, small_apply, small, entry.x)
+  loaded = prune_jax.load_shrunk(path)
+  x = jnp.ones((3, 28, 28, 1))
+  want = macs_by_op(small_apply, small, x)
+  assert macs_by_op(loaded, x) == want and sum(op.macs for op in want) > 0
+  assert count_macs(lambda x: 2 * loaded(x), x) == 3 * count_macs(loaded, x[:1])
+  exported = jax.export.export(jax.jit(lambda x: x @ x.T))(jax.ShapeDtypeStruct((2, 3),
+                                                                               jnp.float32))
+  with pytest.raises(ValueError, match="cannot look inside a function exported with jax.export"):
+    count_macs(exported.call, jnp.ones((2, 3)))
+
+
+def test_a_layer_shrunk_to_no_units_costs_nothing():
+  """Issue 23: a convolution with 0 output channels (a group shrunk to width 0) raised
+  ZeroDivisionError."""
+  conv = lambda x, k: jax.lax.conv_general_dilated(  # pylint: disable=g-long-lambda
+      x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert count_macs(conv, jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 0))) == 0
+  assert count_macs(conv, jnp.ones((1, 5, 5, 0)), jnp.ones((3, 3, 0, 4))) == 0
+  assert count_macs(conv, jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 4))) == 9 * 4 * 9 * 2
 
 
 def test_docstring_examples():

@@ -13,6 +13,10 @@ from prune_jax import masks as masks_lib
 from prune_jax.masks import apply_masks, unit_masks, weight_masks
 from _trees import random_params
 
+# Sparsity 1.0 per layer is a case these tests check on purpose; the warning it gives (every unit
+# of a group pruned) is tested in test_group_masks.py.
+pytestmark = pytest.mark.filterwarnings("ignore:unit_masks prunes every unit:UserWarning")
+
 SPARSITIES = (0.0, 0.25, 0.5, 0.9, 0.99, 1.0)
 SCOPES = ("layer", "global")
 MASK_FNS = (weight_masks, unit_masks)
@@ -721,3 +725,74 @@ def test_satisfies_pattern():
     masks_lib.satisfies_pattern(masks, (2, 8))
   with pytest.raises(TypeError, match="a: satisfies_pattern takes boolean masks.*w != 0"):
     masks_lib.satisfies_pattern({"a": NM_TREE["Dense_0"]["kernel"]}, (2, 4))
+
+
+# --- Per-leaf sparsity (custom_sparsity) ---------------------------------------------------------
+
+KERNELS = lambda path, leaf: path.endswith("kernel")  # the logits layer Dense_3 too
+# Dense_3 (logits) keeps 5.5% (DNS), Dense_1 stays dense; Dense_0 and Dense_2 follow `sparsity`.
+CUSTOM = {"Dense_3/*": 0.945, "Dense_1/kernel": 0.0}
+
+
+@pytest.mark.parametrize("scope", ["layer", "global", "erk", "output"])
+def test_custom_sparsity_prunes_a_leaf_alone_and_the_others_as_without_it(scope):
+  masks = weight_masks(NET, 0.5, scope=scope, prunable=KERNELS, custom_sparsity=CUSTOM)
+  logits, kernel = np_(masks["Dense_3"]["kernel"]), np_(NET["Dense_3"]["kernel"])
+  units = [(logits[:, j], kernel[:, j]) for j in range(3)] if scope == "output" else [
+      (logits.ravel(), kernel.ravel())]
+  for keep, w in units:  # its own round(0.945 n) smallest |w| (per unit with "output")
+    assert (~keep).sum() == round(0.945 * keep.size)
+    if keep.any():
+      assert np.abs(w[~keep]).max() <= np.abs(w[keep]).min()
+  assert np_(masks["Dense_1"]["kernel"]).all() and masks["Dense_1"]["bias"] is None
+  # The others: the masks of the tree without the overridden leaves (pooled without them).
+  rest = {name: {"kernel": NET[name]["kernel"]} for name in ("Dense_0", "Dense_2")}
+  expected = weight_masks(rest, 0.5, scope=scope, prunable=KERNELS)
+  for name in rest:
+    np.testing.assert_array_equal(masks[name]["kernel"], expected[name]["kernel"])
+
+
+def test_custom_sparsity_as_a_function_under_jit_and_vmap():
+  """A function of the path gives the same masks as the mapping; the overridden leaves do not
+  follow a traced (vmapped) sparsity; one compiled program."""
+  by_path = lambda path, leaf: {"Dense_3/kernel": 0.945, "Dense_1/kernel": 0.0}.get(path)
+  eager = weight_masks(NET, jnp.float32(0.3), prunable=KERNELS, custom_sparsity=CUSTOM)
+  traced = jax.jit(lambda s: weight_masks(NET, s, prunable=KERNELS, custom_sparsity=by_path))
+  jax.tree.map(np.testing.assert_array_equal, traced(jnp.float32(0.3)), eager)
+  sweep = jax.jit(jax.vmap(traced))(jnp.array([0.2, 0.6]))
+  np.testing.assert_array_equal(sweep["Dense_3"]["kernel"][0], sweep["Dense_3"]["kernel"][1])
+  np.testing.assert_array_equal(sweep["Dense_3"]["kernel"][0], eager["Dense_3"]["kernel"])
+  assert [int((~m).sum()) for m in sweep["Dense_0"]["kernel"]] == [round(0.2 * 143),
+                                                                   round(0.6 * 143)]
+
+
+def test_custom_sparsity_with_a_pattern_and_an_nnx_path():
+  masks = weight_masks(NM_TREE, pattern=(2, 4), custom_sparsity={"Dense_0/*": 0.25})
+  assert int((~np_(masks["Dense_0"]["kernel"])).sum()) == NM_TREE["Dense_0"]["kernel"].size // 4
+  state = {"fc": {"kernel": {"value": NET["Dense_0"]["kernel"]}},  # an NNX State's paths
+           "out": {"kernel": {"value": NET["Dense_3"]["kernel"]}}}
+  masks = weight_masks(state, 0.5, custom_sparsity={"fc/kernel/value": 0.25})
+  assert int((~np_(masks["fc"]["kernel"]["value"])).sum()) == round(0.25 * 143)
+  assert masks["out"]["kernel"]["value"] is None  # the default leaves out the last kernel
+
+
+@pytest.mark.parametrize("custom, kwargs, error, message", [
+    ({"Conv_*": 0.5}, {}, ValueError,
+     r"pattern 'Conv_\*' matches no prunable leaf.*Dense_0/kernel, Dense_1/kernel"),
+    ({"Dense_3/kernel": 0.9}, {}, ValueError,  # the default prunable leaves out the logits
+     r"'Dense_3/kernel' matches no prunable leaf.*prunable=lambda path, leaf: path\.endswith"),
+    ({"Dense_0/kernel": 1.5}, {}, ValueError,
+     r"custom_sparsity\['Dense_0/kernel'\]: sparsity must be a fraction in \[0, 1\]"),
+    (lambda path, leaf: -0.1 if path == "Dense_1/kernel" else None, {}, ValueError,
+     r"custom_sparsity\('Dense_1/kernel', leaf\): sparsity must be a fraction"),
+    ({"Dense_0/kernel": 0.75}, {"pattern": (2, 4), "prunable": lambda p, l: p == "Dense_0/kernel"},
+     ValueError, r"custom_sparsity\['Dense_0/kernel'\]: sparsity 0.75 exceeds 1 - N/M = 0.5"),
+    ({0: 0.5}, {}, TypeError, "keys are fnmatch patterns"),
+    (0.5, {}, TypeError, "must be a mapping"),
+    ({"Dense_0/kernel": "0.5"}, {}, TypeError, "sparsity must be a real number"),
+])
+def test_custom_sparsity_errors(custom, kwargs, error, message):
+  params = NM_TREE if "pattern" in kwargs else NET
+  with pytest.raises(error, match=message):
+    weight_masks(params, 0.5 if "pattern" not in kwargs else None, custom_sparsity=custom,
+                 **kwargs)

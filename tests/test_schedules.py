@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import prune_jax as pj
 from prune_jax import schedules
-from prune_jax.schedules import iterative_sparsity, one_shot_sparsity, polynomial_sparsity
+from prune_jax.schedules import (constant_sparsity, iterative_sparsity, one_shot_sparsity,
+                                 polynomial_sparsity)
 
 
 def _zhu_gupta(t, *, s_i, s_f, t0, n, dt, power=3):
@@ -54,6 +56,19 @@ def test_one_shot_and_iterative_values():
   assert [bool(it.is_update(t)) for t in (10, 60, 110, 160)] == [True, True, True, False]
 
 
+def test_constant_sparsity_rebuilds_every_k_steps_until_the_end():
+  rigl = constant_sparsity(0.9, every=100, start=50, end=720)  # an end between two updates
+  assert [round(float(rigl(t)), 6) for t in (0, 49, 50, 51, 720, 10**6)] == [
+      0.0, 0.0, 0.9, 0.9, 0.9, 0.9]
+  due = np.flatnonzero(rigl.is_update(jnp.arange(1000)))
+  np.testing.assert_array_equal(due, [50, 150, 250, 350, 450, 550, 650])
+  forever = constant_sparsity(0.5, every=3)
+  assert [bool(forever.is_update(t)) for t in (0, 2, 3, 3 * 10**5)] == [True, False, True, True]
+  assert pj.constant_sparsity is constant_sparsity
+  swept = jax.jit(jax.vmap(lambda s: constant_sparsity(s, every=2)(7)))(jnp.array([0.2, 0.8]))
+  np.testing.assert_allclose(swept, [0.2, 0.8], rtol=1e-6)
+
+
 def test_schedules_jit_with_a_traced_step_and_vmap_over_steps_and_finals():
   schedule = polynomial_sparsity(0.9, start=10, end=110, every=20)
   steps = jnp.arange(0, 200, 7)
@@ -90,6 +105,10 @@ def test_a_plain_function_needs_every_and_a_schedule_refuses_it():
     (lambda: one_shot_sparsity(float("nan")), r"\[0, 1\]"),
     (lambda: iterative_sparsity(1.2, 3, every=10), r"fraction: .*\[0, 1\]"),
     (lambda: iterative_sparsity(0.2, 0, every=10), "rounds must be"),
+    (lambda: constant_sparsity(1.1, every=10), r"sparsity: .*\[0, 1\]"),
+    (lambda: constant_sparsity(0.9, every=0), "every must be"),
+    (lambda: constant_sparsity(0.9, every=10, start=20, end=10), "ends before it starts"),
+    (lambda: constant_sparsity(0.9, every=10, start=-1), "start must be"),
 ])
 def test_bad_schedules_are_named(make, message):
   with pytest.raises(ValueError, match=message):

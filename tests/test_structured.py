@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prune_jax as pj
+from prune_jax import timing
 import zoo
 from _trees import assert_agree
 
@@ -105,6 +106,7 @@ def test_lenet_shrunk_module_and_dense_chain_special_case():
   assert pj.shrunk_model(pj.MLP(hidden=(9, 7, 5)), small_params).hidden == (5, 3, 3)
 
 
+@pytest.mark.filterwarnings("ignore:unit_masks prunes every unit")  # high sparsities per layer
 @settings(max_examples=3, deadline=None)
 @given(c0=st.integers(1, 4), c1=st.integers(1, 4), h0=st.integers(1, 6), h1=st.integers(1, 6),
        sparsity=st.floats(0, 1), scope=st.sampled_from(["layer", "global"]))
@@ -195,7 +197,7 @@ def test_grouped_query_attention_prunes_whole_kv_groups():
             "v": rng.normal(size=(5, 4)), "o": rng.normal(size=(8, 3))}
   params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
   x = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
-  group = {g.name: g for g in pj.unit_groups(fn, params, x)}["k"]
+  group = next(g for g in pj.unit_groups(fn, params, x) if ("k", 1) in g.producers)
   assert (group.size, group.prunable) == (2, True)
   assert {m.path: m.index for m in group.members} == {
       "k": zoo.repeat(2, 2), "v": zoo.repeat(2, 2), "q": zoo.repeat(2, 4), "o": zoo.repeat(2, 4)}
@@ -205,7 +207,8 @@ def test_grouped_query_attention_prunes_whole_kv_groups():
 
 def test_whole_layers_pruned_away():
   entry = zoo.bias_mlp()
-  small, small_apply, _ = shrink_and_compare(entry.apply_fn, entry.params, entry.x, 1.0)
+  with pytest.warns(UserWarning, match="prunes every unit of 3 of 3 groups"):
+    small, small_apply, _ = shrink_and_compare(entry.apply_fn, entry.params, entry.x, 1.0)
   assert small["params"]["Dense_1"]["kernel"].shape == (0, 0)
 
 
@@ -306,8 +309,15 @@ def test_bad_calls(lenet):
   with pytest.raises(TypeError, match="traced"):
     jax.jit(lambda m: pj.shrink_fn(entry.apply_fn, entry.params, m, entry.x)[0])(masks)
   small, small_apply = pj.shrink_fn(entry.apply_fn, entry.params, masks, entry.x)
-  with pytest.raises(ValueError, match="small_apply takes the params shrink_fn returned"):
+  # Issue 23: the error printed both whole trees; it names the first differences.
+  with pytest.raises(ValueError, match=r"small_apply takes the params shrink_fn returned \(same "
+                                       r"structure and shapes\); these differ: params/Conv_0/"
+                                       r"bias has shape \(3,\), expected \(\d,\)") as error:
     small_apply(entry.params, entry.x)
+  assert len(str(error.value)) < 400
+  with pytest.raises(ValueError, match="these differ: missing params/Conv_0/bias"):
+    small_apply({"params": {k: v for k, v in small["params"].items() if k != "Conv_0"}},
+                entry.x)
   with pytest.raises(ValueError, match="params/Conv_0/bias has shape .* but its groups expect 3"):
     small_apply.plan.shrink(small)
 
@@ -330,3 +340,35 @@ def test_split_slice_and_reordered_concatenation():
     small, small_apply = pj.shrink_fn(fn, params, masks, x)
     with jax.default_matmul_precision("highest"):
       assert_close(small_apply(small, x), fn(pj.apply_masks(params, masks), x))
+
+
+def test_shrink_fn_with_the_groups_reuses_their_trace_and_the_compiled_forward():
+  entry = zoo.resnet_projection()
+  args = entry.args
+  groups = pj.unit_groups(entry.apply_fn, entry.params, *args)
+  masks = pj.unit_masks(entry.params, 0.5, groups=groups)
+  small, run = pj.shrink_fn(entry.apply_fn, entry.params, masks, *args)
+  traces = []
+  real = pj.groups.trace_groups
+  try:
+    pj.groups.trace_groups = lambda *a: traces.append(a) or real(*a)
+    small_g, run_g = pj.shrink_fn(entry.apply_fn, entry.params, masks, *args, groups=groups)
+    assert not traces  # the groups' trace, not a new one
+  finally:
+    pj.groups.trace_groups = real
+  assert run_g.plan == run.plan
+  for a, b in zip(jax.tree.leaves(small_g), jax.tree.leaves(small), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  want = run(small, *args)
+  with timing.CompileTally() as tally:  # the same program as `run`'s: compiled once, shared
+    got = run_g(small_g, *args)
+  assert tally.total.programs == 0, tally.total
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert_agree(a, b)
+  # Groups of another call are traced anew, and must be that call's.
+  other = pj.unit_groups(entry.apply_fn, entry.params, *(jnp.concatenate([a, a])
+                                                          if a.dtype == jnp.float32 else a
+                                                          for a in args))
+  pj.shrink_fn(entry.apply_fn, entry.params, masks, *args, groups=other)
+  with pytest.raises(ValueError, match="groups= differs"):
+    pj.shrink_fn(entry.apply_fn, entry.params, masks, *args, groups=groups[1:])
