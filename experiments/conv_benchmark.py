@@ -29,11 +29,10 @@ their values):
   1.5x slower than PyTorch.
 
 Every program is compiled first (compile time, and the tracing that measures the "best"
-choices, reported apart), called once to warm up, then the programs take turns for `--runs`
-rounds (`prune_jax.timing.time_interleaved`; with PyTorch, the same rounds by hand) with study
-6's protocol (runs of at least `MIN_RUN_SECONDS`, fast calls re-warmed after slow ones);
-medians.
-Each lowering's outputs are checked against XLA's at "highest" precision
+choices, reported apart), called once to warm up, then the programs take turns for
+`--timing_rounds` rounds (`prune_jax.timing.time_interleaved`; with PyTorch, the same rounds by
+hand) with study 6's protocol (runs of at least `MIN_RUN_SECONDS`, fast calls re-warmed after
+slow ones); medians. Each lowering's outputs are checked against XLA's at "highest" precision
 (`prune_jax.equivalence`). Writes `<workdir>/conv_benchmark/results.json` (config, versions,
 machine, the measured choice per shape, the tables) and `results.csv`, and prints the tables.
 """
@@ -51,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import common_flags  # --workdir, shared with the studies
 from prune_jax import conv_lowering, equivalence, results, timing
 from prune_jax.masks import unit_masks
 from prune_jax.groups import unit_groups
@@ -66,14 +66,14 @@ POLICIES = ("xla", "patches", "shifted", "best")
 MIN_RUN_SECONDS = 0.02  # = experiments.shrink_timing.MIN_RUN_SECONDS
 REWARM_SECONDS = 0.05  # = experiments.shrink_timing.REWARM_SECONDS
 
-WORKDIR = flags.DEFINE_string("workdir", "results", "Writes <workdir>/conv_benchmark/.")
 LENET_BATCH = flags.DEFINE_integer("lenet_batch", 10000, "LeNet-5's batch size.", lower_bound=1)
 LEVELS = flags.DEFINE_list("levels", ["0", "25", "50", "70", "80", "90"],
                            "Percent of each LeNet-5 layer's channels / units deleted (0: the "
                            "dense net, always timed).")
 POLICY_LIST = flags.DEFINE_list("policies", list(POLICIES),
                                 f"Lowering policies to time, of {POLICIES}.")
-RUNS = flags.DEFINE_integer("runs", 7, "Timed rounds after one warm-up call.", lower_bound=1)
+RUNS = flags.DEFINE_integer("timing_rounds", 7, "Timed rounds after one warm-up call.",
+                            lower_bound=1)
 RESNET_BATCHES = flags.DEFINE_list("resnet_batches", ["1", "32"],
                                    "ResNet-18 batch sizes (empty: no ResNet).")
 RESNET_SIZE = flags.DEFINE_integer("resnet_size", 64, "ResNet-18 input height and width.",
@@ -461,7 +461,7 @@ def main(argv: Sequence[str]) -> None:
             "policies": [p.strip() for p in POLICY_LIST.value if p.strip()],
             "runs": RUNS.value, "resnet_batches": [int(b) for b in RESNET_BATCHES.value if b],
             "resnet_size": RESNET_SIZE.value, "torch": TORCH.value,
-            "workdir": WORKDIR.value}
+            "workdir": common_flags.WORKDIR.value}
   payload = run(config)
   folder = write_outputs(payload, config["workdir"])
   print(summary(payload))

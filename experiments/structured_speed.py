@@ -49,6 +49,7 @@ import numpy as np
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
+# Its own --workdir: common_flags imports prune_jax, which --library must choose first.
 flags.DEFINE_string("workdir", None, "Folder for results.json.")
 flags.DEFINE_list("models", ["resnet18", "resnet50"], "Models to prune: resnet18, resnet50.")
 flags.DEFINE_list("forward_models", ["resnet18"], "Models whose saved forward is timed.")
@@ -57,7 +58,7 @@ flags.DEFINE_integer("image_size", 96, "Input height and width.")
 flags.DEFINE_list("batches", ["1", "32"], "Batch sizes of the forward timings.")
 flags.DEFINE_integer("fresh_runs", 3, "Fresh processes per model (median over them).")
 flags.DEFINE_integer("repeats", 3, "Repeat calls in a process (median).")
-flags.DEFINE_integer("runs", 15, "Timed rounds of the forward comparison.")
+flags.DEFINE_integer("forward_runs", 15, "Timed rounds of the forward comparison.")
 flags.DEFINE_string("library", None, "Folder holding the prune_jax to import (default: this "
                     "checkout).")
 flags.DEFINE_string("label", "", "A name for this run in results.json (e.g. 'before').")
@@ -203,7 +204,7 @@ def child_forward(name: str) -> dict[str, Any]:
     pj.check_close(diff, scale, what="loaded forward")
     got = timing.time_interleaved(
         {"small_apply": (lambda xb: small_apply(small, xb), (xb,)),
-         "load_shrunk": (forward, (xb,))}, runs=FLAGS.runs, warmup=2,
+         "load_shrunk": (forward, (xb,))}, runs=FLAGS.forward_runs, warmup=2,
         min_run_seconds=0.05)
     out[f"b{batch}"] = {k: t.median for k, t in got.items()}
   return out
@@ -217,7 +218,7 @@ def _spawn(child: str, model: str) -> dict[str, Any]:
   cmd = [sys.executable, "-m", "experiments.structured_speed", f"--child={child}",
          f"--model={model}", f"--sparsity={FLAGS.sparsity}", f"--image_size={FLAGS.image_size}",
          f"--batches={','.join(FLAGS.batches)}", f"--repeats={FLAGS.repeats}",
-         f"--runs={FLAGS.runs}"]
+         f"--forward_runs={FLAGS.forward_runs}"]
   done = subprocess.run(cmd, cwd=library, env=env, capture_output=True, text=True, check=False)
   if done.returncode:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -263,7 +264,7 @@ def main(argv: Sequence[str]) -> None:
   from prune_jax import results  # pylint: disable=g-import-not-at-top
   out: dict[str, Any] = {"label": FLAGS.label, "flags": {
       k: getattr(FLAGS, k) for k in ("models", "forward_models", "sparsity", "image_size",
-                                     "batches", "fresh_runs", "repeats", "runs", "library")},
+                                     "batches", "fresh_runs", "repeats", "forward_runs", "library")},
       "versions": results.versions(), "machine": results.machine(), "prune": {},
       "forward": {}, "raw": {}}
   for name in FLAGS.models:

