@@ -260,6 +260,21 @@ def _level_key(config: dict[str, Any], seed: int, level: float, model: LeNet5,
           "test_images": test_images}
 
 
+def _retrain_shrunk(nets: LevelNets, config: dict[str, Any], seed: int, mnist: data_lib.MNIST,
+                    test_x: jax.Array, *, what: str) -> tuple[Params, Any, jax.Array]:
+  """The shrunk net retrained `config["retrain_steps"]` steps on the seed's batches:
+  `(params, train stats, its logits on test_x at "highest")`. `what` names it in the log."""
+  new, stats = train.train(
+      nets.small_model, nets.small["params"], mnist.train_images, mnist.train_labels,
+      key=base_nets.retrain_key(seed), steps=int(config["retrain_steps"]),
+      batch_size=config["batch_size"], learning_rate=config["learning_rate"],
+      optimizer=config["optimizer"],
+      name=f"seed {seed}: retrain the {what} CNN {'-'.join(map(str, nets.widths))}")
+  with equivalence.highest_precision():
+    logits = _forward(nets.small_model)(new, test_x)
+  return new, stats, logits
+
+
 def _level_unit(store: store_lib.Store, config: dict[str, Any], seed: int, level: float,
                 nets: LevelNets, model: LeNet5, params: Params,
                 mnist: data_lib.MNIST) -> store_lib.Unit:
@@ -276,14 +291,8 @@ def _level_unit(store: store_lib.Store, config: dict[str, Any], seed: int, level
     tolerance = check_equivalent(diff, scale, what=f"{what}: shrunk LeNet5")
     runner_diff, _ = equivalence.max_difference(runner, masked)
     check_equivalent(runner_diff, scale, what=f"{what}: shrink_fn's runner")
-    new, stats = train.train(
-        nets.small_model, nets.small["params"], mnist.train_images, mnist.train_labels,
-        key=base_nets.retrain_key(seed), steps=int(config["retrain_steps"]),
-        batch_size=config["batch_size"], learning_rate=config["learning_rate"],
-        optimizer=config["optimizer"],
-        name=f"seed {seed}: retrain the {level:g}%-pruned CNN {'-'.join(map(str, nets.widths))}")
-    with equivalence.highest_precision():
-      after = _forward(nets.small_model)(new, test_x)
+    new, stats, after = _retrain_shrunk(nets, config, seed, mnist, test_x,
+                                        what=f"{level:g}%-pruned")
     x1 = test_x[:1]
     value = {"widths": nets.widths, "units_deleted_percent": nets.units_deleted,
              "macs_dense": count_macs(_forward(model), params, x1),
@@ -401,14 +410,8 @@ def _random_floor_unit(store: store_lib.Store, config: dict[str, Any], seed: int
     scores = criteria.group_scores(variables, groups, criterion="random", key=key)
     nets = LevelNets(model, params, groups, fraction, scope=config["scope"], example=test_x[:1],
                      scores=scores)
-    new, stats = train.train(
-        nets.small_model, nets.small["params"], mnist.train_images, mnist.train_labels,
-        key=base_nets.retrain_key(seed), steps=int(config["retrain_steps"]),
-        batch_size=config["batch_size"], learning_rate=config["learning_rate"],
-        optimizer=config["optimizer"],
-        name=f"seed {seed}: retrain the {level:g}%-random CNN {'-'.join(map(str, nets.widths))}")
-    with equivalence.highest_precision():
-      after = _forward(nets.small_model)(new, test_x)
+    _, stats, after = _retrain_shrunk(nets, config, seed, mnist, test_x,
+                                      what=f"{level:g}%-random")
     return {"after": _accuracy(after, test_y), "widths": nets.widths,
             "units_deleted_percent": nets.units_deleted, "train_seconds": stats.seconds,
             "compile_seconds": stats.compile_seconds}, None
