@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Base net and retraining in chunks of the same shape: the 0% level's retraining (the base
 # net's shapes) reuses the base net's compiled program. With --gradual=magnitude (masks every 5
 # steps to step 15): the random floor's shrunk nets reuse the one-shot retraining's program.
-TINY = {"seeds": [0], "sparsities": [0, 80], "train_steps": 25, "batch_size": 100,
+TINY = {"seeds": [0], "sparsities": [0, 80], "train_steps": 25, "batch_size": 10,
         "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer", "retrain_base": False,
         "fresh": False, "mnist_dir": None, "retrain_steps": 25, "eval_batches": [1, 100],
         "timing_runs": 1, "timing_precision": 0.0, "gradual": ["magnitude"],
