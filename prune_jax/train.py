@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from prune_jax import equivalence, grid, timing
+from prune_jax import conv_lowering, equivalence, grid, timing
 from prune_jax.masks import apply_masks
 from prune_jax.pruner import PruningState, pruning, stack_axes
 
@@ -140,9 +140,13 @@ def _train_steps(params, opt_state, pruner_args, images, labels, batch_indices, 
   def loss_fn(p, x, y):
     return cross_entropy(model.apply({"params": p}, x), y)
 
+  loss_and_grads = jax.value_and_grad(loss_fn)
+  if jax.default_backend() == "cpu":  # convolutions XLA's CPU backend runs fast in a loop
+    loss_and_grads = conv_lowering.channels_last(loss_and_grads)
+
   def step(carry, idx):
     p, state = carry
-    loss, grads = jax.value_and_grad(loss_fn)(p, images[idx], labels[idx])
+    loss, grads = loss_and_grads(p, images[idx], labels[idx])
     updates, state = tx.update(grads, state, p)
     p = optax.apply_updates(p, updates)
     return (p, state), loss

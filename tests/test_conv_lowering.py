@@ -132,6 +132,70 @@ def test_gradients_through_the_lowerings_match_xla():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _conv_layouts(fn, *args):
+  """The (lhs, rhs, out) specs of every convolution in the jaxpr of `fn(*args)`, nested ones
+  included."""
+  found = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        found.append(tuple(map(tuple, eqn.params["dimension_numbers"])))
+      for value in eqn.params.values():
+        inner = getattr(value, "jaxpr", None)
+        if inner is not None and hasattr(inner, "eqns"):
+          visit(inner)
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_channels_last_gives_the_same_values_and_gradients_with_only_channels_last_convs():
+  """Every layout, grouping, dilation and 1-D: the values and gradients of `fn` within float32
+  rounding, and in the traced program (a training step's `lax.scan` included) every convolution
+  is channels-last: the gradients' kernel-side convolutions, which JAX's autodiff gives with
+  the batch axis as the features, too."""
+  operands = [_operands(c, jnp.float32, i) for i, c in enumerate(CONV_CASES)]
+
+  settings = [k for _, _, k in operands]
+
+  def loss(kernels, images):
+    return sum(jnp.sum(jnp.sin(lax.conv_general_dilated(x, w, **_conv_kwargs(k))))
+               for x, w, k in zip(images, kernels, settings))
+
+  kernels, images = [w for _, w, _ in operands], [x for x, _, _ in operands]
+  value_and_grads = jax.value_and_grad(loss, argnums=(0, 1))
+  fns = {"plain": value_and_grads, "channels_last": cl.channels_last(value_and_grads)}
+  with pj.highest_precision():
+    got = jax.jit(lambda *a: {name: fn(*a) for name, fn in fns.items()})(kernels, images)
+  for a, b in zip(jax.tree.leaves(got["channels_last"]), jax.tree.leaves(got["plain"])):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+  plain = _conv_layouts(value_and_grads, kernels, images)
+  last = _conv_layouts(cl.channels_last(value_and_grads), kernels, images)
+  assert len(plain) == len(last) == 3 * len(CONV_CASES)  # forward, input and kernel gradients
+  assert any(layout not in (cl._channels_last_dimensions(1), cl._channels_last_dimensions(2))
+             for layout in plain)
+  assert set(last) == {cl._channels_last_dimensions(1), cl._channels_last_dimensions(2)}
+
+  layer = nn.Conv(4, (3, 3))
+  grad = cl.channels_last(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) ** 2)))
+
+  def steps(params, xs):
+    def step(p, x):
+      return jax.tree.map(lambda a, b: a - 0.01 * b, p, grad(p, x)), None
+    return lax.scan(step, params, xs)[0]
+  xs = jnp.ones((3, 2, 6, 6, 1))
+  params = layer.init(jax.random.key(0), xs[0])
+  assert set(_conv_layouts(steps, params, xs)) == {cl._channels_last_dimensions(2)}
+
+
+def test_channels_last_calls_a_function_without_convolutions_as_it_is():
+  fn = lambda p, x: {"y": jnp.tanh(x @ p["w"]), "n": jnp.sum(p["w"])}
+  p, x = {"w": jnp.ones((3, 2))}, jnp.ones((4, 3))
+  assert (str(jax.make_jaxpr(cl.channels_last(fn))(p, x))
+          == str(jax.make_jaxpr(fn)(p, x)))
+  jax.tree.map(np.testing.assert_array_equal, cl.channels_last(fn)(p, x), fn(p, x))
+
+
 @pytest.mark.parametrize("what, lhs, rhs, kwargs", [
     ("integer operands", jnp.ones((1, 6, 6, 2), jnp.int32), jnp.ones((3, 3, 2, 2), jnp.int32),
      {}),
