@@ -752,6 +752,12 @@ def bind(eqn: _trace.Eqn, ins: Sequence[Any], params: dict[str, Any] | None = No
   return [compute(spec, *ins, lowering=lowering)]
 
 
+def _specs(tree: Any) -> Any:
+  """`tree` with each leaf (an array, a tracer or a Python scalar) as its shape and dtype."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      np.shape(a), a.dtype if hasattr(a, "dtype") else jnp.result_type(a)), tree)
+
+
 def lowered(apply_fn: Callable[..., Any], *, conv: str | None = None, pool: str | None = None
             ) -> Callable[..., Any]:
   """`apply_fn` with every convolution and max-pool computed by the lowering the policies give.
@@ -778,9 +784,7 @@ def lowered(apply_fn: Callable[..., Any], *, conv: str | None = None, pool: str 
   _check_policy(conv, pool)
 
   def run(params: Params, *args: Any) -> Any:
-    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        np.shape(a), a.dtype if hasattr(a, "dtype") else jnp.result_type(a)), (params, args))
-    program = _trace.trace(apply_fn, specs[0], specs[1])
+    program = _trace.trace(apply_fn, *_specs((params, args)))
     with lowering_policy(conv=conv, pool=pool):
       return jax.tree.unflatten(program.out_tree, _evaluate(program, params, args))
 
@@ -828,7 +832,9 @@ def channels_last(fn: Callable[..., Any]) -> Callable[..., Any]:
   `channels_last(fn)(first, *rest)` traces `fn(first, *rest)` (nested calls inlined, as
   `lowered` traces; `first` is a tree of arrays, e.g. the params) and evaluates its equations,
   each convolution channels-last; a function without convolutions is simply called. Jit the
-  result: it traces `fn` again on every call.
+  result: it traces `fn` again on every call. Inlining drops custom derivative rules inside
+  `fn` (e.g. `jax.nn.relu`'s), so apply it to a function that already takes gradients (as
+  `train` does), not under `jax.grad`.
 
   Example:
     >>> x, w = jnp.ones((2, 1, 9, 9)), jnp.ones((4, 1, 3, 3))  # NCHW input, OIHW kernel
@@ -838,9 +844,7 @@ def channels_last(fn: Callable[..., Any]) -> Callable[..., Any]:
   """
 
   def run(first: Any, *rest: Any) -> Any:
-    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        np.shape(a), a.dtype if hasattr(a, "dtype") else jnp.result_type(a)), (first, rest))
-    program = _trace.trace(fn, specs[0], specs[1])
+    program = _trace.trace(fn, *_specs((first, rest)))
     if not any(eqn.prim.name == "conv_general_dilated" for eqn in program.eqns):
       return fn(first, *rest)
     return jax.tree.unflatten(program.out_tree,

@@ -1,6 +1,5 @@
 """Tests of prune_jax.masks: exact counts, ties, nesting, unit columns, jit/vmap, errors."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
