@@ -3,12 +3,14 @@
 A base net is a unit of the store (`prune_jax.store`, `<workdir>/cache/units/base/`) keyed by
 everything that determines the trained weights (seed, protocol, architecture, the MNIST files'
 checksums and the jax/flax versions), so a study with other settings never picks up a wrong net.
-A file that does not load or does not check out is retrained. The model is the seed's MLP unless
-a study passes another (study 6: `LeNet5`), which is part of the key.
+A file that does not load or does not check out is retrained. The model is the MLP of `--hidden`
+(`base_model`, the seed's widths by default) unless a study passes another (study 6: `LeNet5`),
+and is part of the key.
 """
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -28,9 +30,11 @@ Params = Any
 INPUT_FEATURES = 784
 
 
-def base_model() -> MLP:
-  """The seed's network: 784-1000-1000-500-200-10, no biases, truncated-normal init."""
-  return MLP()
+def base_model(config: Mapping[str, Any] | None = None) -> MLP:
+  """The MLP the studies prune: no biases, the seed's truncated-normal init, and the hidden
+  widths `config["hidden"]` (`--hidden`); without them the seed's 784-1000-1000-500-200-10."""
+  hidden = (config or {}).get("hidden")
+  return MLP() if hidden is None else MLP(hidden=tuple(int(w) for w in hidden))
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -83,7 +87,7 @@ def base_key(config: dict[str, Any], seed: int, model: nn.Module | None = None
   GPU...) and the matmul precision, since the same program computes other floats on another
   backend or precision.
   """
-  model = model or base_model()
+  model = model or base_model(config)
   return {
       "seed": seed,
       "train_steps": config["train_steps"],
@@ -106,9 +110,9 @@ def cache_key(config: dict[str, Any], seed: int, model: nn.Module | None = None)
 
 def train_base(config: dict[str, Any], seed: int, mnist: data_lib.MNIST,
                model: nn.Module | None = None) -> tuple[Params, train.TrainStats]:
-  """Trains the dense base net of `seed` (default: the seed's MLP) with the protocol in
+  """Trains the dense base net of `seed` (default: `base_model(config)`) with the protocol in
   `config`."""
-  model = model or base_model()
+  model = model or base_model(config)
   init_key, batch_key = seed_keys(seed)
   return train.train(model, init_params(init_key, model), mnist.train_images, mnist.train_labels,
                      key=batch_key, steps=config["train_steps"],
@@ -119,7 +123,7 @@ def train_base(config: dict[str, Any], seed: int, mnist: data_lib.MNIST,
 def load_or_train(config: dict[str, Any], seed: int, mnist: data_lib.MNIST, *,
                   retrain: bool = False, model: nn.Module | None = None,
                   store: store_lib.Store) -> tuple[Params, dict]:
-  """Returns the base net of `seed` (of `model`, default the seed's MLP) from the store,
+  """Returns the base net of `seed` (of `model`, default `base_model(config)`) from the store,
   training and storing it if needed.
 
   The net is the unit `"base"` keyed by `base_key`; a stored file that does not check out
@@ -129,7 +133,7 @@ def load_or_train(config: dict[str, Any], seed: int, mnist: data_lib.MNIST, *,
     `(params, info)`, where `info` says whether it was cached, the file and the training time
     (its original training time when loaded; `train_seconds` 0 then).
   """
-  model = model or base_model()
+  model = model or base_model(config)
   key = base_key(config, seed, model)
   template = jax.eval_shape(lambda: init_params(jax.random.key(0), model))  # shapes only
   trained = []

@@ -10,6 +10,7 @@ from typing import Any
 
 from absl import flags
 
+from prune_jax.models import SEED_HIDDEN
 from prune_jax.train import OPTIMIZERS, SEED_BATCH_SIZE, SEED_LEARNING_RATE, SEED_STEPS
 
 SEED_SPARSITIES = ("0", "25", "50", "60", "70", "80", "90", "95", "97", "99")
@@ -26,6 +27,10 @@ SEEDS = flags.DEFINE_list(
 SPARSITIES = flags.DEFINE_list(
     "sparsities", list(SEED_SPARSITIES), "Comma-separated sparsity levels in percent, each in "
     "[0, 100], increasing. Default: the seed study's ten levels.")
+HIDDEN = flags.DEFINE_list(
+    "hidden", [str(w) for w in SEED_HIDDEN], "Comma-separated widths of the base MLP's hidden "
+    "layers (784 inputs, 10 logits). Default: the seed's 1000,1000,500,200; e.g. 300,100 for "
+    "LeNet-300-100. The base nets are cached per architecture.")
 TRAIN_STEPS = flags.DEFINE_integer(
     "train_steps", SEED_STEPS, "Training steps of the dense base net.", lower_bound=1)
 BATCH_SIZE = flags.DEFINE_integer(
@@ -116,6 +121,22 @@ def _parse_seeds(values: list[str]) -> list[int]:
   return seeds
 
 
+def parse_hidden(values: Sequence[str | int]) -> list[int]:
+  """`--hidden` as a list of positive ints (the MLP's hidden widths).
+
+  Raises:
+    ValueError: naming the flag and the bad value.
+  """
+  try:
+    widths = [int(v) for v in values]
+  except (TypeError, ValueError):
+    widths = []
+  if not widths or min(widths) < 1:
+    raise ValueError(f"--hidden must be comma-separated positive widths, e.g. 1000,1000,500,200; "
+                     f"got {','.join(str(v) for v in values)!r}")
+  return widths
+
+
 def _parse_sparsities(values: list[str]) -> list[float]:
   try:
     levels = [float(v) for v in values]
@@ -164,6 +185,7 @@ def validator(parse):
 
 
 flags.register_validator("seeds", validator(_parse_seeds))
+flags.register_validator("hidden", validator(parse_hidden))
 flags.register_validator("sparsities", validator(_parse_sparsities))
 flags.register_validator("eval_batches", validator(parse_eval_batches))
 flags.register_validator("learning_rate", lambda lr: lr > 0 and math.isfinite(lr),
@@ -181,6 +203,7 @@ def config() -> dict[str, Any]:
       "mnist_dir": MNIST_DIR.value,
       "seeds": _parse_seeds(SEEDS.value),
       "sparsities": _parse_sparsities(SPARSITIES.value),
+      "hidden": parse_hidden(HIDDEN.value),
       "train_steps": TRAIN_STEPS.value,
       "batch_size": BATCH_SIZE.value,
       "learning_rate": LEARNING_RATE.value,

@@ -159,6 +159,7 @@ def conv_config() -> dict[str, Any]:
       timing_autotune=common_flags.TIMING_AUTOTUNE.value,
       gradual=[c.strip() for c in GRADUAL.value if c.strip()],
       gradual_until=GRADUAL_UNTIL.value, gradual_mask_every=GRADUAL_MASK_EVERY.value)
+  del config["hidden"]  # the MLP's widths; this study's net is LeNet-5
   if not common_flags.SPARSITIES.present:
     config["sparsities"] = list(DEFAULT_SPARSITIES)
   return config

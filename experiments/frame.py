@@ -97,7 +97,7 @@ def load_bases(config: Config, mnist: data_lib.MNIST, bases: dict[int, Params] |
       missing from it are loaded from the store or trained (`base_nets.load_or_train`, which
       `retrain_base` forces to train).
     store: the store of finished units (default: `units(config)`).
-    model: the architecture (default: the seed's MLP, `base_nets.base_model()`).
+    model: the architecture (default: the MLP of `config`, `base_nets.base_model(config)`).
 
   Returns:
     `(params by seed, info by seed as a str)`, info saying whether each net was cached, given

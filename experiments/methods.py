@@ -520,7 +520,7 @@ def run_methods(config: dict[str, Any], mnist: data_lib.MNIST, *,
   recipe = Recipe(**config["recipe"])
   start = time.perf_counter()
   store = store or frame.units(config)
-  model = base_nets.base_model()
+  model = base_nets.base_model(config)
   params, base_info = frame.load_bases(config, mnist, bases, store=store)
   # Seed by seed (the dense net and every method of a seed before the next seed), so that an
   # interrupted run leaves whole seeds behind.

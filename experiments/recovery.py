@@ -178,7 +178,7 @@ def training_calls(config: dict[str, Any], mnist: data_lib.MNIST) -> list[tuple[
   nets (`train.training_calls`: only shapes matter), so they compile before the base nets exist.
   """
   mode = config["mode"]
-  model = base_nets.base_model()
+  model = base_nets.base_model(config)
   init = base_nets.init_params(jax.random.key(0), model)
   pruned, masks = sweep.prune_levels(init, frame.fractions(config["sparsities"]), mode=mode,
                                      scope=config["scope"])
@@ -345,7 +345,7 @@ def run_recovery(config: dict[str, Any], mnist: data_lib.MNIST, *,
   config = {**config, "retrain_steps": steps, "regrow": regrow}
   start = time.perf_counter()
   store = store or frame.units(config)
-  model = base_nets.base_model()
+  model = base_nets.base_model(config)
   levels = config["sparsities"]
   fracs = frame.fractions(levels)
   protocol = dict(steps=steps, batch_size=config["batch_size"],
@@ -558,7 +558,8 @@ SECTIONS = tuple(studies.Section(f"recovery_{mode}", report_section,
 def unit_cost(config: dict[str, Any]) -> float:
   """Retraining the unit-pruned nets of one seed (shrunk), in full-net steps."""
   steps = retrain_steps("unit", config.get("retrain_steps"))
-  return (sum(studies.macs_fraction(s) for s in config["sparsities"]) * steps
+  hidden = base_nets.base_model(config).hidden
+  return (sum(studies.macs_fraction(s, hidden) for s in config["sparsities"]) * steps
           + studies.COMPILE * len(config["sparsities"]))
 
 

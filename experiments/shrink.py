@@ -305,7 +305,7 @@ def ahead_calls(config: dict[str, Any], mnist: data_lib.MNIST
   (only shapes matter: at `--scope=layer` the shrunk widths and the sparse forms' sizes depend
   on the level alone; with `global` some programs differ and are compiled when needed)."""
   config = check_shrink_config(dict(config), test_size=int(mnist.test_images.shape[0]))
-  model = base_nets.base_model()
+  model = base_nets.base_model(config)
   params = base_nets.init_params(jax.random.key(0), model)
   test_x = jnp.asarray(mnist.test_images)
   fracs = frame.fractions(config["sparsities"])
@@ -360,7 +360,7 @@ def run_shrink(config: dict[str, Any], mnist: data_lib.MNIST, *,
   fracs = frame.fractions(levels)
   runs, precision = int(config["timing_runs"]), float(config["timing_precision"])
   batches = config["eval_batches"]
-  model = base_nets.base_model()
+  model = base_nets.base_model(config)
   test_x = jnp.asarray(mnist.test_images)
   params_by_seed, base_info = frame.load_bases(config, mnist, bases, store=store)
   timed_seed = config["seeds"][0]

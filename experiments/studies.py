@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from prune_jax import data as data_lib
 from prune_jax import store as store_lib
 from prune_jax import text_data
+from prune_jax.models import SEED_HIDDEN
 
 Payload = dict[str, Any]
 Params = Any
@@ -113,8 +114,9 @@ class Study(NamedTuple):
   times: bool = False
 
 
-def macs_fraction(sparsity_percent: float, hidden: Sequence[int] = (1000, 1000, 500, 200)) -> float:
-  """The multiply-adds of the seed's net with every hidden layer unit-pruned, over the dense's."""
+def macs_fraction(sparsity_percent: float, hidden: Sequence[int] = SEED_HIDDEN) -> float:
+  """The multiply-adds of the MLP of `hidden` widths (default: the seed's) with every hidden
+  layer unit-pruned, over the dense's."""
   def macs(widths):
     return sum(a * b for a, b in zip(widths, widths[1:]))
 

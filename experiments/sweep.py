@@ -111,7 +111,7 @@ def pruned_accuracy(store: store_lib.Store, config: dict[str, Any], seed: int, p
   Returns:
     `{"accuracy": [levels], "measured_sparsity": [levels], "seconds", "compile_seconds"}`.
   """
-  model = base_nets.base_model()
+  model = base_nets.base_model(config)
   levels = config["sparsities"]
   test_x, test_y = jnp.asarray(mnist.test_images), jnp.asarray(mnist.test_labels)
 
@@ -152,7 +152,7 @@ def run_sweep(config: dict[str, Any], mnist: data_lib.MNIST, *,
   frame.check_config(config)
   start = time.perf_counter()
   store = store or frame.units(config)
-  model = base_nets.base_model()
+  model = base_nets.base_model(config)
   levels = config["sparsities"]
   params, base_info = frame.load_bases(config, mnist, bases, store=store)
 

@@ -32,6 +32,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from prune_jax import results
+from prune_jax.models import SEED_HIDDEN
 
 Payload = dict[str, Any]
 Plotter = Callable[[Payload, str], list[str]]
@@ -331,7 +332,9 @@ def _titles(fig: Figure, ax: Axes, title: str, payload: Payload) -> None:
   """A bold figure title, and a subtitle over `ax` with the protocol and the seeds."""
   config = payload.get("config", {})
   seeds = payload.get("seeds", [])
-  model = payload.get("model", {}).get("description", "MLP 784-1000-1000-500-200-10")
+  hidden = config.get("hidden", SEED_HIDDEN)
+  model = payload.get("model", {}).get("description",
+                                       f"MLP {'-'.join(map(str, (784, *hidden, 10)))}")
   parts = [f"MNIST, {model}"]
   if "train_steps" in config:
     parts.append(f"base net: {config['train_steps']} {config.get('optimizer', 'sgd')} steps")

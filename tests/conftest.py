@@ -16,6 +16,8 @@ import tempfile
 
 import pytest
 
+import _tiny
+
 ENV_VAR = "PRUNE_JAX_MNIST_DIR"  # = prune_jax.data.ENV_VAR; not imported, so collection never needs jax.
 REQUIRE_ENV_VAR = "PRUNE_JAX_REQUIRE_MNIST"
 SHARED_MNIST_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -28,10 +30,8 @@ SHARED_SHAKESPEARE_DIR = SHARED_MNIST_DIR.parent / "tinyshakespeare"
 _SHAKESPEARE_FIXTURES = {"shakespeare_dir", "shakespeare"}
 # Marker -> the environment variable that makes its tests fail instead of skipping.
 _REQUIRED_BY = {"needs_mnist": REQUIRE_ENV_VAR, "needs_shakespeare": REQUIRE_SHAKESPEARE_ENV_VAR}
-# The base nets of the studies' tests: seeds 0 and 1, 50 SGD steps (the keys of `base_key`).
-TINY_BASES = {"mnist_dir": None, "seeds": [0, 1], "sparsities": [0, 50, 90], "train_steps": 50,
-              "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer",
-              "retrain_base": False}
+# The base nets of the studies' tests: seeds 0 and 1 of the tiny protocol (`_tiny.py`).
+TINY_BASES = {**_tiny.PROTOCOL, "seeds": [0, 1], "sparsities": [0, 50, 90]}
 _XLA_CACHE = pytest.StashKey[str]()
 
 

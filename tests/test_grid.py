@@ -12,15 +12,14 @@ import jax
 import numpy as np
 import pytest
 
+import _tiny
 from _runs import finish, start
 from experiments import frame, recovery
 from prune_jax import grid
 
-FLAGS = ["--mode=weight", "--seeds=0", "--sparsities=0,50,90", "--train_steps=50",
-         "--retrain_steps=10"]
-CONFIG = {"mnist_dir": None, "seeds": [0], "sparsities": [0, 50, 90], "train_steps": 50,
-          "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer",
-          "retrain_base": False, "mode": "weight", "retrain_steps": 10, "regrow": False}
+FLAGS = ["--mode=weight", "--seeds=0", "--sparsities=0,50,90", *_tiny.FLAGS, "--retrain_steps=10"]
+CONFIG = {**_tiny.PROTOCOL, "seeds": [0], "sparsities": [0, 50, 90], "mode": "weight",
+          "retrain_steps": 10, "regrow": False}
 
 
 def run(args, *, devices: int, timeout: float = 180, **env) -> subprocess.CompletedProcess:
@@ -165,18 +164,18 @@ def test_study_2_on_4_devices_and_on_2_processes_gives_the_same_results(bases_in
 @pytest.mark.needs_mnist
 def test_study_3_in_width_buckets_on_4_devices_gives_the_single_device_numbers(bases_in, mnist,
                                                                                mnist_dir):
-  levels = ["--mode=unit", "--sparsities=0,50,60,90"]
+  levels = ["--mode=unit", "--sparsities=0,50,55,90"]
   four = bases_in("four_devices")
   process = start(["-m", "experiments.recovery", f"--workdir={four}", *FLAGS, *levels,
                    "--devices=4"], devices=4, PRUNE_JAX_MNIST_DIR=str(mnist_dir))
   one = one_device_curves(
-      lambda one: recovery.run_recovery({**CONFIG, "mode": "unit", "sparsities": [0, 50, 60, 90],
+      lambda one: recovery.run_recovery({**CONFIG, "mode": "unit", "sparsities": [0, 50, 55, 90],
                                          "workdir": str(one)}, mnist)["curves"],
       "experiments.recovery", [*FLAGS, *levels], bases_in("one"), "recovery_unit", mnist_dir)
   done = finish(process)
   assert done.returncode == 0, done.stderr[-3000:]
-  # 50% (500-500-250-100) and 60% (400-400-200-80) share the buckets 512-512-256-128.
-  assert "retrain 2 unit-pruned nets, shrunk and padded to 512-512-256-128" in done.stderr
+  # 50% (100-100-50-20) and 55% (90-90-45-18) share the buckets 128-128-64-32.
+  assert "retrain 2 unit-pruned nets, shrunk and padded to 128-128-64-32" in done.stderr
   assert "-unit-pruned net, shrunk to" not in done.stderr  # no level trained on its own
   found = curves(four, "recovery_unit")
   for name in ("pruned", "retrained"):
@@ -210,7 +209,7 @@ def test_study_5_levels_as_one_stack_on_4_devices_give_the_single_device_numbers
             "recipe": methods.Recipe("sgd", 0.1, "cosine", 0.5, 10)._asdict(),
             "regrow_fraction": 0.5}
   four = bases_in("four_devices")
-  args = ["--seeds=0", "--train_steps=50", "--kind=weight", "--methods=gradual_regrow",
+  args = ["--seeds=0", *_tiny.FLAGS, "--kind=weight", "--methods=gradual_regrow",
           "--sparsities=90,99", "--budget_steps=20", "--methods_optimizer=sgd",
           "--methods_learning_rate=0.1", "--methods_schedule=cosine", "--prune_until=0.5",
           "--prune_every=10"]

@@ -131,3 +131,15 @@ def test_entry_point_redraws_from_the_json_alone(tmp_path):
   for study in ("sweep", "recovery_weight", "recovery_unit"):
     _png(str(tmp_path / study / f"{study}.png"))
   assert "no plotting function for study 'mystery'" in run.stderr
+
+
+@pytest.mark.parametrize("config,model", [
+    ({"train_steps": 2000}, "MLP 784-1000-1000-500-200-10"),  # results from before --hidden
+    ({"train_steps": 50, "hidden": [300, 100]}, "MLP 784-300-100-10"),
+])
+def test_the_subtitle_names_the_mlp_the_study_ran(config, model):
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots()
+  plots._titles(fig, ax, "sweep", {**sweep_payload(), "config": config})  # pylint: disable=protected-access
+  assert ax.get_title().startswith(f"MNIST, {model}; base net: {config['train_steps']} sgd")
+  plt.close(fig)

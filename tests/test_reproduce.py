@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import pytest
 from absl import logging
 
+import _tiny
 from experiments import conv, frame, recovery, report, reproduce, seed_results, studies
 
-TINY = {"mnist_dir": None, "seeds": [0], "sparsities": [0, 50, 90], "train_steps": 50,
-        "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer",
-        "retrain_base": False, "retrain_steps": 10, "regrow": False}
+TINY = {**_tiny.PROTOCOL, "seeds": [0], "sparsities": [0, 50, 90], "retrain_steps": 10,
+        "regrow": False}
 TINY_SHRINK = {"retrain_steps": 10, "keep_last_hidden": False, "eval_batches": [100],
                "timing_runs": 1, "pad_multiple": 1, "weight_sparse_formats": ["bcsr"]}
 

@@ -18,19 +18,19 @@ import sys
 
 import pytest
 
+import _tiny
 from _runs import scaled
 from experiments import recovery
 from experiments import shrink as study
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = {"mnist_dir": None, "seeds": [0], "sparsities": [0, 50, 90], "train_steps": 50,
-        "batch_size": 100, "learning_rate": 0.1, "optimizer": "sgd", "scope": "layer",
-        "retrain_base": False, "fresh": False, "retrain_steps": 10}
+TINY = {**_tiny.PROTOCOL, "seeds": [0], "sparsities": [0, 50, 90], "fresh": False,
+        "retrain_steps": 10}
 WEIGHT = {**TINY, "mode": "weight", "regrow": False}
 SHRINK = {**TINY, "keep_last_hidden": False, "eval_batches": [1, 100], "timing_runs": 1,
           "timing_precision": 0.0, "pad_multiple": 1, "weight_sparse_formats": [],
           "weight_sparse_batches": [100]}
-FLAGS = ["--seeds=0", "--sparsities=0,50,90", "--train_steps=50", "--retrain_steps=10"]
+FLAGS = ["--seeds=0", "--sparsities=0,50,90", *_tiny.FLAGS, "--retrain_steps=10"]
 SHRINK_FLAGS = ["--eval_batches=1,100", "--timing_runs=1", "--timing_precision=0",
                 "--pad_multiple=1", "--weight_sparse_formats="]
 

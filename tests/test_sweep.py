@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _tiny
 from _runs import run_entry_point
-from experiments import base_nets, frame, outputs, sweep
+from experiments import base_nets, common_flags, frame, outputs, sweep
 from prune_jax.masks import weight_masks
 from prune_jax.models import MLP, init_mlp
 from prune_jax.report import zero_percent
 
-TINY = dict(mnist_dir=None, seeds=[0, 1], sparsities=[0, 50, 90], train_steps=50, batch_size=100,
-            learning_rate=0.1, optimizer="sgd", scope="layer", retrain_base=False)
+TINY = {**_tiny.PROTOCOL, "seeds": [0, 1], "sparsities": [0, 50, 90]}
 
 pytestmark = pytest.mark.needs_mnist
 
@@ -112,13 +112,24 @@ def test_base_cache_is_reused_retrained_and_rebuilt_when_corrupt(base_params, ba
   assert os.path.getsize(path) > 1000
   np.testing.assert_array_equal(rebuilt[0]["Dense_0"]["kernel"], params[0]["Dense_0"]["kernel"])
 
-  other = base_nets.cache_key({**config, "train_steps": 51}, 0, base_nets.base_model())
+  other = base_nets.cache_key({**config, "train_steps": 51}, 0, base_nets.base_model(config))
   assert other not in path, "the cache is keyed by the protocol"
+  wider = base_nets.cache_key({**config, "hidden": [300, 100]}, 0)
+  assert wider not in path, "and by the widths"
+
+
+def test_hidden_widths_pick_the_mlp_and_bad_ones_are_named():
+  assert base_nets.base_model({}).hidden == (1000, 1000, 500, 200)  # the seed's
+  assert base_nets.base_model({"hidden": [300, 100]}).hidden == (300, 100)
+  assert common_flags.parse_hidden(["300", "100"]) == [300, 100]
+  for bad in (["300", "0"], ["wide"], []):
+    with pytest.raises(ValueError, match="--hidden must be comma-separated positive widths"):
+      common_flags.parse_hidden(bad)
 
 
 def test_entry_point_writes_results_from_cached_bases(bases_in, mnist_dir):
   workdir = bases_in()
-  run = run_entry_point("experiments.sweep", f"--workdir={workdir}", "--train_steps=50",
+  run = run_entry_point("experiments.sweep", f"--workdir={workdir}", *_tiny.FLAGS,
                         "--sparsities=0,50,90", "--seeds=1", mnist_dir=mnist_dir)
   assert run.returncode == 0, run.stderr[-3000:]
   folder = workdir / "sweep"
@@ -126,6 +137,7 @@ def test_entry_point_writes_results_from_cached_bases(bases_in, mnist_dir):
   payload = json.loads((folder / "results.json").read_text())
   outputs.check_payload(payload)
   assert payload["seeds"] == [1] and payload["base_nets"]["1"]["source"] == "cache"
+  assert payload["config"]["hidden"] == _tiny.HIDDEN  # the cached nets of these widths
   assert payload["config"]["sparsities"] == [0, 50, 90]
   assert payload["config"]["scope"] == "layer" and payload["config"]["retrain_base"] is False
   assert "sweep results" in run.stderr  # the table is logged
