@@ -13,7 +13,9 @@ network's arithmetic:
   `output size x window`). Padded positions count as the convolution computes them.
 
 Elementwise operations (bias adds, ReLU, pooling's maxima, BatchNorm) are not multiply-adds of a
-product and are not counted. Nested calls (`jit`, `custom_jvp_call` such as `jax.nn.relu`,
+product and are not counted. A convolution that `prune_jax.conv_lowering` computes by other
+arithmetic (patches and one product, or shifted elementwise multiply-adds, as the shrunk runner
+may choose) is counted as the convolution, so a network's count does not depend on its lowering. Nested calls (`jit`, `custom_jvp_call` such as `jax.nn.relu`,
 `remat`, ...) are counted once per call, a `scan`'s body `length` times, a `cond` once if its
 branches cost the same; a `while` loop whose body multiplies is refused (its trip count is not
 in the program). The forward pass of `load_shrunk` (a `jax.export` call, opaque StableHLO) is
@@ -34,6 +36,13 @@ from typing import Any, NamedTuple
 
 import jax
 from jax.extend import core as jcore
+
+
+# The name of a jitted function that computes one convolution on channels-last operands,
+# `x [N, *spatial, C]` and `w [*window, C / groups, O]` -> `[N, *out_spatial, O]`, by other
+# arithmetic than `conv_general_dilated` (`prune_jax.conv_lowering`'s lowerings): counted as
+# that convolution, `output size x kernel size / O`, not by the operations inside.
+LOWERED_CONV = "prune_jax_lowered_conv"
 
 
 class OpMacs(NamedTuple):
@@ -108,6 +117,13 @@ def _walk(jaxpr: Any, times: int, found: list[OpMacs], *, symbolic: bool = False
       shapes = tuple(tuple(v.aval.shape) if symbolic else _shape(v.aval, name)
                      for v in (*eqn.invars, *eqn.outvars))
       found.append(OpMacs(name, shapes, times * _op_macs(name, eqn.params, shapes)))
+      continue
+    if name in ("jit", "pjit") and eqn.params.get("name") == LOWERED_CONV:
+      shapes = tuple(tuple(v.aval.shape) if symbolic else _shape(v.aval, name)
+                     for v in (*eqn.invars, *eqn.outvars))
+      _, kernel, out = shapes  # channels-last: [*window, inputs per group, O]
+      found.append(OpMacs("conv_general_dilated", shapes,
+                          times * math.prod(out) * math.prod(kernel[:-1])))
       continue
     if name == "call_exported":  # a function exported with jax.export, e.g. load_shrunk's
       found.extend(_exported_macs(eqn, times))

@@ -98,6 +98,19 @@ def test_every_conv_lowering_equals_xla_in_float64():
     _check_all_lowerings(jnp.float64, CONV_CASES[4:7], 1e-14)
 
 
+def test_every_lowering_counts_the_convolutions_multiply_adds():
+  # count_macs counts a lowered conv as the convolution, whatever arithmetic computes it (the
+  # shifted lowering's multiply-adds are elementwise: counted by their products, it gave 0).
+  for case in CONV_CASES:
+    x, w, kwargs = _operands(case, jnp.float32)
+    spec = cl.conv_spec(x, w, **_conv_kwargs(kwargs))
+    counts = {name: pj.count_macs(lambda x, w, name=name: cl.conv(x, w, spec, lowering=name),
+                                  x, w) for name in cl.CONV_LOWERINGS}
+    assert counts == dict.fromkeys(cl.CONV_LOWERINGS, spec.work), (spec.describe(), counts)
+    by_op, = pj.macs_by_op(lambda x, w: cl.conv(x, w, spec, lowering="shifted"), x, w)
+    assert by_op.primitive == "conv_general_dilated" and by_op.macs == spec.work
+
+
 def test_max_pool_slices_equal_xla_exactly():
   rng = np.random.default_rng(0)
   xs = [jnp.asarray(rng.standard_normal(c[0]), jnp.float32) for c in POOL_CASES]
@@ -314,6 +327,7 @@ def test_lowered_model_equals_the_model(conv="patches", pool="slices"):
   program = str(jax.make_jaxpr(fn)(variables, x))
   assert "conv_general_dilated" not in program
   assert ("reduce_window_max" in program) == (pool == "xla")
+  assert pj.count_macs(fn, variables, x) == pj.count_macs(model.apply, variables, x) > 0
   with pj.highest_precision():
     diff, scale = pj.max_difference(jax.jit(fn)(variables, x),
                                     jax.jit(model.apply)(variables, x))
@@ -344,6 +358,9 @@ def test_shrunk_runner_uses_the_lowering_and_stays_equal_to_masked(conv, pool):
       got = small_apply(small, x)
   assert "conv_general_dilated" not in program
   assert ("reduce_window_max" in program) == (pool == "xla")
+  with cl.lowering_policy(conv="xla", pool="xla"):
+    xla_small, xla_apply = pj.shrink_fn(model.apply, variables, masks, x)
+    assert pj.count_macs(small_apply, small, x) == pj.count_macs(xla_apply, xla_small, x) > 0
   with pj.highest_precision():
     diff, scale = pj.max_difference(got, model.apply(pj.apply_masks(variables, masks), x))
   pj.check_close(diff, scale, what=f"shrunk CNN ({conv}, {pool})")
