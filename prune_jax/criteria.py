@@ -16,8 +16,9 @@ Used by `prune_jax.masks` and the pruner: choose a criterion with `criterion=`; 
   `w`'s shape (any sign; `-inf` allowed, NaN not); weights only.
 
 Units of coupled groups (`unit_groups`) are scored by `group_scores(params, groups, criterion=...)`
-(fed to `unit_masks(..., groups=groups, scores=...)`, and what `pruning(kind="unit", groups=...)`
-ranks with): one score per unit of every prunable group, from the unit's slices in `params`,
+(what `unit_masks(..., groups=groups, criterion=...)` and `pruning(kind="unit", groups=...)` rank
+with; `unit_masks(..., scores=)` takes them too): one score per unit of every prunable group, from
+the unit's slices in `params`,
 
 - `"magnitude"`: the L2 norm of its producing kernel slices (`unit_masks`' own default);
 - `"l1"`: the L1 norm (sum of `|w|`) of the same slices;
@@ -76,8 +77,9 @@ def check_criterion(criterion: Criterion, *, units: bool = False, key: Any = Non
       extra = (" ('saliency' scores single weights: use weight_masks, or kind='weight'"
                + ("; 'taylor' is its counterpart for units)" if groups else ")"))
     elif units and criterion in GROUP_CRITERIA:
-      extra = (f" ({criterion!r} scores the units of coupled groups: pass scores="
-               f"group_scores(params, groups, criterion={criterion!r}) with groups=)")
+      extra = (f" ({criterion!r} scores the units of coupled groups: pass groups="
+               f"unit_groups(apply_fn, params, *example_args) with it, or "
+               f"groups=dense_groups(params) for a Dense chain)")
     choices = f"one of {names}" + ("" if units or groups else
                                    " or a function (path, w, g) -> scores")
     raise ValueError(f"{what}: criterion must be {choices}, got {criterion!r}{extra}")

@@ -422,10 +422,10 @@ def _eligible(n: int, pattern: Pattern | None) -> int:
 
 def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
                prunable: Prunable | None = None,
-               criterion: Literal["magnitude", "random"] = "magnitude",
+               criterion: Literal["magnitude", "l1", "taylor", "bn_scale", "random"] = "magnitude",
                key: jax.Array | None = None, groups: Any = None, min_fraction: float = 0.0,
                max_fraction: float = 1.0, round_to: int = 1, score: str = "producers",
-               scores: Any = None) -> Masks:
+               scores: Any = None, grads: Params | None = None) -> Masks:
   """Masks whole units: the output columns of Dense kernels `[in, out]` with the smallest L2 norm.
 
   With `groups=unit_groups(apply_fn, params, *example_args)`, any model's units: each prunable
@@ -462,7 +462,10 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
 
   With `criterion="random"`, each unit gets a uniform score drawn from `key` instead of its norm
   (as in `weight_masks`: reproducible from the key, nested across sparsities); `scope="global"`
-  then ranks those scores, normalised per layer as above.
+  then ranks those scores, normalised per layer as above. With `groups` (or the bounds below),
+  `criterion` is any of `prune_jax.group_scores`' (`"l1"`, `"taylor"` with `grads=`,
+  `"bn_scale"`, `"random"` with `key=`): the call ranks `group_scores(params, groups,
+  criterion=...)`, as `scores=` would.
 
   Counting (`round` half to even, Python float vs array sparsity) and tie-breaking (the lower
   column index, and with `scope="global"` the earlier layer, is pruned first) are as in
@@ -476,9 +479,10 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     prunable: `prunable(path, leaf) -> bool` over kernels, as in `weight_masks` (same default:
       every 2-D `kernel` except the logits layer's). Biases follow their kernels; do not select
       them. With `groups`, default: every group that `unit_groups` found prunable.
-    criterion: `"magnitude"` (the column's L2 norm) or `"random"` (not with `groups` or the
-      bounds below).
+    criterion: `"magnitude"` (the column's L2 norm) or `"random"`; with `groups` or the
+      bounds below, also `"l1"`, `"taylor"` and `"bn_scale"` (see `prune_jax.group_scores`).
     key: a `jax.random` key, needed by `"random"`.
+    grads: gradients of the loss, a tree like `params`, needed by `"taylor"`.
     groups: the groups of `unit_groups`, traced from `params` (or from the variables dict whose
       params collection `params` is; members of other collections are then left out). Jittable:
       the groups are static, the sparsity may be traced.
@@ -490,7 +494,8 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     score: "producers" (default) or "coupled", see above; only with groups or the bounds.
     scores: with `groups`, your own scores of some groups' units instead of their slices'
       norms: `{group.name: [group.size]}` (finite, higher = kept), e.g. from data
-      (`prune_jax.calibration.unit_output_scores`). Groups not named keep the norms.
+      (`prune_jax.calibration.unit_output_scores`). Groups not named keep the norms (or
+      `criterion`'s scores).
 
   Returns:
     A mask tree mirroring `params`: for each prunable kernel a bool array of its shape whose
@@ -501,7 +506,8 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
     ValueError: as `weight_masks`, plus a selected leaf with fewer than 2 dimensions, a selected
       `bias`, a bias whose shape is not `[out]`, or `scope="erk"` (an allocation of weights);
       with `groups`: no prunable group, a member leaf missing from `params` or of another shape,
-      bad bounds or `round_to`, or `criterion="random"`.
+      bad bounds or `round_to`, `"taylor"` without `grads`, or `"bn_scale"` on a group without
+      a BatchNorm scale.
     TypeError: as `weight_masks`, or `groups` that are not `unit_groups`' result.
 
   Example:
@@ -517,13 +523,13 @@ def unit_masks(params: Params, sparsity: Sparsity, *, scope: Scope = "layer",
                      "apply_fn, params, *example_args) too, and key the scores by group.name")
   if groups is not None or (min_fraction, max_fraction, round_to, score) != (
       0.0, 1.0, 1, "producers"):
-    if criterion != "magnitude":
-      raise ValueError(f"criterion={criterion!r} works on a Dense chain without groups or "
-                       "bounds; with groups, units are scored by the L2 norm of their slices "
-                       "(criterion='magnitude')")
     from prune_jax import group_masks  # pylint: disable=g-import-not-at-top (it imports this)
     if groups is None:
       groups, prunable = group_masks.dense_groups(params, prunable), None
+    if criterion != "magnitude":
+      found = criteria.group_scores(params, groups, criterion=criterion, grads=grads, key=key,
+                                    prunable=prunable)
+      scores = {**found, **(scores or {})}  # the scores given win
     return group_masks.group_unit_masks(
         params, sparsity, groups, scope=scope, prunable=prunable, min_fraction=min_fraction,
         max_fraction=max_fraction, round_to=round_to, score=score, scores=scores)

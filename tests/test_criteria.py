@@ -212,6 +212,42 @@ def test_group_scores_rank_pruned_units_lowest_and_feed_unit_masks():
   np.testing.assert_array_equal(by_gamma["Dense_0"]["kernel"][:, 0], [False, True, True])
 
 
+@pytest.mark.parametrize("criterion", sorted(EXPECTED))
+def test_unit_masks_with_groups_rank_by_any_group_criterion(criterion):
+  # One call, as group_scores fed to scores= would give; L2 and L1 prune channel 1, the
+  # BatchNorm scale (0.3 vs 4.0) and Taylor (6.8 vs 5.5 with g = 1) channel 0 and 1.
+  params = VARIABLES["params"]
+  grads = jax.tree.map(jnp.ones_like, params)
+  got = unit_masks(params, 0.5, groups=(GROUP, LOGITS), criterion=criterion, grads=grads)
+  want = unit_masks(params, 0.5, groups=(GROUP, LOGITS), scores=criteria.group_scores(
+      params, (GROUP, LOGITS), criterion=criterion, grads=grads))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  kept = got["Conv_0"]["bias"]
+  assert list(kept) == ([True, False] if criterion in ("magnitude", "l1", "taylor")
+                        else [False, True])
+  # Scores given win over the criterion's for their group.
+  mine = unit_masks(params, 0.5, groups=(GROUP, LOGITS), criterion=criterion, grads=grads,
+                    scores={GROUP.name: jnp.array([0.0, 1.0])})
+  assert list(mine["Conv_0"]["bias"]) == [False, True]
+
+
+def test_unit_masks_with_groups_draw_random_units_from_the_key():
+  groups = dense_groups(PARAMS)
+  key = jax.random.key(4)
+  got = unit_masks(PARAMS, 0.5, groups=groups, criterion="random", key=key)
+  want = unit_masks(PARAMS, 0.5, groups=groups, scores=criteria.group_scores(
+      PARAMS, groups, criterion="random", key=key))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  other = unit_masks(PARAMS, 0.5, groups=groups, criterion="random", key=jax.random.key(5))
+  assert any(bool(np.any(a != b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(other)))
+  with pytest.raises(ValueError, match="pass key="):
+    unit_masks(PARAMS, 0.5, groups=groups, criterion="random")
+  with pytest.raises(ValueError, match="needs the gradients"):
+    unit_masks(PARAMS, 0.5, groups=groups, criterion="taylor")
+  with pytest.raises(ValueError, match="pass groups=unit_groups"):
+    unit_masks(PARAMS, 0.5, criterion="l1")  # a Dense chain without groups: the fix named
+
+
 def test_random_group_scores_are_the_dense_units_random_scores():
   """For a Dense chain's groups, the random scores are unit_masks' own (same key, same paths)."""
   groups = dense_groups(PARAMS)
