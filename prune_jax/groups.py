@@ -187,6 +187,13 @@ class _TracedGroups(tuple):
     return tuple, (tuple(self),)
 
 
+# A pytree node like a tuple (`jax.tree` functions see the groups, not one leaf), keeping the
+# trace through `jax.tree.map`.
+jax.tree_util.register_pytree_node(
+    _TracedGroups, lambda g: (tuple(g), (g.traced, g.apply_fn, g.key)),
+    lambda aux, groups: _TracedGroups(tuple(groups), *aux))
+
+
 def cached_trace(groups: Any, apply_fn: Callable[..., Any], params: Params,
                  args: Sequence[Any]) -> "Traced | None":
   """The trace `groups` came from if `unit_groups` made them for this very call (the same

@@ -2,6 +2,7 @@
 carry their reason; bad input gets a clear error."""
 
 import json
+import pickle
 
 import flax.linen as nn
 import jax
@@ -53,6 +54,12 @@ def test_groups_are_plain_printable_json_data():
   assert "params/Conv_2/kernel axis 2: positions 3..7 of 8 -> units 0..4" in str(groups[1])
   names = {"Group": pj.Group, "Member": pj.Member}
   assert eval(repr(groups[0]), names) == groups[0]  # pylint: disable=eval-used
+  # A tuple to pickle and to jax.tree (its groups, not one leaf); mapped, it keeps its trace.
+  assert pickle.loads(pickle.dumps(groups)) == groups and type(pickle.loads(
+      pickle.dumps(groups))) is tuple
+  assert jax.tree.leaves(groups) == jax.tree.leaves(tuple(groups))
+  same = jax.tree.map(lambda x: x, groups)
+  assert same == groups and same.traced is groups.traced
 
 
 # --- unprunable groups and their reasons ------------------------------------------------------
