@@ -168,3 +168,16 @@ def test_every_payload_has_one_report_section():
 def test_report_without_results_names_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="run the studies first"):
     report.load_payloads(str(tmp_path))
+
+
+def test_the_shipped_report_is_its_results_rebuilt():
+  """experiments/figures/REPORT.md is `python -m experiments.report` of the JSON files beside
+  it (every study's): the shipped results stay readable and the report in step with them."""
+  folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "experiments", "figures")
+  payloads = report.load_payloads(folder)
+  assert len(payloads) == len(report.SECTIONS) == 8  # studies 1-7, study 5 in two parts
+  rebuilt = report.build_report(payloads, workdir=folder)
+  with open(os.path.join(folder, "REPORT.md"), encoding="utf-8") as f:
+    assert f.read() == rebuilt, ("REPORT.md is out of step with the results beside it: run "
+                                 "python -m experiments.report --workdir=experiments/figures")
