@@ -150,6 +150,11 @@ def check_shrink_config(config: dict[str, Any], *, test_size: int) -> dict[str, 
                      f"rounds), got {config['timing_precision']}")
   if int(config["pad_multiple"]) < 1:
     raise ValueError(f"--pad_multiple must be >= 1 (1: no padding), got {config['pad_multiple']}")
+  hidden = base_nets.base_model(config).hidden
+  if config["keep_last_hidden"] and len(hidden) < 2:
+    raise ValueError(f"--keep_last_hidden keeps the last hidden layer whole, and --hidden="
+                     f"{','.join(map(str, hidden))} has no other to prune: drop "
+                     "--keep_last_hidden or give --hidden two widths or more")
   config["eval_batches"] = parse_eval_batches(config["eval_batches"], max_batch=test_size)
   config["weight_sparse_formats"] = parse_formats(config["weight_sparse_formats"])
   config["weight_sparse_batches"] = parse_eval_batches(

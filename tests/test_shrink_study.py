@@ -124,6 +124,11 @@ def test_bad_settings_are_refused_before_any_work():
   with pytest.raises(ValueError, match="--weight_sparse_formats"):
     study.check_shrink_config({**TINY, "workdir": "w", "weight_sparse_formats": ["csr"]},
                               test_size=10000)
+  with pytest.raises(ValueError, match="--hidden=300 has no other to prune"):
+    study.check_shrink_config({**TINY, "workdir": "w", "hidden": [300], "keep_last_hidden": True},
+                              test_size=10000)
+  study.check_shrink_config({**TINY, "workdir": "w", "hidden": [300, 100],  # one to prune
+                             "keep_last_hidden": True}, test_size=10000)
 
 
 def test_time_interleaved_runs_and_reports_slow_calls_once():
