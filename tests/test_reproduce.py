@@ -94,6 +94,8 @@ def test_reproduce_runs_all_studies_and_writes_the_report(bases_in, mnist_dir, m
   assert reproduce.compile_ahead(reproduce.chosen_studies(config, TINY_SHRINK), rerun) == []
   assert path == os.path.join(str(workdir), "REPORT.md")
   text = open(path).read()
+  assert ("The MLP is 784-200-200-100-40-10 (`--hidden`), not the seed's "
+          "784-1000-1000-500-200-10") in text
   for heading in ("## 1. Sweep", "## 2. Recovery after weight", "## 3. Recovery after unit",
                   "## 4. Shrink"):
     assert heading in text
