@@ -16,7 +16,7 @@ from experiments import common_flags, conv, markdown, methods, recovery, shrink,
 from experiments import transformer
 from prune_jax import results
 from prune_jax import timing as timing_lib
-from prune_jax.models import SEED_HIDDEN
+from prune_jax.models import SEED_HIDDEN, mlp_widths
 
 Payload = dict[str, Any]
 
@@ -73,9 +73,9 @@ def build_report(payloads: Mapping[str, Payload], *, command: str = "",
   lines += ["", "Config: " + ", ".join(f"`{k}={v}`" for k, v in sorted(config.items())), ""]
   hidden = config.get("hidden")
   if hidden is not None and tuple(hidden) != SEED_HIDDEN:
-    widths = lambda hidden: "-".join(map(str, (784, *hidden, 10)))
-    lines += [f"The MLP is {widths(hidden)} (`--hidden`), not the seed's "
-              f"{widths(SEED_HIDDEN)}: the seed's figures beside ours are another net's.", ""]
+    lines += [f"The MLP is {mlp_widths(hidden)} (`--hidden`), not the seed's "
+              f"{mlp_widths(SEED_HIDDEN)}: the seed's figures beside ours are another net's.",
+              ""]
   unknown = set(payloads) - {section.payload for section in SECTIONS}
   if unknown:
     raise ValueError(f"no report section for the payloads {sorted(unknown)}; a study offers its "

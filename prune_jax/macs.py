@@ -15,9 +15,9 @@ network's arithmetic:
 Elementwise operations (bias adds, ReLU, pooling's maxima, BatchNorm) are not multiply-adds of a
 product and are not counted. A convolution that `prune_jax.conv_lowering` computes by other
 arithmetic (patches and one product, or shifted elementwise multiply-adds, as the shrunk runner
-may choose) is counted as the convolution, so a network's count does not depend on its lowering. Nested calls (`jit`, `custom_jvp_call` such as `jax.nn.relu`,
-`remat`, ...) are counted once per call, a `scan`'s body `length` times, a `cond` once if its
-branches cost the same; a `while` loop whose body multiplies is refused (its trip count is not
+may choose) is counted as the convolution, so a network's count does not depend on its lowering.
+Nested calls (`jit`, `custom_jvp_call` such as `jax.nn.relu`, `remat`, ...) are counted once per
+call, a `scan`'s body `length` times, a `cond` once if its branches cost the same; a `while` loop whose body multiplies is refused (its trip count is not
 in the program). The forward pass of `load_shrunk` (a `jax.export` call, opaque StableHLO) is
 counted from the products its file's plan lists; another exported function is refused.
 
@@ -113,17 +113,13 @@ def count_macs(fn: Callable[..., Any], *args: Any) -> int:
 def _walk(jaxpr: Any, times: int, found: list[OpMacs], *, symbolic: bool = False) -> None:
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
-    if name in ("dot_general", "conv_general_dilated"):
-      shapes = tuple(tuple(v.aval.shape) if symbolic else _shape(v.aval, name)
-                     for v in (*eqn.invars, *eqn.outvars))
-      found.append(OpMacs(name, shapes, times * _op_macs(name, eqn.params, shapes)))
-      continue
     if name in ("jit", "pjit") and eqn.params.get("name") == LOWERED_CONV:
+      name = LOWERED_CONV  # counted as the convolution, not by the operations inside
+    if name in ("dot_general", "conv_general_dilated", LOWERED_CONV):
       shapes = tuple(tuple(v.aval.shape) if symbolic else _shape(v.aval, name)
                      for v in (*eqn.invars, *eqn.outvars))
-      _, kernel, out = shapes  # channels-last: [*window, inputs per group, O]
-      found.append(OpMacs("conv_general_dilated", shapes,
-                          times * math.prod(out) * math.prod(kernel[:-1])))
+      primitive = "conv_general_dilated" if name == LOWERED_CONV else name
+      found.append(OpMacs(primitive, shapes, times * _op_macs(name, eqn.params, shapes)))
       continue
     if name == "call_exported":  # a function exported with jax.export, e.g. load_shrunk's
       found.extend(_exported_macs(eqn, times))
@@ -170,6 +166,8 @@ def _op_macs(name: str, params: dict[str, Any], shapes: Sequence[tuple[int, ...]
   if name == "dot_general":
     (contracting, _), _ = params["dimension_numbers"]
     return math.prod(out) * math.prod(lhs[d] for d in contracting)
+  if name == LOWERED_CONV:  # channels-last: the kernel is [*window, inputs per group, O]
+    return math.prod(out) * math.prod(rhs[:-1])
   out_features = params["dimension_numbers"].rhs_spec[0]
   # Per output element: the kernel window times the input channels of its group (the kernel's
   # other axes), so that a layer shrunk to 0 output channels costs 0, not 0 / 0.

@@ -13,6 +13,11 @@ SEED_HIDDEN = (1000, 1000, 500, 200)
 SEED_INIT_STDDEV = 0.05
 
 
+def mlp_widths(hidden: Sequence[int], inputs: int = 784, num_classes: int = 10) -> str:
+  """An MLP's layer widths from input to logits, e.g. `"784-1000-1000-500-200-10"`."""
+  return "-".join(str(int(w)) for w in (inputs, *hidden, num_classes))
+
+
 def seed_kernel_init(stddev: float = SEED_INIT_STDDEV) -> nn.initializers.Initializer:
   """The seed's initialiser: a normal with `stddev`, truncated at two standard deviations.
 

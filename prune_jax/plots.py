@@ -32,7 +32,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from prune_jax import results
-from prune_jax.models import SEED_HIDDEN
+from prune_jax.models import SEED_HIDDEN, mlp_widths
 
 Payload = dict[str, Any]
 Plotter = Callable[[Payload, str], list[str]]
@@ -333,8 +333,7 @@ def _titles(fig: Figure, ax: Axes, title: str, payload: Payload) -> None:
   config = payload.get("config", {})
   seeds = payload.get("seeds", [])
   hidden = config.get("hidden", SEED_HIDDEN)
-  model = payload.get("model", {}).get("description",
-                                       f"MLP {'-'.join(map(str, (784, *hidden, 10)))}")
+  model = payload.get("model", {}).get("description", f"MLP {mlp_widths(hidden)}")
   parts = [f"MNIST, {model}"]
   if "train_steps" in config:
     parts.append(f"base net: {config['train_steps']} {config.get('optimizer', 'sgd')} steps")

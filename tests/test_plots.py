@@ -140,6 +140,7 @@ def test_entry_point_redraws_from_the_json_alone(tmp_path):
 def test_the_subtitle_names_the_mlp_the_study_ran(config, model):
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots()
-  plots._titles(fig, ax, "sweep", {**sweep_payload(), "config": config})  # pylint: disable=protected-access
+  payload = {**sweep_payload(), "config": config}
+  plots._titles(fig, ax, "sweep", payload)  # pylint: disable=protected-access
   assert ax.get_title().startswith(f"MNIST, {model}; base net: {config['train_steps']} sgd")
   plt.close(fig)
